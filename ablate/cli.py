@@ -1,0 +1,181 @@
+"""Command line: thin parsing over functions the tests call directly.
+
+Exit codes: 0 ok, 1 some cells failed, 2 bad input (grid, override, variant, path, database).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ConfigError
+from .db import DBError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadInput(Exception):
+    """Raised by commands for input errors; printed as one line, exit 2."""
+
+
+def _results_dir(arg: Optional[str]) -> Path:
+    path = Path(arg or os.environ.get("ABLATE_RESULTS", "results"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"--results: cannot create results folder {path}: {exc.strerror}; pass a writable --results")
+    if not os.access(path, os.W_OK):
+        raise BadInput(f"--results: results folder {path} is not writable; pass a writable --results")
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .db import open_db
+    from .grid import check_inputs, load_grid
+    from .report import write_results
+    from .scheduler import launch
+
+    grid = load_grid(Path(args.grid), tuple(args.set or ()))
+    check_inputs(grid)
+    results = _results_dir(args.results)
+    db = open_db(args.db, results)
+    try:
+        report = launch(grid, db, results, executor=args.executor, jobs=args.jobs,
+                        retry_failed=args.retry_failed)
+        if not args.no_table:
+            md = write_results(db, results / "RESULTS.md", grid.name)
+            print()
+            print(md, end="")
+            print(f"(written to {results / 'RESULTS.md'})")
+        for key, why in report.errors.items():
+            print(f"  {key[:12]}: {why}", file=sys.stderr)
+    finally:
+        db.close()
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .db import open_db
+    from .report import build_table, render, write_results
+
+    results = _results_dir(args.results)
+    db = open_db(args.db, results, create=False)
+    try:
+        if args.grid and args.grid not in db.grids():
+            known = ", ".join(db.grids()) or "(none yet)"
+            raise BadInput(f"--grid: no grid named {args.grid!r} in the database; known grids: {known}")
+        if args.format == "markdown":
+            out = write_results(db, Path(args.out) if args.out else results / "RESULTS.md", args.grid)
+        else:
+            out = render(build_table(db, args.grid), args.format)
+        print(out, end="")
+    finally:
+        db.close()
+    return EXIT_OK
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    from .registry import load_registry
+
+    reg = load_registry()
+    for name in sorted(reg.variants):
+        cls = reg.variants[name]
+        print(f"{name:24s} {cls.family:12s} {cls.description}")
+        if args.verbose:
+            defaults = cls.Config().model_dump(mode="json")
+            print(f"{'':24s} params: {defaults}  (from {reg.origins[name]})")
+    for origin, err in reg.errors.items():
+        print(f"skipped plugin {origin}: {err}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .db import open_db
+    from .report import load_runs
+
+    results = _results_dir(args.results)
+    db = open_db(args.db, results, create=False)
+    try:
+        grids = [args.grid] if args.grid else db.grids()
+        if args.grid and args.grid not in db.grids():
+            raise BadInput(f"GRID: no grid named {args.grid!r}; known grids: {', '.join(db.grids()) or '(none)'}")
+        if not grids:
+            print("no grids in the database yet")
+        for g in grids:
+            runs = load_runs(db, g)
+            counts = runs["status"].value_counts().to_dict()
+            parts = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("pending", "running", "done", "failed", "lost"))
+            print(f"{g}: {len(runs)} cells: {parts}")
+            for r in runs[runs["status"] == "failed"].itertuples():
+                print(f"  failed {r.variant} seed={r.seed} {r.key[:12]}: {r.error}")
+    finally:
+        db.close()
+    return EXIT_OK
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from .grid import load_grid
+
+    grid = load_grid(Path(args.grid), tuple(args.set or ()))
+    print(f"grid {grid.name}: {len(grid.cells)} cells")
+    for c in grid.cells:
+        hyper = ", ".join(f"{k}={v}" for k, v in c.overrides.items())
+        print(f"  {c.key}  seed={c.seed}  {hyper}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ablate", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--db", help="SQLAlchemy URL (default: $ABLATE_DB_URL or sqlite:///<results>/ablate.db)")
+        sp.add_argument("--results", help="results folder (default: $ABLATE_RESULTS or ./results)")
+
+    r = sub.add_parser("run", help="run every cell of a grid that is not done, then print the table")
+    r.add_argument("grid", help="grid YAML file, e.g. grids/quickstart.yaml")
+    r.add_argument("--executor", choices=["local", "debug"], help="where jobs run (default: the grid's launcher)")
+    r.add_argument("--jobs", type=int, help="concurrent local jobs (default: the grid's launcher.jobs)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set train.steps=50 (repeatable)")
+    r.add_argument("--retry-failed", action="store_true", help="run cells that failed before again")
+    r.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    common(r)
+    r.set_defaults(fn=cmd_run)
+
+    t = sub.add_parser("table", help="regenerate the results table from the database")
+    t.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+    t.add_argument("--grid", help="only this grid's runs")
+    t.add_argument("--out", help="markdown: write here instead of <results>/RESULTS.md")
+    common(t)
+    t.set_defaults(fn=cmd_table)
+
+    v = sub.add_parser("variants", help="list registered variants")
+    v.add_argument("-v", "--verbose", action="store_true", help="also show hyperparameter defaults")
+    v.set_defaults(fn=cmd_variants)
+
+    s = sub.add_parser("status", help="cells per status for each grid, and why failed cells failed")
+    s.add_argument("grid", nargs="?", help="only this grid")
+    common(s)
+    s.set_defaults(fn=cmd_status)
+
+    e = sub.add_parser("expand", help="list a grid's cells and keys without running anything")
+    e.add_argument("grid")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    e.set_defaults(fn=cmd_expand)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DBError, BadInput) as exc:
+        print(f"ablate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Typed, closed configuration: one run (``RunSpec``) and a grid of runs (``GridSpec``).
+
+Every model forbids unknown keys and checks types, so a typo in a grid file is an error that
+names the key, never a silently ignored setting. A ``RunSpec`` is *fully resolved* (defaults and
+the variant's own hyperparameters included) before it is hashed into its key, so two spellings of
+the same cell give the same key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``str(err)`` is one line naming the field and the fix."""
+
+
+class Closed(BaseModel):
+    """Base of every config model: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataSpec(Closed):
+    """Which images and captions to train on."""
+
+    name: Literal["shapes", "digits", "folder"] = "shapes"
+    image_size: int = Field(32, ge=8, le=1024, description="square side in pixels")
+    n_train: int = Field(20000, ge=16)
+    n_val: int = Field(500, ge=8)
+    n_test: int = Field(1000, ge=8)
+    max_objects: int = Field(1, ge=1, le=2, description="shapes: objects per image (1 or 2)")
+    path: Optional[str] = Field(None, description="folder: directory with images and captions.jsonl")
+    seed: int = Field(0, description="data seed (independent of the run seed)")
+    shuffle_captions: bool = Field(
+        False, description="control: permute training captions so text carries no information")
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> "DataSpec":
+        if self.name == "folder" and not self.path:
+            raise ValueError("data.path is required when data.name is 'folder' "
+                             "(a directory with images and captions.jsonl)")
+        return self
+
+
+class TokenizerSpec(Closed):
+    """Conv VQ-VAE turning an image into a grid of discrete codes."""
+
+    codebook_size: int = Field(256, ge=2, le=65536)
+    code_dim: int = Field(32, ge=2)
+    downsample: int = Field(4, description="pixels per token side; 32px / 4 = 8x8 = 64 tokens")
+    hidden: int = Field(64, ge=8, description="channels of the conv encoder/decoder")
+    quantizer: Literal["ema", "st"] = "ema"
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    commitment: float = Field(0.25, ge=0)
+    dead_code_restart: bool = True
+    restart_after: int = Field(20, ge=1, description="steps a code may go unused before it is restarted")
+    res_blocks: int = Field(2, ge=0, description="residual blocks at token resolution (encoder and decoder)")
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(50, ge=1)
+    seed: int = 0
+
+    @field_validator("downsample")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"tokenizer.downsample must be a power of two (1, 2, 4, 8, ...), got {v}")
+        return v
+
+
+class TextSpec(Closed):
+    """Text encoder: ``learned`` (trained with the generator), ``minilm`` (frozen, offline),
+    or ``hf:<name-or-path>`` (any local transformers encoder)."""
+
+    encoder: str = "learned"
+    max_len: int = Field(16, ge=1, le=512, description="text tokens T after padding/truncation")
+    width: int = Field(128, ge=8, description="learned encoder: embedding width")
+    layers: int = Field(1, ge=0, le=12, description="learned encoder: transformer layers")
+    vocab_size: int = Field(4096, ge=16, description="learned encoder: most frequent words kept")
+
+    @field_validator("encoder")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v in ("learned", "minilm") or (v.startswith("hf:") and len(v) > 3):
+            return v
+        raise ValueError(f"text.encoder must be 'learned', 'minilm' or 'hf:<name-or-path>', got {v!r}")
+
+
+class ModelSpec(Closed):
+    """The generator's size and its backbone variant. ``params`` are the variant's own
+    hyperparameters; they are validated (and defaults filled in) by the variant's ``Config``."""
+
+    variant: str = "transformer"
+    width: int = Field(128, ge=8, description="D, model width")
+    depth: int = Field(4, ge=1, description="backbone layers")
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelSpec":
+        if self.width % self.heads:
+            raise ValueError(f"model.width ({self.width}) must be divisible by model.heads ({self.heads})")
+        return self
+
+
+class TrainSpec(Closed):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor as a share of lr")
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="0 disables EMA weights")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the null caption")
+    log_every: int = Field(25, ge=1)
+    eval_every: int = Field(200, ge=1, description="validation loss every N steps")
+    checkpoint_every: int = Field(200, ge=1)
+    throughput_warmup: int = Field(10, ge=0, description="steps excluded from train_tokens_per_s")
+    threads: int = Field(0, ge=0, description="torch threads in the job; 0 = the launcher's cpus_per_job")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SampleSpec(Closed):
+    """MaskGIT iterative decoding with classifier-free guidance."""
+
+    steps: int = Field(12, ge=1)
+    guidance: float = Field(2.0, ge=0, description="final CFG scale t in (1+t)*l_c - t*l_u")
+    guidance_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    temperature: float = Field(1.0, gt=0, description="token sampling temperature")
+    choice_temperature: float = Field(4.5, ge=0, description="Gumbel noise on confidences, annealed by (1 - r)")
+    batch_size: int = Field(250, ge=1)
+
+
+class EvalSpec(Closed):
+    n_images: int = Field(500, ge=2, description="generated images scored (captions from the test split)")
+    fid_domain: bool = True
+    inception_weights: Optional[str] = Field(
+        None, description="local FID Inception weights file; `fid` is computed only when given")
+    clip_model: Optional[str] = Field(
+        None, description="local CLIP model directory; `clip_score` is computed only when given")
+    judge_steps: int = Field(1500, ge=1, description="training steps of the dataset's judge classifier")
+    blank_threshold: float = Field(0.02, ge=0, description="pixel std below which an image counts as blank")
+    judge_batch_size: int = Field(128, ge=1, description="batch size of the judge's training")
+    judge_lr: float = Field(3e-3, gt=0, description="peak learning rate of the judge (AdamW, cosine)")
+    judge_width: int = Field(32, ge=4, description="channels of the judge's conv trunk")
+    fragment_components: int = Field(
+        3, ge=1, description="an image with more foreground components than this counts as fragments")
+
+
+class LauncherSpec(Closed):
+    """Where jobs run. Not part of a run's key: the same cell on another executor is the same cell."""
+
+    executor: Literal["local", "debug"] = "local"
+    jobs: int = Field(2, ge=1, description="concurrent local jobs")
+    cpus_per_job: int = Field(1, ge=1)
+    timeout_min: int = Field(60, ge=1)
+
+
+RUN_SECTIONS = ("data", "tokenizer", "text", "model", "train", "sample", "eval")
+
+
+class RunSpec(Closed):
+    """One cell of a grid: everything that determines its result. Hash it with :func:`run_key`."""
+
+    data: DataSpec = Field(default_factory=DataSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    text: TextSpec = Field(default_factory=TextSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    sample: SampleSpec = Field(default_factory=SampleSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    seed: int = 0
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON: sorted keys, no whitespace, floats as Python reprs."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_hash(obj: Any, n: int = 16) -> str:
+    """First ``n`` hex digits of the SHA-256 of ``canonical_json(obj)``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
+
+
+def run_key(spec: RunSpec) -> str:
+    """The cell's identity: a hash of the fully resolved spec (resolve variant params first)."""
+    return content_hash(spec.model_dump(mode="json"))
+
+
+def format_validation_error(err: Exception, source: str = "") -> str:
+    """One line from a pydantic ValidationError: the dotted field, the problem, the source."""
+    from pydantic import ValidationError
+
+    where = f"{source}: " if source else ""
+    if isinstance(err, ValidationError):
+        e = err.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = _model_at(RunSpec, e["loc"][:-1])
+            if parent is not None:
+                msg += f" (accepted: {', '.join(sorted(parent.model_fields))})"
+        elif e["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be")
+        more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+        got = e.get("input")
+        got_s = f"; got {got!r}" if got is not None and not isinstance(got, dict) and e["type"] != "extra_forbidden" else ""
+        return f"{where}{loc}: {msg}{got_s}{more}"
+    return f"{where}{err}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+    """The nested model class at ``loc`` under ``model`` (for listing accepted keys)."""
+    cur: Any = model
+    for part in loc:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        cur = ann
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None

@@ -1,0 +1,247 @@
+"""Engine factory and the few transactions the harness needs.
+
+Every write is one short transaction through :meth:`Database.tx` (commit or rollback), so a
+crash never leaves half a result: the final metrics, the artifacts and the ``done`` status of a
+run are committed together in :meth:`Database.finish`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from sqlalchemy import create_engine, delete, event, select, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import Artifact, Base, GridRun, Metric, Run, utcnow
+
+ENV_URL = "ABLATE_DB_URL"
+SQLITE_BUSY_MS = 60_000
+
+
+class DBError(RuntimeError):
+    """The database cannot be used; the message is one line and never contains a password."""
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def resolve_url(db: Optional[str], results_dir: Path) -> str:
+    """``--db`` beats ``$ABLATE_DB_URL`` beats ``sqlite:///<results>/ablate.db``."""
+    if db:
+        return db
+    if os.environ.get(ENV_URL):
+        return os.environ[ENV_URL]
+    return f"sqlite:///{Path(results_dir).resolve() / 'ablate.db'}"
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        # let SQLAlchemy's BEGIN below be the only transaction control (pysqlite otherwise defers it)
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        # IMMEDIATE takes the write lock up front: no deadlock-prone lock upgrade mid-transaction
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` (SQLite gets WAL, a busy timeout and IMMEDIATE transactions)."""
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise DBError(f"--db: cannot parse database URL {safe_url(url)!r} "
+                      "(expected e.g. sqlite:///results/ablate.db or postgresql+psycopg://user@host/db)") from None
+    if u.get_backend_name() == "sqlite":
+        path = u.database
+        if not path or path == ":memory:":
+            raise DBError("--db: an in-memory SQLite database cannot be shared by jobs; give a file path")
+        parent = Path(path).resolve().parent
+        if not parent.is_dir():
+            raise DBError(f"--db: folder {parent} of SQLite database does not exist; create it or pass another --db")
+        if not os.access(parent, os.W_OK):
+            raise DBError(f"--db: folder {parent} is not writable; pass a writable --db location")
+    try:
+        engine = create_engine(url, future=True, pool_pre_ping=True)
+    except (NoSuchModuleError, ArgumentError, ImportError) as exc:
+        raise DBError(f"--db: unsupported database URL {safe_url(url)!r}: {str(exc).splitlines()[0]}") from None
+    if u.get_backend_name() == "sqlite":
+        _sqlite_pragmas(engine)
+    return engine
+
+
+class Database:
+    """The results database: engine, schema, and the harness's transactions."""
+
+    def __init__(self, url: str, create: bool = True):
+        self.url = url
+        u = make_url(url) if "://" in url else None
+        if not create and u is not None and u.get_backend_name() == "sqlite" and u.database \
+                and not Path(u.database).exists():
+            raise DBError(f"--db: no database at {u.database}; run `ablate run GRID` first or pass --db")
+        self.engine = make_engine(url)
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            if create:
+                Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+            raise DBError(f"--db: cannot reach {safe_url(url)}: {reason}") from None
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Database({safe_url(self.url)})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        """One transaction: commit on success, rollback on any exception."""
+        with self._sessions() as s:
+            with s.begin():
+                yield s
+
+    # -- grid registration -------------------------------------------------------------------
+    def register(self, grid: str, cells: Iterable[tuple[str, str, int, dict, dict]]) -> dict[str, str]:
+        """Insert missing runs as ``pending`` and link them to ``grid``.
+
+        ``cells``: (key, variant, seed, resolved spec, overrides). Returns {key: status}.
+        """
+        cells = list(cells)
+        out: dict[str, str] = {}
+        with self.tx() as s:
+            existing = {r.key: r for r in s.scalars(select(Run).where(Run.key.in_([c[0] for c in cells])))}
+            links = set(s.scalars(select(GridRun.run_id).where(GridRun.grid == grid)))
+            for key, variant, seed, spec, overrides in cells:
+                run = existing.get(key)
+                if run is None:
+                    run = Run(key=key, grid=grid, variant=variant, seed=seed, spec=spec,
+                              overrides=overrides, status="pending")
+                    s.add(run)
+                    s.flush()
+                    existing[key] = run
+                if run.id not in links:
+                    s.add(GridRun(grid=grid, run_id=run.id, overrides=overrides))
+                    links.add(run.id)
+                out[key] = run.status
+        return out
+
+    # -- the run lifecycle -------------------------------------------------------------------
+    def claim(self, key: str, job_id: Optional[str] = None, allow: tuple[str, ...] = ("pending", "lost", "failed")) -> bool:
+        """Atomically move a run from one of ``allow`` to ``running``; False if it was not there."""
+        with self.tx() as s:
+            res = s.execute(
+                update(Run).where(Run.key == key, Run.status.in_(allow)).values(
+                    status="running", host=socket.gethostname(), job_id=job_id, started_at=utcnow(),
+                    heartbeat_at=utcnow(), finished_at=None, error=None, attempts=Run.attempts + 1))
+            return res.rowcount == 1
+
+    def set_code_rev(self, key: str, rev: str) -> None:
+        with self.tx() as s:
+            s.execute(update(Run).where(Run.key == key).values(code_rev=rev))
+
+    def heartbeat(self, key: str) -> None:
+        with self.tx() as s:
+            s.execute(update(Run).where(Run.key == key, Run.status == "running").values(heartbeat_at=utcnow()))
+
+    def mark_lost(self, older_than_s: float) -> list[str]:
+        """Runs ``running`` whose heartbeat is older than ``older_than_s`` become ``lost``."""
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with self.tx() as s:
+            keys = list(s.scalars(select(Run.key).where(Run.status == "running", Run.heartbeat_at < cutoff)))
+            if keys:
+                s.execute(update(Run).where(Run.key.in_(keys)).values(
+                    status="lost", error=f"heartbeat older than {older_than_s:.0f} s"))
+        return keys
+
+    def clear_curves(self, key: str) -> None:
+        """Drop step-wise metrics of a run that starts from scratch (a previous attempt's curves)."""
+        with self.tx() as s:
+            rid = s.scalar(select(Run.id).where(Run.key == key))
+            s.execute(delete(Metric).where(Metric.run_id == rid))
+
+    def log_metrics(self, key: str, rows: Iterable[tuple[str, Optional[int], float]]) -> None:
+        """Write (name, step, value) rows; a row already present for (name, step) is replaced."""
+        rows = list(rows)
+        if not rows:
+            return
+        with self.tx() as s:
+            rid = s.scalar(select(Run.id).where(Run.key == key))
+            self._put_metrics(s, rid, rows)
+
+    @staticmethod
+    def _put_metrics(s: Session, rid: int, rows: list[tuple[str, Optional[int], float]]) -> None:
+        for name, step, value in rows:
+            cond = Metric.step.is_(None) if step is None else Metric.step == step
+            s.execute(delete(Metric).where(Metric.run_id == rid, Metric.name == name, cond))
+            s.add(Metric(run_id=rid, name=name, step=step, value=float(value)))
+
+    def finish(self, key: str, final: dict[str, float], artifacts: Iterable[tuple[str, str]] = ()) -> None:
+        """Final metrics (step NULL), artifacts and status ``done``, in one transaction."""
+        with self.tx() as s:
+            run = s.scalar(select(Run).where(Run.key == key))
+            self._put_metrics(s, run.id, [(k, None, v) for k, v in final.items()])
+            for kind, path in artifacts:
+                s.execute(delete(Artifact).where(Artifact.run_id == run.id, Artifact.kind == kind))
+                s.add(Artifact(run_id=run.id, kind=kind, path=str(path)))
+            run.status, run.finished_at, run.error = "done", utcnow(), None
+
+    def fail(self, key: str, error: str) -> None:
+        with self.tx() as s:
+            s.execute(update(Run).where(Run.key == key).values(status="failed", finished_at=utcnow(), error=error))
+
+    def set_status(self, key: str, status: str, error: Optional[str] = None) -> None:
+        with self.tx() as s:
+            s.execute(update(Run).where(Run.key == key).values(status=status, error=error))
+
+    # -- reads -------------------------------------------------------------------------------
+    def statuses(self, keys: Iterable[str]) -> dict[str, str]:
+        keys = list(keys)
+        with self._sessions() as s:
+            return dict(s.execute(select(Run.key, Run.status).where(Run.key.in_(keys))).all())
+
+    def run(self, key: str) -> Optional[Run]:
+        with self._sessions() as s:
+            return s.scalar(select(Run).where(Run.key == key))
+
+    def grids(self) -> list[str]:
+        with self._sessions() as s:
+            return sorted(set(s.scalars(select(GridRun.grid))))
+
+    def final_metrics(self, key: str) -> dict[str, float]:
+        with self._sessions() as s:
+            rid = s.scalar(select(Run.id).where(Run.key == key))
+            return dict(s.execute(select(Metric.name, Metric.value).where(
+                Metric.run_id == rid, Metric.step.is_(None))).all())
+
+    def curve(self, key: str, name: str) -> list[tuple[int, float]]:
+        with self._sessions() as s:
+            rid = s.scalar(select(Run.id).where(Run.key == key))
+            return list(s.execute(select(Metric.step, Metric.value).where(
+                Metric.run_id == rid, Metric.name == name, Metric.step.is_not(None)).order_by(Metric.step)).all())
+
+
+def open_db(db: Optional[str], results_dir: Path, create: bool = True) -> Database:
+    """Open (and create the schema of) the database named by ``--db``/``$ABLATE_DB_URL``/default."""
+    url = resolve_url(db, results_dir)
+    return Database(url, create=create)

@@ -1,0 +1,183 @@
+"""The job: one grid cell from claim to committed result.
+
+``run_job`` claims the cell in the database (atomically: two launchers never train it twice),
+keeps a heartbeat, trains (resuming from the last atomic checkpoint), samples, evaluates, and
+commits final metrics + artifacts + ``done`` in one transaction. Any exception ends the run as
+``failed`` with its traceback; nothing half-written is ever marked done.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import socket
+import subprocess
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .config import RunSpec, content_hash
+from .db import Database
+from .utils import atomic_torch_save, pick_device, seed_everything, torch_load
+
+log = logging.getLogger("ablate.job")
+HEARTBEAT_S = 20.0
+
+
+def code_revision() -> str:
+    """The git commit of the code that runs (``+dirty`` when the tree has changes), else the version."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from . import __version__
+    return f"v{__version__}"
+
+
+def images_key(spec: RunSpec) -> str:
+    """Key of the *images* of a dataset: the caption shuffle control shares images, tokenizer, judge."""
+    return content_hash(spec.data.model_dump(mode="json", exclude={"shuffle_captions"}))
+
+
+@dataclass
+class Prepared:
+    """What every cell on the same data and tokenizer shares (all of it cached on disk)."""
+
+    splits: Any  # DatasetSplits (captions possibly shuffled for the control)
+    vq: Any  # VQVAE
+    tok_key: str
+    codes: dict[str, torch.Tensor]  # split -> [n, L] long
+    judge: Any  # Judge | None
+    metrics: dict[str, float]  # tokenizer and judge quality
+
+
+def prepare(spec: RunSpec, results_dir: Path, device: torch.device, say: Callable[[str], None] = print) -> Prepared:
+    """Dataset -> VQ tokenizer -> token cache, and the dataset's judge; trained once, then cached."""
+    from .data import load_dataset
+    from .eval import get_judge, judge_report
+    from .tokenizer import get_tokenizer, tokenize_cached
+
+    splits = load_dataset(spec.data, results_dir)
+    # the tokenizer and the judge learn from the true pairing, also for the shuffled-caption control
+    true_splits = splits if not spec.data.shuffle_captions else load_dataset(
+        spec.data.model_copy(update={"shuffle_captions": False}), results_dir)
+    vq, tok_metrics, tok_key = get_tokenizer(spec.tokenizer, images_key(spec), true_splits.train.images,
+                                             true_splits.val.images, results_dir, device, log=say)
+    codes = {name: tokenize_cached(vq, tok_key, name, getattr(splits, name).images, results_dir).flatten(1)
+             for name in ("train", "val", "test")}
+    judge = get_judge(true_splits, spec.eval, results_dir, device, log=say)
+    metrics = dict(tok_metrics)
+    if judge is not None:
+        metrics.update(judge_report(true_splits, judge, spec.eval, device))
+    return Prepared(splits, vq, tok_key, codes, judge, metrics)
+
+
+@dataclass
+class Result:
+    final: dict[str, float] = field(default_factory=dict)
+    artifacts: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Heartbeat:
+    """Background thread that touches the run's heartbeat so a dead job is seen as lost."""
+
+    def __init__(self, db: Database, key: str, every_s: float = HEARTBEAT_S):
+        self.db, self.key, self.every = db, key, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{key}")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.db.heartbeat(self.key)
+            except Exception as exc:  # a transient DB error must not kill training
+                log.warning("heartbeat failed: %s", exc)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def run_dir(results_dir: Path, key: str) -> Path:
+    return Path(results_dir) / "runs" / key
+
+
+def run_job(key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[str, Any]:
+    """Entry point of a submitted job. Returns ``{"key", "status", ...}``; never raises for a
+    failure of the run itself (that is recorded in the database)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(max(1, threads))
+    db = Database(db_url, create=False)
+    try:
+        run = db.run(key)
+        if run is None:
+            return {"key": key, "status": "missing"}
+        if run.status == "done":
+            return {"key": key, "status": "done", "skipped": True}
+        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or str(os.getpid())
+        if not db.claim(key, job_id=job_id):
+            return {"key": key, "status": db.run(key).status, "skipped": True}
+        db.set_code_rev(key, code_revision())
+        spec = RunSpec.model_validate(run.spec)
+        t0 = time.time()
+        try:
+            with Heartbeat(db, key):
+                result = train_and_evaluate(spec, key, db, Path(results_dir))
+            result.final["wall_s"] = time.time() - t0
+            db.finish(key, result.final, result.artifacts)
+            # only once the result is committed is the training checkpoint dispensable
+            (run_dir(Path(results_dir), key) / "ckpt.pt").unlink(missing_ok=True)
+            return {"key": key, "status": "done", "wall_s": result.final["wall_s"]}
+        except BaseException as exc:  # also KeyboardInterrupt / SystemExit from a timeout signal
+            db.fail(key, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            if not isinstance(exc, Exception):
+                raise
+            return {"key": key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        db.close()
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """Peak memory of this job: CUDA allocator peak on GPU, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_and_evaluate(spec: RunSpec, key: str, db: Database, results_dir: Path) -> Result:
+    """Train the cell's generator, sample the test captions, evaluate; return final metrics."""
+    from .train import Trainer
+
+    device = pick_device(spec.train.device)
+    seed_everything(spec.seed)
+    say = lambda msg: log.info("[%s] %s", key, msg)  # noqa: E731
+    prep = prepare(spec, results_dir, device, say)
+    trainer = Trainer(spec, prep, device, run_dir(results_dir, key),
+                      log_metrics=lambda rows: db.log_metrics(key, rows), say=say)
+    if trainer.step == 0:
+        db.clear_curves(key)
+    trainer.train()
+    final = dict(prep.metrics)
+    final.update(trainer.final_metrics())
+    final.update(trainer.evaluate())
+    final["peak_mem_mb"] = peak_mem_mb(device)
+    bad = {k: v for k, v in final.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite final metrics: {bad}")
+    return Result(final, trainer.artifacts())

@@ -1,0 +1,104 @@
+"""The masked token generator around a variant backbone (everything the variants share).
+
+Tokens: image codes in ``[0, K)`` plus ``[MASK] = K``. Text: the text encoder's states,
+projected to width D. The backbone maps ``x: [B, L, D]`` to ``h: [B, L, D]``; a final LayerNorm
+and a linear head give logits over the K codes (never over ``[MASK]``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import VariantContext
+
+
+class Generator(nn.Module):
+    """Muse/MaskGIT generator: embeddings, text projection, backbone, head.
+
+    ``forward(tokens, text_feats, text_mask) -> (logits [B, L, K], aux: dict[str, Tensor])``.
+    ``text_feats`` are what the text encoder's ``featurize`` produced for the batch (ids for a
+    learned encoder, cached float states for a frozen one).
+    """
+
+    def __init__(self, backbone_cls: type, backbone_cfg: Any, text_encoder: nn.Module,
+                 codebook_size: int, grid: tuple[int, int], width: int, depth: int, heads: int,
+                 text_len: int, dropout: float = 0.0):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.mask_id = codebook_size
+        self.grid = grid
+        self.seq_len = grid[0] * grid[1]
+        self.tok_emb = nn.Embedding(codebook_size + 1, width)
+        self.pos_emb = nn.Parameter(torch.zeros(1, self.seq_len, width))
+        self.text_encoder = text_encoder
+        self.text_proj = nn.Sequential(nn.Linear(text_encoder.out_dim, width), nn.LayerNorm(width))
+        self.emb_norm = nn.LayerNorm(width)
+        self.emb_drop = nn.Dropout(dropout)
+        ctx = VariantContext(width=width, depth=depth, heads=heads, grid=grid, text_len=text_len,
+                             dropout=dropout)
+        self.backbone = backbone_cls(ctx, backbone_cfg)
+        self.out_norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, codebook_size)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def encode_text(self, text_feats: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Text features -> projected states ``[B, T, D]`` (padded positions zeroed)."""
+        states = self.text_encoder(text_feats, text_mask)
+        return self.text_proj(states.float()) * text_mask.unsqueeze(-1)
+
+    def forward(self, tokens: torch.Tensor, text_feats: torch.Tensor,
+                text_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.emb_drop(self.emb_norm(self.tok_emb(tokens) + self.pos_emb))  # [B, L, D]
+        text = self.encode_text(text_feats, text_mask)  # [B, T, D]
+        out = self.backbone(x, text, text_mask)
+        h, aux = (out if isinstance(out, tuple) else (out, {}))
+        return self.head(self.out_norm(h)), aux  # [B, L, K]
+
+
+def mask_ratio(u: torch.Tensor) -> torch.Tensor:
+    """Muse's cosine schedule: share of tokens masked, ``r = cos(pi/2 * u)`` for ``u ~ U(0, 1)``."""
+    return torch.cos(0.5 * math.pi * u)
+
+
+def random_mask(codes: torch.Tensor, mask_id: int,
+                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each row of ``codes: [B, L]`` at a cosine-scheduled ratio (at least one token).
+
+    Returns ``(inputs [B, L] with mask_id at masked places, masked [B, L] bool)``.
+    """
+    b, length = codes.shape
+    u = torch.rand(b, generator=generator, device="cpu").to(codes.device)
+    n_mask = torch.clamp((mask_ratio(u) * length).ceil().long(), 1, length)  # [B]
+    scores = torch.rand(b, length, generator=generator, device="cpu").to(codes.device)
+    # the n_mask smallest scores of each row are masked: rank < n_mask
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    masked = ranks < n_mask.unsqueeze(1)
+    return torch.where(masked, torch.full_like(codes, mask_id), codes), masked
+
+
+def masked_loss(logits: torch.Tensor, codes: torch.Tensor, masked: torch.Tensor,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on masked positions only. ``logits: [B, L, K]``, ``codes, masked: [B, L]``."""
+    return F.cross_entropy(logits[masked], codes[masked], label_smoothing=label_smoothing)
+
+
+def drop_text(feats: torch.Tensor, mask: torch.Tensor, null_feats: torch.Tensor, null_mask: torch.Tensor,
+              p: float, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each caption by the null caption with probability ``p`` (classifier-free guidance).
+
+    ``feats: [B, T(, Dt)]``, ``mask: [B, T]``; ``null_feats``/``null_mask`` have batch size 1.
+    """
+    if p <= 0:
+        return feats, mask
+    drop = torch.rand(feats.shape[0], generator=generator, device="cpu").to(feats.device) < p  # [B]
+    shape = (-1,) + (1,) * (feats.dim() - 1)
+    feats = torch.where(drop.view(shape), null_feats.to(feats.dtype).expand_as(feats), feats)
+    mask = torch.where(drop.view(-1, 1), null_mask.expand_as(mask), mask)
+    return feats, mask

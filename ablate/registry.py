@@ -1,0 +1,165 @@
+"""Variant discovery through the ``ablate.variants`` entry-point group.
+
+A variant is an ``nn.Module`` class (the *backbone* of the generator) with these class attributes:
+
+- ``name``: stable name users type (``model.variant``);
+- ``description``: one line, becomes the table's Notes/Method text;
+- ``family``: ``"transformer" | "mamba" | "hybrid"``;
+- ``Config``: a pydantic model of its hyperparameters (``model.params``), extra keys forbidden;
+- ``scan_orders``: tuple of image scan orders it supports (``()`` when it has none).
+
+It is built as ``cls(ctx: VariantContext, cfg: cls.Config)`` and called as
+``forward(x, text, text_mask) -> h`` or ``-> (h, aux_losses: dict[str, Tensor])`` with
+``x: [B, L, D]`` image token states, ``text: [B, T, D]`` projected text states,
+``text_mask: [B, T]`` bool (True = real token), ``h: [B, L, D]``.
+
+An entry point may name a class (one variant) or a module/package: then every module in it
+that defines ``VARIANT = <class>`` (or ``VARIANTS = [...]``) is registered. A plugin that fails
+to import is reported and skipped; an unknown name fails and lists the known ones.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import pkgutil
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any, Optional
+
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger(__name__)
+
+GROUP = "ablate.variants"
+FAMILIES = ("transformer", "mamba", "hybrid")
+
+
+@dataclass(frozen=True)
+class VariantContext:
+    """What the generator tells a backbone about the problem it is built for."""
+
+    width: int  # D
+    depth: int  # number of backbone layers
+    heads: int
+    grid: tuple[int, int]  # image token grid (h, w); L = h * w
+    text_len: int  # T, padded text length
+    dropout: float = 0.0
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+class UnknownVariant(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; we want the plain line
+        return self.args[0]
+
+
+@dataclass
+class Registry:
+    variants: dict[str, type]
+    origins: dict[str, str]
+    errors: dict[str, str]  # plugin that failed -> one-line reason
+
+    def get(self, name: str) -> type:
+        if name not in self.variants:
+            known = ", ".join(sorted(self.variants)) or "(none)"
+            raise UnknownVariant(f"model.variant: unknown variant {name!r}; known variants: {known}")
+        return self.variants[name]
+
+    def resolve_params(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Validate ``params`` against the variant's Config; return them with defaults filled."""
+        cls = self.get(name)
+        try:
+            cfg = cls.Config(**params)
+        except ValidationError as err:
+            e = err.errors()[0]
+            field = ".".join(str(p) for p in e["loc"])
+            accepted = ", ".join(sorted(cls.Config.model_fields)) or "(none)"
+            reason = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            raise ValueError(f"model.params.{field}: {reason} for variant {name!r} "
+                             f"(accepted: {accepted})") from None
+        return cfg.model_dump(mode="json")
+
+
+def _check_variant(cls: Any, origin: str) -> Optional[str]:
+    """Return None if ``cls`` satisfies the contract, else the reason it does not."""
+    if not inspect.isclass(cls):
+        return f"{origin}: {cls!r} is not a class"
+    for attr in ("name", "description", "family", "Config"):
+        if not hasattr(cls, attr):
+            return f"{origin}: variant class {cls.__name__} lacks `{attr}`"
+    if cls.family not in FAMILIES:
+        return f"{origin}: family {cls.family!r} not in {FAMILIES}"
+    if not (inspect.isclass(cls.Config) and issubclass(cls.Config, BaseModel)):
+        return f"{origin}: {cls.__name__}.Config must be a pydantic model"
+    return None
+
+
+def _module_variants(mod: ModuleType) -> list[type]:
+    found = list(getattr(mod, "VARIANTS", []))
+    if hasattr(mod, "VARIANT"):
+        found.append(mod.VARIANT)
+    return found
+
+
+def _walk(mod: ModuleType, errors: dict[str, str]) -> list[tuple[type, str]]:
+    """Variants exported by ``mod`` and, if it is a package, by each of its submodules.
+    A submodule that fails to import is recorded in ``errors`` and skipped."""
+    out = [(c, mod.__name__) for c in _module_variants(mod)]
+    if hasattr(mod, "__path__"):
+        for info in sorted(pkgutil.iter_modules(mod.__path__), key=lambda i: i.name):
+            if info.name.startswith("_"):
+                continue
+            sub_name = f"{mod.__name__}.{info.name}"
+            try:
+                sub = importlib.import_module(sub_name)
+            except Exception as exc:
+                errors[sub_name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                log.warning("variant module %s failed to import and is skipped: %s",
+                            sub_name, errors[sub_name])
+                continue
+            out += [(c, sub_name) for c in _module_variants(sub)]
+    return out
+
+
+_cache: Optional[Registry] = None
+
+
+def load_registry(refresh: bool = False) -> Registry:
+    """Discover all variants (cached per process; ``refresh`` re-reads entry points)."""
+    global _cache
+    if _cache is not None and not refresh:
+        return _cache
+    variants: dict[str, type] = {}
+    origins: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    eps = sorted(entry_points(group=GROUP), key=lambda e: (e.name != "builtin", e.name))
+    for ep in eps:
+        found: list[tuple[type, str]] = []
+        try:
+            obj = ep.load()
+            if isinstance(obj, ModuleType):
+                found = _walk(obj, errors)
+            else:
+                found = [(obj, ep.value)]
+        except Exception as exc:  # a broken plugin must not take the others down
+            errors[ep.value] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.warning("variant plugin %s failed to import and is skipped: %s", ep.value, errors[ep.value])
+            continue
+        for cls, origin in found:
+            problem = _check_variant(cls, origin)
+            if problem:
+                errors[origin] = problem
+                log.warning("variant skipped: %s", problem)
+                continue
+            if cls.name in variants and variants[cls.name] is not cls:
+                errors[origin] = f"duplicate variant name {cls.name!r} (already from {origins[cls.name]})"
+                log.warning("variant skipped: %s", errors[origin])
+                continue
+            variants[cls.name] = cls
+            origins[cls.name] = origin
+    _cache = Registry(variants, origins, errors)
+    return _cache

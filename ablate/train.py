@@ -1,0 +1,273 @@
+"""Training, sampling and evaluation of one generator.
+
+Everything random in a step (batch choice, masking, caption dropout, dropout) is seeded by
+``(seed, step)``, so a run resumed from a checkpoint takes exactly the steps it would have taken
+uninterrupted, and the data position is a pure function of the step.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import RunSpec
+from .model import Generator, drop_text, masked_loss, random_mask, sample_tokens
+from .registry import load_registry
+from .utils import atomic_torch_save, torch_load
+
+VAL_IMAGES = 512
+
+
+def _step_seed(seed: int, step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1)
+
+
+def lr_factor(step: int, spec) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` at the last step."""
+    if spec.warmup_steps and step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    span = max(1, spec.steps - spec.warmup_steps)
+    progress = min(1.0, (step - spec.warmup_steps) / span)
+    return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on biases, norms, embeddings or positions."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Builds the generator for ``spec`` on prepared data and trains it, resumable."""
+
+    def __init__(self, spec: RunSpec, prep: Any, device: torch.device, out_dir: Path,
+                 log_metrics: Callable[[list[tuple[str, Optional[int], float]]], None] = lambda rows: None,
+                 say: Callable[[str], None] = print):
+        from .text import build_text_encoder
+
+        self.spec, self.prep, self.device, self.out_dir = spec, prep, device, Path(out_dir)
+        self.log_metrics, self.say = log_metrics, say
+        results_dir = self.out_dir.parent.parent
+        splits = prep.splits
+        self.text = build_text_encoder(spec.text, splits.train.captions, results_dir, device)
+        self.feats = {name: tuple(t.to(device) for t in self.text.featurize(getattr(splits, name).captions))
+                      for name in ("train", "val", "test")}
+        self.null = tuple(t.to(device) for t in self.text.null_features(1))
+        self.codes = {k: v.to(device) for k, v in prep.codes.items()}
+
+        variant = load_registry().get(spec.model.variant)
+        torch.manual_seed(spec.seed)
+        self.model = Generator(variant, variant.Config(**spec.model.params), self.text,
+                               codebook_size=prep.vq.codebook_size, grid=tuple(prep.vq.grid),
+                               width=spec.model.width, depth=spec.model.depth, heads=spec.model.heads,
+                               text_len=spec.text.max_len, dropout=spec.model.dropout).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if spec.train.ema_decay > 0 else None
+        t = spec.train
+        self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=t.betas,
+                                     fused=device.type == "cuda")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, t))
+        self.step = 0
+        self.train_s = 0.0  # seconds of timed steps (after throughput warm-up)
+        self.timed_steps = 0
+        self.last_train_loss = float("nan")
+        self.last_val_loss = float("nan")
+        self._perms: dict[int, torch.Tensor] = {}
+        self.ckpt_path = self.out_dir / "ckpt.pt"
+        if self.ckpt_path.exists():
+            self._load(self.ckpt_path)
+            self.say(f"resumed from step {self.step}")
+
+    # -- state ---------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else {},
+                "train_s": self.train_s, "timed_steps": self.timed_steps,
+                "last_train_loss": self.last_train_loss, "last_val_loss": self.last_val_loss}
+
+    def _load(self, path: Path) -> None:
+        st = torch_load(path)
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        if self.ema is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.step, self.train_s, self.timed_steps = st["step"], st["train_s"], st["timed_steps"]
+        self.last_train_loss, self.last_val_loss = st["last_train_loss"], st["last_val_loss"]
+
+    def save_checkpoint(self) -> None:
+        atomic_torch_save(self._state(), self.ckpt_path)
+
+    # -- data ----------------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Sample indices of the batch at ``step``: epochs are seeded permutations, so the data
+        position is a function of the step (exact resume)."""
+        n, b = self.codes["train"].shape[0], self.spec.train.batch_size
+        flat = torch.arange(step * b, (step + 1) * b)
+        out = torch.empty(b, dtype=torch.long)
+        for epoch in flat.div(n, rounding_mode="floor").unique().tolist():
+            if epoch not in self._perms:
+                g = torch.Generator().manual_seed(_step_seed(self.spec.seed, epoch, salt=17))
+                self._perms = {epoch: torch.randperm(n, generator=g)}  # keep only the current epoch
+            sel = flat.div(n, rounding_mode="floor") == epoch
+            out[sel] = self._perms[epoch][flat[sel] % n]
+        return out.to(self.device)
+
+    # -- training ------------------------------------------------------------------------------
+    def train_step(self, step: int) -> float:
+        t = self.spec.train
+        g = torch.Generator().manual_seed(_step_seed(self.spec.seed, step))
+        torch.manual_seed(_step_seed(self.spec.seed, step, salt=1))  # module dropout
+        idx = self.batch_indices(step)
+        codes = self.codes["train"][idx]  # [B, L]
+        feats, mask = (x[idx] for x in self.feats["train"])
+        feats, mask = drop_text(feats, mask, *self.null, t.cond_dropout, generator=g)
+        inputs, masked = random_mask(codes, self.model.mask_id, generator=g)
+        self.model.train()
+        logits, aux = self.model(inputs, feats, mask)
+        loss = masked_loss(logits, codes, masked, t.label_smoothing)
+        for v in aux.values():
+            loss = loss + v
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            # warm EMA: short runs must not average in the random initialisation
+            decay = min(t.ema_decay, (1 + step) / (10 + step))
+            ema_p = [p for p in self.ema.parameters()]
+            torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1 - decay)
+            for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+                be.copy_(bm)
+        return loss.item()
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        """Masked-token loss on a fixed val subset with fixed masks (comparable across steps)."""
+        self.model.eval()
+        n = min(VAL_IMAGES, self.codes["val"].shape[0])
+        g = torch.Generator().manual_seed(_step_seed(self.spec.seed, 0, salt=99))
+        total, count = 0.0, 0
+        for i in range(0, n, 256):
+            codes = self.codes["val"][i:i + 256][: n - i]
+            feats, mask = (x[i:i + codes.shape[0]] for x in self.feats["val"])
+            inputs, masked = random_mask(codes, self.model.mask_id, generator=g)
+            logits, _ = self.model(inputs, feats, mask)
+            total += masked_loss(logits, codes, masked).item() * int(masked.sum())
+            count += int(masked.sum())
+        return total / max(1, count)
+
+    def train(self) -> None:
+        t = self.spec.train
+        rows: list[tuple[str, Optional[int], float]] = []
+        acc, acc_n = 0.0, 0
+        while self.step < t.steps:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = self.train_step(self.step)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            if self.step >= t.throughput_warmup:
+                self.train_s += time.perf_counter() - t0
+                self.timed_steps += 1
+            acc, acc_n = acc + loss, acc_n + 1
+            self.step += 1
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self.last_train_loss = acc / acc_n
+                rows += [("train_loss", self.step, self.last_train_loss),
+                         ("lr", self.step, self.sched.get_last_lr()[0])]
+                acc, acc_n = 0.0, 0
+            if self.step % t.eval_every == 0 or self.step == t.steps:
+                self.last_val_loss = self.val_loss()
+                rows.append(("val_loss", self.step, self.last_val_loss))
+                self.say(f"step {self.step}/{t.steps} train_loss {self.last_train_loss:.4f} "
+                         f"val_loss {self.last_val_loss:.4f}")
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.log_metrics(rows)  # curves first, so a resumed run never lacks logged steps
+                rows = []
+                self.save_checkpoint()
+        self.log_metrics(rows)
+
+    # -- results -------------------------------------------------------------------------------
+    def final_metrics(self) -> dict[str, float]:
+        t = self.spec.train
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        out = {"params": float(n_params),
+               "backbone_params": float(sum(p.numel() for p in self.model.backbone.parameters())),
+               "train_loss": self.last_train_loss, "val_loss": self.last_val_loss,
+               "train_steps": float(self.step)}
+        if self.timed_steps:
+            out["train_tokens_per_s"] = self.timed_steps * t.batch_size * self.model.seq_len / self.train_s
+            out["train_s"] = self.train_s
+        return out
+
+    @torch.no_grad()
+    def generate(self, n: int, split: str = "test", model: Optional[nn.Module] = None) -> torch.Tensor:
+        """Sample images for the first ``n`` captions of ``split``: uint8 ``[n, 3, H, W]``."""
+        model = model or self.ema or self.model
+        model.eval()
+        g = torch.Generator(self.device).manual_seed(_step_seed(self.spec.seed, 0, salt=4242))
+        bs = self.spec.sample.batch_size
+        codes = []
+        for i in range(0, n, bs):
+            feats, mask = (x[i:min(n, i + bs)] for x in self.feats[split])
+            codes.append(sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g))
+        h, w = self.prep.vq.grid
+        return self.prep.vq.decode(torch.cat(codes).view(-1, h, w))
+
+    def evaluate(self) -> dict[str, float]:
+        from .eval import evaluate_images
+
+        test = self.prep.splits.test
+        n = min(self.spec.eval.n_images, len(test))
+        t0 = time.perf_counter()
+        images = self.generate(n)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        sample_s = time.perf_counter() - t0
+        self.samples_path = self.out_dir / "samples.png"
+        save_sheet(images[:64].cpu(), self.samples_path)
+        (self.out_dir / "samples.txt").write_text("\n".join(test.captions[:64]) + "\n")
+        attrs = test.attrs[:n] if test.attrs is not None else None
+        metrics = evaluate_images(images, test.captions[:n], attrs, test, self.prep.judge,
+                                  self.spec.eval, self.device)
+        metrics["sample_images_per_s"] = n / sample_s
+        return metrics
+
+    def artifacts(self) -> list[tuple[str, str]]:
+        """Save the EMA weights as the run's model; list the run's files as (kind, path)."""
+        model_path = self.out_dir / "model.pt"
+        atomic_torch_save({"model": (self.ema or self.model).state_dict(), "step": self.step}, model_path)
+        out = [("model", str(model_path))]
+        if getattr(self, "samples_path", None) is not None:
+            out.append(("samples", str(self.samples_path)))
+        return out
+
+
+def save_sheet(images: torch.Tensor, path: Path, cols: int = 8) -> None:
+    """Tile uint8 images ``[n, 3, H, W]`` into one PNG (``cols`` per row, 2 px gaps)."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    rows = math.ceil(n / cols)
+    sheet = torch.full((c, rows * (h + 2), cols * (w + 2)), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        sheet[:, r * (h + 2):r * (h + 2) + h, q * (w + 2):q * (w + 2) + w] = images[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(sheet.permute(1, 2, 0).numpy()).save(tmp)
+    tmp.replace(path)
