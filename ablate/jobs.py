@@ -70,17 +70,16 @@ def prepare(spec: RunSpec, results_dir: Path, device: torch.device, say: Callabl
     from .tokenizer import get_tokenizer, tokenize_cached
 
     splits = load_dataset(spec.data, results_dir)
-    # the tokenizer and the judge learn from the true pairing, also for the shuffled-caption control
-    true_splits = splits if not spec.data.shuffle_captions else load_dataset(
-        spec.data.model_copy(update={"shuffle_captions": False}), results_dir)
-    vq, tok_metrics, tok_key = get_tokenizer(spec.tokenizer, images_key(spec), true_splits.train.images,
-                                             true_splits.val.images, results_dir, device, log=say)
+    # keyed by the images alone: the shuffled-caption control shares tokenizer and judge, and the
+    # judge learns from what the images show (``labels``), never from shuffled captions
+    vq, tok_metrics, tok_key = get_tokenizer(spec.tokenizer, splits.image_key, splits.train.images,
+                                             splits.val.images, results_dir, device, log=say)
     codes = {name: tokenize_cached(vq, tok_key, name, getattr(splits, name).images, results_dir).flatten(1)
              for name in ("train", "val", "test")}
-    judge = get_judge(true_splits, spec.eval, results_dir, device, log=say)
+    judge = get_judge(splits, spec.eval, results_dir, device, log=say)
     metrics = dict(tok_metrics)
     if judge is not None:
-        metrics.update(judge_report(true_splits, judge, spec.eval, device))
+        metrics.update(judge_report(splits, judge, spec.eval, device))
     return Prepared(splits, vq, tok_key, codes, judge, metrics)
 
 

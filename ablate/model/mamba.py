@@ -1,0 +1,165 @@
+"""The Mamba (S6) block, parameterised and initialised as mamba-ssm's ``modules/mamba_simple.Mamba``.
+
+Parameter names and shapes match mamba-ssm (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``,
+``A_log``, ``D``, ``out_proj``), so a state dict moves between the two. On top of the plain block,
+``forward`` takes optional hooks for text-dependent variants; each is the identity at zero:
+
+- ``B_add`` / ``C_add`` ``[B, N]`` or ``[B, N, L]``: added to the input-dependent B / C;
+- ``A_log_add`` ``[B, E]`` or ``[B, E, N]``: added to ``A_log``, i.e. A is multiplied by the
+  positive per-sample scale ``exp(A_log_add)`` (the decay stays negative);
+- ``D_add`` ``[B, E]``: added to the skip D, giving a per-sample D;
+- ``initial_state`` ``[B, E, N]``: the SSM state before position 0;
+- ``mask`` ``[B, L]`` bool: positions marked False are inert (see :meth:`Mamba.forward`).
+
+Legend: B batch, L sequence length, D model width, E inner width (expand * D), N state size,
+R dt rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import causal_conv1d, selective_scan
+
+
+def dt_rank_for(d_model: int, dt_rank: Union[int, str] = "auto") -> int:
+    """mamba-ssm's default rank of the dt projection: ``ceil(D / 16)``."""
+    return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+
+class Mamba(nn.Module):
+    """One Mamba mixer: ``[B, L, D] -> [B, L, D]`` (no norm, no residual: the caller adds them)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
+                 conv_bias: bool = True, bias: bool = False):
+        super().__init__()
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = dt_rank_for(d_model, dt_rank)
+        E, N, R = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
+        # an nn.Conv1d only to hold weight [E, 1, k] / bias [E] in mamba-ssm's layout; the
+        # convolution itself is ablate.ops.causal_conv1d
+        self.conv1d = nn.Conv1d(E, E, kernel_size=d_conv, groups=E, bias=conv_bias, padding=d_conv - 1)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.out_proj = nn.Linear(E, d_model, bias=bias)
+
+        # dt_proj: weight so that the initial dt spread is independent of R; bias so that
+        # softplus(bias) is log-uniform in [dt_min, dt_max] (mamba-ssm's "dt_init")
+        std = R ** -0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                self.dt_proj.weight.fill_(std)
+            else:
+                self.dt_proj.weight.uniform_(-std, std)
+            dt = torch.exp(torch.rand(E) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real initialisation: A = -(1, 2, ..., N) for every channel
+        A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)  # [E, N]
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(E))
+        self.D._no_weight_decay = True
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *,
+                B_add: Optional[Tensor] = None, C_add: Optional[Tensor] = None,
+                A_log_add: Optional[Tensor] = None, D_add: Optional[Tensor] = None,
+                initial_state: Optional[Tensor] = None,
+                return_last_state: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """``x: [B, L, D] -> [B, L, D]`` (and the final state ``[B, E, N]`` if asked).
+
+        Where ``mask`` is False the position is inert: its conv input is zero (so it leaks into no
+        neighbour through the conv window) and its dt is zero (so the state neither decays nor
+        receives input there). Outputs at inert positions are meaningless; callers drop them.
+        """
+        b, L, _ = x.shape
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        # Work time-major ([L, B, .] storage, [B, E, L] views for the ops): the scan steps over
+        # contiguous [B, E, N] slices, so no transpose copy of E-wide tensors is ever made.
+        xt = x.transpose(0, 1)  # [L, B, D]
+        keep = None
+        if mask is not None:
+            keep_t = mask.t().unsqueeze(-1)  # [L, B, 1]
+            keep = keep_t.contiguous().permute(1, 2, 0)  # [B, 1, L] view of [L, B, 1]
+            xt = torch.where(keep_t, xt, xt.new_zeros(()))
+        # in_proj's two halves as two products: their input gradients then add up in place,
+        # where one [L, B, 2E] product would concatenate and copy its two output gradients
+        W = self.in_proj.weight
+        bx, bz = (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(E)
+        xs = F.linear(xt, W[:E], bx).permute(1, 2, 0)  # [B, E, L] view of [L, B, E]
+        z = F.linear(xt, W[E:], bz).permute(1, 2, 0)
+        if keep is not None and bx is not None:  # a bias would undo the zeroed input
+            xs = torch.where(keep, xs, xs.new_zeros(()))
+        xs = causal_conv1d(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x_dbl = self.x_proj(xs.permute(2, 0, 1))  # [L, B, R + 2N]
+        dt, Bm, Cm = torch.split(x_dbl, [R, N, N], dim=-1)
+        # dt @ W^T rather than F.linear: autograd then forms the weight gradient as a
+        # (R x BL) @ (BL x E) product, ~8x faster on CPU than F.linear's (E x BL) @ (BL x R)
+        dt = (dt.contiguous() @ self.dt_proj.weight.t()).permute(1, 2, 0)  # [B, E, L]; bias in the scan
+        Bm = _add_hook(Bm.permute(1, 2, 0), B_add, "B_add", b, N, L)  # [B, N, L]
+        Cm = _add_hook(Cm.permute(1, 2, 0), C_add, "C_add", b, N, L)
+
+        A_log = _at_least_fp32(self.A_log)  # the SSM parameters never run in half precision
+        if A_log_add is not None:
+            A_log = A_log + _per_sample(A_log_add, "A_log_add", b, E, N)  # [B, E, N]
+        A = -torch.exp(A_log)
+        D = _at_least_fp32(self.D)
+        if D_add is not None:
+            if D_add.shape != (b, E):
+                raise ValueError(f"Mamba: D_add must be [B, E] = {(b, E)}, got {tuple(D_add.shape)}")
+            D = D + D_add  # [B, E]
+
+        if mask is None:
+            delta, delta_bias, softplus = dt, _at_least_fp32(self.dt_proj.bias), True
+        else:  # dt must be exactly 0 at inert positions, so apply bias and softplus here
+            delta = F.softplus(dt + _at_least_fp32(self.dt_proj.bias).unsqueeze(-1))
+            delta = torch.where(keep, delta, delta.new_zeros(()))
+            delta_bias, softplus = None, False
+        out = selective_scan(xs, delta, A, Bm, Cm, D, z=z, delta_bias=delta_bias,
+                             delta_softplus=softplus, return_last_state=return_last_state,
+                             initial_state=initial_state)
+        y, last = out if return_last_state else (out, None)
+        y = self.out_proj(y.permute(2, 0, 1)).transpose(0, 1)  # [B, L, D] view of [L, B, D]
+        return (y, last) if return_last_state else y
+
+
+def _at_least_fp32(p: Tensor) -> Tensor:
+    return p.to(torch.promote_types(p.dtype, torch.float32))
+
+
+def _add_hook(X: Tensor, add: Optional[Tensor], name: str, b: int, n: int, L: int) -> Tensor:
+    """``X [B, N, L] + add`` with ``add`` of shape [B, N] (broadcast over L) or [B, N, L]."""
+    if add is None:
+        return X
+    if add.shape == (b, n):
+        return X + add.unsqueeze(-1)
+    if add.shape == (b, n, L):
+        return X + add
+    raise ValueError(f"Mamba: {name} must be [B, N] = {(b, n)} or [B, N, L] = {(b, n, L)}, "
+                     f"got {tuple(add.shape)}")
+
+
+def _per_sample(add: Tensor, name: str, b: int, e: int, n: int) -> Tensor:
+    """``[B, E]`` (broadcast over N) or ``[B, E, N]`` -> ``[B, E, N]``-broadcastable."""
+    if add.shape == (b, e):
+        return add.unsqueeze(-1)
+    if add.shape == (b, e, n):
+        return add
+    raise ValueError(f"Mamba: {name} must be [B, E] = {(b, e)} or [B, E, N] = {(b, e, n)}, "
+                     f"got {tuple(add.shape)}")

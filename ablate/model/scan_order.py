@@ -1,0 +1,76 @@
+"""Scan orders over an image token grid, and running one mixer per direction.
+
+A permutation ``p: [L]`` reads the raster-ordered sequence ``x: [B, L, D]`` as ``x[:, p]``;
+``inverse(p)`` puts a result back in raster order. Orders:
+
+- ``forward``: raster (row by row, left to right);
+- ``bidirectional``: raster and reversed raster;
+- ``cross4``: VMamba's SS2D cross-scan: rows, columns, rows reversed, columns reversed.
+
+:class:`MultiDirection` holds one mixer per direction (own parameters) and returns
+``sum_k unpermute_k(mixer_k(permute_k(x)))``. Permutations may also be per sample
+(``[K, B, S]``), which is how a variant interleaves text with the image tokens.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+ORDERS = ("forward", "bidirectional", "cross4")
+
+
+def scan_permutations(order: str, grid: tuple[int, int]) -> Tensor:
+    """The directions of ``order`` on an ``(h, w)`` grid: a long tensor ``[K, h * w]``."""
+    h, w = grid
+    rows = torch.arange(h * w)  # raster index r * w + c, read row by row
+    cols = rows.view(h, w).t().reshape(-1)  # read column by column
+    if order == "forward":
+        perms = [rows]
+    elif order == "bidirectional":
+        perms = [rows, rows.flip(0)]
+    elif order == "cross4":
+        perms = [rows, cols, rows.flip(0), cols.flip(0)]
+    else:
+        raise ValueError(f"scan order must be one of {', '.join(ORDERS)}; got {order!r}")
+    return torch.stack(perms)
+
+
+def inverse(perm: Tensor) -> Tensor:
+    """Inverse of permutations along the last dim: ``x[..., p][..., inverse(p)] == x``."""
+    inv = torch.empty_like(perm)
+    ar = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
+    return inv.scatter_(-1, perm, ar)
+
+
+def permute(x: Tensor, perm: Tensor) -> Tensor:
+    """Reorder the sequence dim of ``x: [B, S, ...]`` by ``perm: [S]`` or per sample ``[B, S]``."""
+    if perm.dim() == 1:
+        return x.index_select(1, perm)
+    idx = perm.view(perm.shape + (1,) * (x.dim() - 2)).expand(perm.shape + x.shape[2:])
+    return x.gather(1, idx)
+
+
+class MultiDirection(nn.Module):
+    """One mixer per scan direction, outputs summed in the original order.
+
+    ``make()`` builds a mixer ``f(x: [B, S, D], mask: [B, S] | None, **kw) -> [B, S, D]``
+    (e.g. :class:`ablate.model.mamba.Mamba`); each direction gets its own parameters.
+    """
+
+    def __init__(self, make: Callable[[], nn.Module], n_directions: int):
+        super().__init__()
+        self.mixers = nn.ModuleList(make() for _ in range(n_directions))
+
+    def forward(self, x: Tensor, perms: Tensor, mask: Tensor | None = None, **kw: Any) -> Tensor:
+        """``x: [B, S, D]``; ``perms: [K, S]`` or ``[K, B, S]``; ``mask: [B, S]`` in x's order."""
+        if perms.shape[0] != len(self.mixers):
+            raise ValueError(f"MultiDirection: {len(self.mixers)} mixers but {perms.shape[0]} permutations")
+        out = None
+        for mixer, p in zip(self.mixers, perms):
+            m = None if mask is None else permute(mask, p)
+            y = permute(mixer(permute(x, p), m, **kw), inverse(p))
+            out = y if out is None else out + y
+        return out

@@ -1,0 +1,1 @@
+"""Built-in backbone variants: one file per idea, each ending with ``VARIANT = <class>``."""

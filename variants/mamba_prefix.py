@@ -1,0 +1,135 @@
+"""`mamba-prefix`: text conditioning by sequence position. The caption's states join the image
+tokens in one sequence, and a stack of ``depth`` residual pre-norm Mamba layers runs over it::
+
+    s = [text; image]                       (text_position: prefix | middle | suffix)
+    s = s + sum_k unscan_k(Mamba_k(scan_k(LN(s))))     one Mamba per scan direction k
+    h = s at the image positions
+
+Placement and scan directions. A direction k reorders the image tokens (raster, reversed
+raster, columns, ...; see ``ablate.model.scan_order``) and the text is then placed at the same
+point of *that direction's* reading: ``prefix`` = before its first image token, ``middle`` =
+after its first L // 2 image tokens, ``suffix`` = after its last. So with ``prefix`` every
+direction, reversed ones included, reads the caption first; with ``middle`` each image token
+reads the caption in some directions only (forward scan: the second half of the raster only);
+``suffix`` is a negative control: every direction reads the caption after all image tokens, so
+no image token ever sees it (the result is an unconditional model that pays for the text).
+The caption keeps its own word order in every direction.
+
+Padded text (``text_mask`` False). The padded states are zeroed and each direction's sequence
+is reordered per sample so that padded positions come first, followed by the real tokens in the
+order above. Inside every Mamba layer they are inert (zero conv input, dt = 0: the state is
+neither decayed nor written). A run of inert positions at the start of a sequence is exactly
+equivalent to its absence (state and conv history are zero there anyway), so the output depends
+neither on the padded values nor on how many pads there are.
+
+Init: mamba-ssm's ``Mamba`` for each mixer; out_proj weights divided by sqrt(depth * K) as
+mamba-ssm's MixerModel does per residual branch (K directions add K branches per layer).
+No final LayerNorm: the generator applies its own.
+
+Legend: B batch, L image tokens, T text tokens, S = T + L, D width, K scan directions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from ablate.model.mamba import Mamba
+from ablate.model.scan_order import MultiDirection, scan_permutations
+from ablate.registry import VariantContext
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text_position: Literal["prefix", "middle", "suffix"] = Field(
+        "prefix", description="where each scan direction reads the caption")
+    scan: Literal["forward", "bidirectional", "cross4"] = Field(
+        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
+    d_state: int = Field(16, ge=1, description="N, SSM state size")
+    d_conv: int = Field(4, ge=1, description="causal conv width")
+    expand: int = Field(2, ge=1, description="E = expand * D")
+
+
+def sequence_orders(image_perms: Tensor, text_len: int, position: str) -> Tensor:
+    """Per-direction reading orders over the concatenation ``[text; image]`` (indices in
+    ``[0, T + L)``): ``[K, S]``, text at ``position`` of each direction's image order."""
+    text = torch.arange(text_len)
+    out = []
+    for p in image_perms:
+        img = p + text_len
+        if position == "prefix":
+            parts = [text, img]
+        elif position == "suffix":
+            parts = [img, text]
+        else:
+            half = img.shape[0] // 2
+            parts = [img[:half], text, img[half:]]
+        out.append(torch.cat(parts))
+    return torch.stack(out)
+
+
+def pads_first(orders: Tensor, mask: Tensor) -> Tensor:
+    """Per-sample orders ``[K, B, S]``: ``orders [K, S]`` with each sample's masked-out positions
+    (``mask [B, S]`` False) moved to the front, the others keeping their relative order."""
+    m = mask[:, orders].permute(1, 0, 2)  # [K, B, S], mask read in each direction's order
+    rank = torch.argsort(m.to(torch.uint8), dim=-1, stable=True)  # False (0) first
+    return torch.gather(orders.unsqueeze(1).expand_as(m), -1, rank)
+
+
+class Layer(nn.Module):
+    """Pre-norm residual layer: ``s + sum_k unscan_k(Mamba_k(scan_k(LN(s))))``."""
+
+    def __init__(self, width: int, cfg: Config, n_directions: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mix = MultiDirection(
+            lambda: Mamba(width, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand), n_directions)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, s: Tensor, orders: Tensor, mask: Tensor) -> Tensor:
+        return s + self.drop(self.mix(self.norm(s), orders, mask))
+
+
+class MambaPrefix(nn.Module):
+    name = "mamba-prefix"
+    description = "Mamba over [text; image]: caption states as extra sequence positions"
+    family = "mamba"
+    Config = Config
+    scan_orders = ("forward", "bidirectional", "cross4")
+
+    def __init__(self, ctx: VariantContext, cfg: Config):
+        super().__init__()
+        self.text_len = ctx.text_len
+        image_perms = scan_permutations(cfg.scan, ctx.grid)  # [K, L]
+        self.register_buffer("orders", sequence_orders(image_perms, ctx.text_len, cfg.text_position),
+                             persistent=False)  # [K, S]
+        k = image_perms.shape[0]
+        self.layers = nn.ModuleList(Layer(ctx.width, cfg, k, ctx.dropout) for _ in range(ctx.depth))
+        with torch.no_grad():
+            for layer in self.layers:
+                for mixer in layer.mix.mixers:
+                    mixer.out_proj.weight.div_(math.sqrt(ctx.depth * k))
+
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
+        b, length, _ = x.shape
+        t = text.shape[1]
+        if t != self.text_len or self.orders.shape[1] != t + length:
+            raise ValueError(f"mamba-prefix: built for T={self.text_len}, S={self.orders.shape[1]}; "
+                             f"got text [B, {t}, D] and x [B, {length}, D]")
+        text_mask = text_mask.bool()
+        text = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))  # garbage-proof
+        s = torch.cat([text, x], dim=1)  # [B, S, D]
+        mask = torch.cat([text_mask, text_mask.new_ones(b, length)], dim=1)  # [B, S]
+        orders = pads_first(self.orders, mask)  # [K, B, S]
+        for layer in self.layers:
+            s = layer(s, orders, mask)
+        return s[:, t:]
+
+
+VARIANT = MambaPrefix
