@@ -63,23 +63,33 @@ class Prepared:
     metrics: dict[str, float]  # tokenizer and judge quality
 
 
-def prepare(spec: RunSpec, results_dir: Path, device: torch.device, say: Callable[[str], None] = print) -> Prepared:
-    """Dataset -> VQ tokenizer -> token cache, and the dataset's judge; trained once, then cached."""
+PREP_PARTS = ("tokenizer", "judge")
+
+
+def prepare(spec: RunSpec, results_dir: Path, device: torch.device, say: Callable[[str], None] = print,
+            parts: tuple[str, ...] = PREP_PARTS) -> Prepared:
+    """Dataset -> VQ tokenizer -> token cache, and the dataset's judge; trained once, then cached.
+
+    ``parts`` limits the work to some of the pieces (the scheduler builds them as parallel jobs).
+    """
     from .data import load_dataset
     from .eval import get_judge, judge_report
     from .tokenizer import get_tokenizer, tokenize_cached
 
     splits = load_dataset(spec.data, results_dir)
-    # keyed by the images alone: the shuffled-caption control shares tokenizer and judge, and the
-    # judge learns from what the images show (``labels``), never from shuffled captions
-    vq, tok_metrics, tok_key = get_tokenizer(spec.tokenizer, splits.image_key, splits.train.images,
-                                             splits.val.images, results_dir, device, log=say)
-    codes = {name: tokenize_cached(vq, tok_key, name, getattr(splits, name).images, results_dir).flatten(1)
-             for name in ("train", "val", "test")}
-    judge = get_judge(splits, spec.eval, results_dir, device, log=say)
-    metrics = dict(tok_metrics)
-    if judge is not None:
-        metrics.update(judge_report(splits, judge, spec.eval, device))
+    vq, tok_key, codes, judge, metrics = None, "", {}, None, {}
+    if "tokenizer" in parts:
+        # keyed by the images alone: the shuffled-caption control shares the tokenizer
+        vq, tok_metrics, tok_key = get_tokenizer(spec.tokenizer, splits.image_key, splits.train.images,
+                                                 splits.val.images, results_dir, device, log=say)
+        codes = {name: tokenize_cached(vq, tok_key, name, getattr(splits, name).images, results_dir).flatten(1)
+                 for name in ("train", "val", "test")}
+        metrics.update(tok_metrics)
+    if "judge" in parts:
+        # the judge learns what the images show (``labels``), never the (maybe shuffled) captions
+        judge = get_judge(splits, spec.eval, results_dir, device, log=say)
+        if judge is not None and "tokenizer" in parts:
+            metrics.update(judge_report(splits, judge, spec.eval, device))
     return Prepared(splits, vq, tok_key, codes, judge, metrics)
 
 
@@ -120,7 +130,6 @@ def run_dir(results_dir: Path, key: str) -> Path:
 def run_job(key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[str, Any]:
     """Entry point of a submitted job. Returns ``{"key", "status", ...}``; never raises for a
     failure of the run itself (that is recorded in the database)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(max(1, threads))
     db = Database(db_url, create=False)
     try:
@@ -165,7 +174,9 @@ def train_and_evaluate(spec: RunSpec, key: str, db: Database, results_dir: Path)
 
     device = pick_device(spec.train.device)
     seed_everything(spec.seed)
-    say = lambda msg: log.info("[%s] %s", key, msg)  # noqa: E731
+    def say(msg: str) -> None:  # stdout is the job's log (submitit keeps it per job)
+        print(f"{time.strftime('%H:%M:%S')} [{key[:8]}] {msg}", flush=True)
+
     prep = prepare(spec, results_dir, device, say)
     trainer = Trainer(spec, prep, device, run_dir(results_dir, key),
                       log_metrics=lambda rows: db.log_metrics(key, rows), say=say)
