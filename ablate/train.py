@@ -58,6 +58,7 @@ class Trainer:
         self.log_metrics, self.say = log_metrics, say
         results_dir = self.out_dir.parent.parent
         splits = prep.splits
+        torch.manual_seed(spec.seed)  # every parameter, the learned text encoder's too, from the seed
         self.text = build_text_encoder(spec.text, splits.train.captions, results_dir, device)
         self.feats = {name: tuple(t.to(device) for t in self.text.featurize(getattr(splits, name).captions))
                       for name in ("train", "val", "test")}
@@ -65,7 +66,6 @@ class Trainer:
         self.codes = {k: v.to(device) for k, v in prep.codes.items()}
 
         variant = load_registry().get(spec.model.variant)
-        torch.manual_seed(spec.seed)
         self.model = Generator(variant, variant.Config(**spec.model.params), self.text,
                                codebook_size=prep.vq.codebook_size, grid=tuple(prep.vq.grid),
                                width=spec.model.width, depth=spec.model.depth, heads=spec.model.heads,
