@@ -90,7 +90,21 @@ def prepare(spec: RunSpec, results_dir: Path, device: torch.device, say: Callabl
         judge = get_judge(splits, spec.eval, results_dir, device, log=say)
         if judge is not None and "tokenizer" in parts:
             metrics.update(judge_report(splits, judge, spec.eval, device))
+            metrics.update(tokenizer_ceiling(spec, splits, vq, codes["test"], judge, device))
     return Prepared(splits, vq, tok_key, codes, judge, metrics)
+
+
+def tokenizer_ceiling(spec: RunSpec, splits: Any, vq: Any, test_codes: torch.Tensor, judge: Any,
+                      device: torch.device) -> dict[str, float]:
+    """The judge's scores on the tokenizer's reconstructions of real test images: the best a
+    generator over these tokens can reach (``tok_align_acc``, ``tok_fid_domain``, ...)."""
+    from .eval import evaluate_images
+
+    n = min(spec.eval.n_images, len(splits.test))
+    recon = vq.decode(test_codes[:n].view(n, *vq.grid))
+    attrs = splits.test.attrs[:n] if splits.test.attrs is not None else None
+    scores = evaluate_images(recon, splits.test.captions[:n], attrs, splits.test, judge, spec.eval, device)
+    return {f"tok_{k}": v for k, v in scores.items() if k.startswith(("align_acc", "fid_domain"))}
 
 
 @dataclass

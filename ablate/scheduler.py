@@ -80,7 +80,14 @@ def make_executor(kind: str, folder: Path, timeout_min: int):
         ex = submitit.DebugExecutor(folder=str(folder / "%j"))
     else:
         raise ValueError(f"--executor: unknown executor {kind!r}; accepted: {', '.join(EXECUTORS)}")
-    ex.update_parameters(timeout_min=timeout_min)
+    params: dict[str, Any] = {"timeout_min": timeout_min}
+    if kind == "local":
+        import torch
+
+        # submitit's local jobs see only the GPUs they are given (CUDA_VISIBLE_DEVICES="" otherwise)
+        if torch.cuda.is_available():
+            params["gpus_per_node"] = torch.cuda.device_count()
+    ex.update_parameters(**params)
     return ex
 
 
