@@ -119,3 +119,13 @@ def test_bad_db_url_and_override(tmp_path, capsys):
     assert not (tmp_path / "r" / "ablate.db").exists()
     assert main(["table", "--results", str(tmp_path / "r2")]) == 2
     assert "no database" in capsys.readouterr().err
+
+
+def test_unusable_results_folder(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(TINY)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["run", str(grid), "--results", str(blocker / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "--results: cannot create results folder" in err and len(err.strip().splitlines()) == 1

@@ -2,10 +2,15 @@
 properties a plausible bug would break (causality, masks, inverse permutations, hooks).
 
 Equivalence tolerance for the selective scan in float64: atol = rtol = 1e-10 on outputs and on
-every gradient (the two paths sum the same terms in different orders; observed error ~1e-13).
+every gradient (the paths sum the same terms in different orders, and the numba kernel's exp is
+its own polynomial, accurate to ~2 ulp; observed error ~1e-14).
+
+The numba kernel tests are skipped without numba; the first run compiles the kernels (float64
+and float32, ~15 s cold on a 2-core CPU) into numba's on-disk cache, later runs load them.
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -14,8 +19,12 @@ import torch.nn.functional as F
 
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, inverse, permute, scan_permutations
-from ablate.ops import (causal_conv1d, causal_conv1d_fast, causal_conv1d_ref, selective_scan,
-                        selective_scan_fast, selective_scan_ref)
+from ablate.ops import (causal_conv1d, causal_conv1d_fast, causal_conv1d_ref, default_impl,
+                        numba_available, selective_scan, selective_scan_fast, selective_scan_numba,
+                        selective_scan_ref)
+
+scan_module = importlib.import_module("ablate.ops.selective_scan")  # the module, not the function
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba is not installed")
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 F64 = torch.float64
@@ -186,7 +195,7 @@ def test_fast_path_has_no_per_step_graph():
 def test_dispatch_and_errors():
     args = make_inputs(L=3)
     torch.testing.assert_close(selective_scan(**args, impl="ref"), selective_scan_ref(**args), **TOL)
-    torch.testing.assert_close(selective_scan(**args), selective_scan_fast(**args), **TOL)
+    torch.testing.assert_close(selective_scan(**args, impl="torch"), selective_scan_fast(**args), **TOL)
     with pytest.raises(ValueError, match="impl must be one of"):
         selective_scan(**args, impl="cuda-please")
     with pytest.raises(ValueError, match="selective_scan: A must be"):
@@ -207,6 +216,217 @@ def test_initial_state_continues_a_split_sequence():
     y1, h = selective_scan_fast(**first, delta_softplus=True, return_last_state=True)
     y2 = selective_scan_fast(**dict(second, initial_state=h), delta_softplus=True)
     torch.testing.assert_close(torch.cat([y1, y2], dim=-1), full, **TOL)
+
+
+# ---------------------------------------------------------------------------------- numba kernel
+
+@needs_numba
+@pytest.mark.parametrize("b_layout", ["dn", "bnl", "bgnl"])
+@pytest.mark.parametrize("c_layout", ["dn", "bnl", "bgnl"])
+@pytest.mark.parametrize("L,n", [(1, 16), (7, 1), (9, 16)])
+def test_numba_matches_ref_all_layouts(b_layout, c_layout, L, n):
+    args = make_inputs(L=L, n=n, b_layout=b_layout, c_layout=c_layout,
+                       batch_A=(b_layout == "bnl"), batch_D=(c_layout == "bgnl"))
+    ref = outputs_and_grads(selective_scan_ref, args)
+    # chunk boundaries (K = 1, 3, 4, auto) and channel blocks (3 channels straddle the 2-channel
+    # groups; 1 is one channel per task) must not matter
+    for chunk_len, d_block in ((1, None), (3, 3), (4, 1), (None, None)):
+        assert_same(ref, outputs_and_grads(selective_scan_numba, args, chunk_len=chunk_len,
+                                           d_block=d_block))
+
+
+@needs_numba
+@pytest.mark.parametrize("flags", [
+    dict(with_D=False, with_z=False, with_bias=False, with_h0=False),
+    dict(with_D=True, with_z=False, with_bias=False, with_h0=False),
+    dict(with_D=False, with_z=True, with_bias=False, with_h0=False),
+    dict(with_D=False, with_z=False, with_bias=True, with_h0=False),
+    dict(with_D=False, with_z=False, with_bias=False, with_h0=True),
+    dict(batch_A=True, batch_D=True),
+])
+@pytest.mark.parametrize("softplus", [False, True])
+def test_numba_matches_ref_optional_args(flags, softplus):
+    args = make_inputs(L=5, **flags)
+    if not softplus:
+        args["delta"] = (args["delta"].detach().abs() + 0.05).requires_grad_()
+    assert_same(outputs_and_grads(selective_scan_ref, args, softplus),
+                outputs_and_grads(selective_scan_numba, args, softplus, chunk_len=2))
+
+
+@needs_numba
+def test_numba_matches_ref_wide_state_and_groups():
+    """n = 64, several groups, L = 37 (not a multiple of K = 8), channels split in blocks."""
+    args = make_inputs(b=2, d=12, L=37, n=64, b_layout="bgnl", c_layout="bgnl", groups=3,
+                       batch_A=True, batch_D=True)
+    ref = outputs_and_grads(selective_scan_ref, args)
+    assert_same(ref, outputs_and_grads(selective_scan_numba, args, chunk_len=8, d_block=5))
+    args["B"] = torch.randn(2, 2, 64, 37, generator=_gen(3), dtype=F64).requires_grad_()  # gb=2, gc=3
+    assert_same(outputs_and_grads(selective_scan_ref, args),
+                outputs_and_grads(selective_scan_numba, args, chunk_len=8))
+
+
+@needs_numba
+def test_numba_matches_ref_strided_inputs():
+    g = _gen(11)
+    A0 = (-torch.rand(4, 3, generator=g, dtype=F64) - 0.1).requires_grad_()
+    args = make_inputs(L=6, n=3, with_h0=False)
+    args["A"] = A0.unsqueeze(0).expand(2, 4, 3)
+    args["B"] = torch.randn(2, 6, 3, generator=g, dtype=F64).transpose(1, 2).detach().requires_grad_()
+    args["u"] = torch.randn(6, 2, 4, generator=g, dtype=F64).permute(1, 2, 0).detach().requires_grad_()
+    args["D"] = torch.randn(1, generator=g, dtype=F64).expand(4).detach().requires_grad_()
+    assert_same(outputs_and_grads(selective_scan_ref, args), outputs_and_grads(selective_scan_numba, args))
+
+
+@needs_numba
+def test_numba_float32_close_to_float64_ref():
+    args = make_inputs(b=3, d=8, L=40, n=16, dtype=torch.float32)
+    args64 = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in args.items()}
+    ref = outputs_and_grads(selective_scan_ref, args64)
+    got = outputs_and_grads(selective_scan_numba, args, chunk_len=16)
+    for k in ref:
+        assert got[k].dtype == torch.float32
+        assert (got[k].double() - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max() + 1e-6, k
+
+
+@needs_numba
+def test_numba_exp2_accuracy_and_special_values():
+    import numpy as np
+
+    from ablate.ops.numba_math import exp2_array
+    for dtype, lo, hi in ((np.float32, -160.0, 140.0), (np.float64, -1100.0, 1100.0)):
+        fi = np.finfo(dtype)
+        x = np.concatenate([np.linspace(lo, hi, 200001), np.linspace(-1, 1, 20001)]).astype(dtype)
+        with np.errstate(over="ignore"):
+            ref = np.exp2(x.astype(np.float64)).astype(dtype)  # correctly rounded for float32
+        got = exp2_array(x)
+        normal = (ref >= fi.tiny) & (ref <= fi.max)
+        assert np.max(np.abs(got[normal] / ref[normal] - 1)) <= 2 * fi.eps, dtype  # ~2 ulp
+        sub = (ref > 0) & (ref < fi.tiny)  # subnormal results: within one subnormal step
+        assert np.max(np.abs(got[sub] - ref[sub])) <= fi.smallest_subnormal, dtype
+        assert np.all(got[ref == 0] == 0) and np.all(np.isinf(got[np.isinf(ref)])), dtype
+        special = exp2_array(np.array([np.nan, -np.inf, np.inf, 0.0, -0.0], dtype))
+        assert np.isnan(special[0]) and special[1:].tolist() == [0.0, np.inf, 1.0, 1.0]
+
+
+@needs_numba
+def test_numba_same_bits_for_any_thread_count():
+    """Tasks never share an accumulator, so 1 and 2 threads give identical bits."""
+    args = make_inputs(b=5, d=32, L=9, n=4, b_layout="bgnl", groups=4)
+    res = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        res.append(outputs_and_grads(selective_scan_numba, args, d_block=16))
+    for k in res[0]:
+        assert torch.equal(res[0][k], res[1][k]), k
+
+
+@needs_numba
+def test_numba_saves_only_chunk_boundaries():
+    """Forward saves the inputs plus one state per chunk of K steps: never a [b, d, L, n] history;
+    without grad it saves nothing."""
+    b, d, L, n, K = 2, 8, 64, 16, 8
+    args = make_inputs(b=b, d=d, L=L, n=n, with_h0=False)
+    y = selective_scan_numba(**args, delta_softplus=True, chunk_len=K)
+    node = y.grad_fn
+    while type(node).__name__ != "_NumbaScanFnBackward":
+        node = node.next_functions[0][0]
+    saved = sum(t.numel() for t in node.saved_tensors if t is not None)
+    inputs = 3 * b * d * L + 2 * b * n * L + 2 * d * n + d  # u, dt, z, B, C, A (and A log2 e), D
+    assert saved <= inputs + (L // K) * b * d * n < b * d * L * n
+    with torch.no_grad():
+        y0 = selective_scan_numba(**args, delta_softplus=True, chunk_len=K)
+    torch.testing.assert_close(y0, y.detach(), **TOL)
+
+
+@needs_numba
+def test_dispatch_picks_numba_when_available(monkeypatch):
+    args = make_inputs(L=4)
+    calls = []
+    orig = scan_module.selective_scan_numba
+    monkeypatch.setitem(scan_module.IMPLS, "numba", orig)
+    monkeypatch.setattr(scan_module, "selective_scan_numba", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    selective_scan(**args)
+    assert calls == [1]  # the default on CPU with input-dependent B and C
+    selective_scan(**dict(args, B=torch.randn(4, 16, dtype=F64)))
+    assert calls == [1]  # time-invariant B: the torch path
+    with default_impl("torch"):
+        selective_scan(**args)
+    assert calls == [1]
+    monkeypatch.setitem(scan_module._numba_state, "ok", False)  # as without numba
+    torch.testing.assert_close(selective_scan(**args), selective_scan_fast(**args), **TOL)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="impl must be one of"):
+        with default_impl("cuda-please"):
+            pass
+
+
+def test_without_numba_the_torch_path_runs(monkeypatch):
+    """As on an install without numba: the import fails, dispatch falls back, 'numba' says why."""
+    import sys
+
+    import ablate.ops
+
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.delitem(sys.modules, "ablate.ops.scan_numba", raising=False)
+    monkeypatch.delattr(ablate.ops, "scan_numba", raising=False)
+    monkeypatch.setattr(scan_module, "_numba_state", {})
+    args = make_inputs(L=4)
+    assert not numba_available()
+    torch.testing.assert_close(selective_scan(**args), selective_scan_fast(**args), **TOL)
+    with pytest.raises(ImportError):
+        selective_scan(**args, impl="numba")
+
+
+@needs_numba
+@pytest.mark.parametrize("masked", [False, True])
+def test_mamba_block_same_on_numba_and_torch_paths(masked):
+    """The block's own call pattern (time-major views, mask handling, hooks) on both paths."""
+    m = _mamba()
+    x = torch.randn(3, 9, 16, dtype=F64, requires_grad=True)
+    mask = torch.rand(3, 9, generator=_gen(4)) > 0.3 if masked else None
+    hooks = dict(B_add=torch.randn(3, m.d_state, dtype=F64), A_log_add=torch.randn(3, m.d_inner, dtype=F64),
+                 D_add=torch.randn(3, m.d_inner, dtype=F64))
+    res = []
+    for impl in ("torch", "numba"):
+        with default_impl(impl):
+            y = m(x, mask, **hooks)
+        params = [x, *m.parameters()]
+        res.append([y, *torch.autograd.grad(y.square().sum(), params)])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+# ---------------------------------------------------------------------------------- bench helpers
+
+def test_bench_rows_and_the_mambapy_row_computes_the_same_scan():
+    """Not a benchmark: the bench's API at toy size, and its mambapy row must time the same
+    function as ours (else the ratio is meaningless)."""
+    from ablate.ops import bench
+
+    rows = bench.bench_ops(lengths=(8,), batch=2, d_inner=8, n=2, repeats=1)
+    impls = {r["impl"] for r in rows}
+    assert {"ref", "torch", "attention"} <= impls
+    assert {(r["case"], r["impl"]) for r in rows if r["impl"] in ("torch", "numba")} >= {
+        (c, "torch") for c in bench.CASES}
+    for r in rows:
+        assert r["L"] == 8 and r["fwd_bwd_s"] > 0 and r["threads"] == 1
+    assert "| ref | plain | 8 |" in bench.format_rows(rows)
+    if "mambapy" in impls:
+        args = bench.scan_inputs("plain", 2, 8, 2, 8, dtype=torch.float32)
+        ours = bench._scan_call("ref", args)()
+        theirs = bench._mambapy_call(args)().transpose(1, 2)
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_peak_memory_sees_a_torch_allocation():
+    from ablate.ops.bench import peak_memory
+
+    with peak_memory() as m:
+        x = torch.ones(16 * 2**20)  # 64 MiB, touched
+        del x
+    if m["mb"] is None:
+        pytest.skip("no /proc/self/clear_refs on this platform")
+    assert 60 <= m["mb"] < 200
 
 
 # ---------------------------------------------------------------------------------- causal conv

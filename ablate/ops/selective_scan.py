@@ -1,4 +1,4 @@
-"""Selective scan (Mamba's S6 recurrence): a sequential reference and a fast CPU path.
+"""Selective scan (Mamba's S6 recurrence): a sequential reference and two fast CPU paths.
 
 Semantics and shapes follow mamba-ssm's ``selective_scan_fn``. Per channel d and state n::
 
@@ -21,20 +21,26 @@ Shapes (lower case as in mamba-ssm: b batch, d channels, n state size, L length,
 Arithmetic runs in float64 when ``u`` is float64 and in float32 otherwise (half inputs are
 upcast, as mamba-ssm's reference does).
 
-Implementations: :func:`selective_scan_ref` (the test oracle, autograd through a Python loop),
-:func:`selective_scan_fast` (custom autograd: no per-step graph, reverse-time recurrence in
-backward, states recomputed chunk by chunk). :func:`selective_scan` picks one in
-:func:`_dispatch`; a compiled kernel is added there and nowhere else.
+Implementations (``impl``): ``"ref"`` :func:`selective_scan_ref` (the test oracle, autograd
+through a Python loop); ``"torch"`` :func:`selective_scan_fast` (custom autograd: no per-step
+graph, reverse-time recurrence in backward, states recomputed chunk by chunk); ``"numba"``
+:func:`selective_scan_numba` (the same algorithm fused into one compiled CPU kernel per
+direction, :mod:`ablate.ops.scan_numba`; needs the optional numba package).
+:func:`selective_scan` picks one in :func:`_dispatch`: numba for CPU tensors with input-dependent
+B and C when numba imports, the torch path otherwise.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+import contextlib
+import logging
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 ScanResult = Union[Tensor, tuple[Tensor, Tensor]]
+log = logging.getLogger(__name__)
 
 # Elements of one [K, b, d, n] chunk buffer. The fast path keeps at most five (10 MiB in float32),
 # small enough to stay in cache, large enough to amortise Python overhead over K steps; 2^19
@@ -339,14 +345,70 @@ def selective_scan_fast(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
 
 
 # ----------------------------------------------------------------------------------------------
+# numba kernel (lazy: numba is imported on the first call that wants it)
+
+_numba_state: dict[str, object] = {}
+
+
+def numba_available() -> bool:
+    """Whether the numba kernel can run here (imports numba once; a failure is logged once)."""
+    if "ok" not in _numba_state:
+        try:
+            from . import scan_numba  # noqa: F401  (imports numba)
+            _numba_state["ok"] = True
+        except Exception as exc:  # ImportError, or a numba/llvmlite that fails to load
+            _numba_state["ok"] = False
+            log.info("selective_scan: numba kernel unavailable (%s: %s); using the torch path",
+                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    return bool(_numba_state["ok"])
+
+
+def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                         delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                         return_last_state: bool = False, initial_state: Optional[Tensor] = None,
+                         *, chunk_len: Optional[int] = None,
+                         d_block: Optional[int] = None) -> ScanResult:
+    """Same numbers as :func:`selective_scan_ref` from the fused numba kernel (CPU tensors only;
+    ImportError without numba). ``chunk_len`` and ``d_block`` tune speed, never results; see
+    :func:`ablate.ops.scan_numba.selective_scan_numba`."""
+    if u.device.type != "cpu":
+        raise ValueError(f"selective_scan: impl 'numba' runs on CPU tensors only, got {u.device}")
+    from .scan_numba import selective_scan_numba as kernel
+    return kernel(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                  return_last_state=return_last_state, initial_state=initial_state,
+                  chunk_len=chunk_len, d_block=d_block)
+
+
+# ----------------------------------------------------------------------------------------------
 # dispatch
 
-IMPLS: dict[str, Callable[..., ScanResult]] = {"ref": selective_scan_ref, "fast": selective_scan_fast}
+IMPLS: dict[str, Callable[..., ScanResult]] = {
+    "ref": selective_scan_ref, "torch": selective_scan_fast, "numba": selective_scan_numba}
+_default: list[Optional[str]] = [None]  # a stack; None = choose per call
 
 
-def _dispatch(u: Tensor, impl: Optional[str]) -> Callable[..., ScanResult]:
-    """The implementation for these inputs: ``impl`` if given, else the fast path."""
+@contextlib.contextmanager
+def default_impl(impl: Optional[str]) -> Iterator[None]:
+    """Within the block, :func:`selective_scan` calls without ``impl`` use ``impl`` (e.g. to time
+    a model on the torch path); ``None`` restores the automatic choice."""
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"selective_scan: impl must be one of {sorted(IMPLS)}, got {impl!r}")
+    _default.append(impl)
+    try:
+        yield
+    finally:
+        _default.pop()
+
+
+def _dispatch(u: Tensor, B: Tensor, C: Tensor, impl: Optional[str]) -> Callable[..., ScanResult]:
+    """The implementation for these inputs: ``impl`` if given, else the enclosing
+    :func:`default_impl`, else numba for CPU tensors with input-dependent B and C (the kernel runs
+    time-invariant ones unvectorised, slower than the torch path) when numba imports, else torch."""
+    impl = impl if impl is not None else _default[-1]
     if impl is None:
+        if u.device.type == "cpu" and B.dim() > 2 and C.dim() > 2 and numba_available():
+            return selective_scan_numba
         return selective_scan_fast
     if impl not in IMPLS:
         raise ValueError(f"selective_scan: impl must be one of {sorted(IMPLS)}, got {impl!r}")
@@ -358,8 +420,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    return_last_state: bool = False, initial_state: Optional[Tensor] = None,
                    *, impl: Optional[str] = None) -> ScanResult:
-    """The selective scan (see the module docstring for shapes); ``impl`` forces
-    ``"ref"`` or ``"fast"``, otherwise the best available path is chosen."""
-    fn = _dispatch(u, impl)
+    """The selective scan (see the module docstring for shapes); ``impl`` forces ``"ref"``,
+    ``"torch"`` or ``"numba"``, otherwise the best available path is chosen."""
+    fn = _dispatch(u, B, C, impl)
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
               return_last_state=return_last_state, initial_state=initial_state)

@@ -1,0 +1,317 @@
+"""Benchmarks of the selective scan paths (not run by the tests).
+
+:func:`bench_ops` times forward+backward of one selective scan at Mamba's sizes for each
+implementation (the reference loop, the torch path, the numba kernel, mambapy's parallel scan when
+installed) and for each text-dependent form of the scan, plus one self-attention layer of the same
+model width as a yardstick. :func:`bench_train_step` times whole training steps of a generator.
+:func:`format_rows` prints either as a table with ratios against a baseline measured in the same run.
+
+Timing: best of ``repeats`` after one warm-up call (compilation, caches), wall clock, at the
+caller's ``torch.get_num_threads()``; the implementations are interleaved within each repeat so a
+neighbour's load hits them alike. Peak memory: the process's resident-set high-water mark during
+one forward+backward, after ``malloc_trim`` and a reset of the mark (``/proc/self/clear_refs``),
+minus the resident set before it; so it counts every allocation (torch, numpy, numba) that touched
+memory. Absent (None) where /proc does not offer this (non-Linux).
+
+Inputs follow the layout each path is used with: the scans in ablate get ``[b, d, L]`` views of
+time-major ``[L, b, d]`` storage (as :class:`ablate.model.mamba.Mamba` passes them); mambapy gets
+its own ``(b, L, d)`` layout.
+
+Legend: b batch, d inner width (E), n state size, L sequence length.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import math
+import re
+import statistics
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .selective_scan import IMPLS, numba_available
+
+MEM_METHOD = "rss high-water mark (/proc/self/clear_refs), after malloc_trim"
+
+# the text-dependent forms of the scan (see ablate.model.mamba's hooks) and what they change
+CASES = {
+    "plain": "A [d, n], B/C [b, n, L], D [d], z, delta_bias, softplus",
+    "batch_A": "A [b, d, n] (text-scaled decay, A_log_add)",
+    "add_BC": "B, C + per-sample text terms [b, n, 1] (B_add, C_add)",
+    "batch_D": "D [b, d] (D_add)",
+    "initial_state": "initial state [b, d, n] from the text",
+}
+
+
+# ----------------------------------------------------------------------------------- memory
+
+def _rss_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[dict[str, Optional[float]]]:
+    """``with peak_memory() as m: ...`` leaves ``m["mb"]``: MiB of resident memory the block
+    added at its peak, or None where the platform cannot say."""
+    out: dict[str, Optional[float]] = {"mb": None}
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: reuse is not free
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+        base = _rss_kb("VmRSS")
+    except OSError:
+        base = None
+    yield out
+    peak = _rss_kb("VmHWM")
+    if base is not None and peak is not None:
+        out["mb"] = max(0, peak - base) / 1024
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+def scan_inputs(case: str, batch: int, d_inner: int, n: int, L: int, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Leaf tensors for one scan call of ``case`` (see CASES), as the Mamba block makes them:
+    ``u, delta, z`` are [b, d, L] views of [L, b, d] storage; A is S4D-real, dt ~ 1e-3..1e-1."""
+    if case not in CASES:
+        raise ValueError(f"bench: case must be one of {sorted(CASES)}, got {case!r}")
+    g = torch.Generator().manual_seed(seed)
+    b, d = batch, d_inner
+
+    def seq(scale: float = 1.0) -> Tensor:  # [b, d, L] view of time-major storage
+        return (torch.randn(L, b, d, generator=g, dtype=dtype) * scale).permute(1, 2, 0)
+
+    def bc() -> Tensor:  # [b, n, L] view of [L, b, n], as split from x_proj's output
+        return torch.randn(L, b, n, generator=g, dtype=dtype).permute(1, 2, 0)
+
+    A_log = torch.log(torch.arange(1, n + 1, dtype=dtype)).repeat(d, 1)
+    lo, hi = math.log(1e-3), math.log(0.1)
+    dt = torch.exp(torch.rand(d, generator=g, dtype=dtype) * (hi - lo) + lo)
+    args: dict[str, Any] = dict(
+        u=seq(), delta=seq(0.1), A=-torch.exp(A_log), B=bc(), C=bc(), D=torch.ones(d, dtype=dtype),
+        z=seq(), delta_bias=dt + torch.log(-torch.expm1(-dt)), delta_softplus=True)
+    leaves = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    if case == "batch_A":
+        args["A"] = args["A"] * torch.exp(0.3 * torch.randn(b, d, 1, generator=g, dtype=dtype))
+    elif case == "batch_D":
+        args["D"] = args["D"] + 0.1 * torch.randn(b, d, generator=g, dtype=dtype)
+    elif case == "initial_state":
+        args["initial_state"] = torch.randn(b, d, n, generator=g, dtype=dtype)
+        leaves.append("initial_state")
+    elif case == "add_BC":
+        for k in ("B_add", "C_add"):
+            args[k] = torch.randn(b, n, 1, generator=g, dtype=dtype)
+            leaves.append(k)
+    for k in leaves:
+        args[k] = args[k].detach().requires_grad_()
+    return args
+
+
+def _scan_call(impl: str, args: dict[str, Any]) -> Callable[[], Tensor]:
+    """A closure running one forward of ``impl`` on ``args`` (the B/C terms added inside, as the
+    Mamba block does, so their cost and gradient are counted)."""
+    fn = IMPLS[impl]
+    kw = {k: v for k, v in args.items() if k not in ("B_add", "C_add")}
+
+    def call() -> Tensor:
+        extra = {}
+        if "B_add" in args:
+            extra = dict(B=args["B"] + args["B_add"], C=args["C"] + args["C_add"])
+        return fn(**{**kw, **extra})
+    return call
+
+
+def _mambapy_call(args: dict[str, Any]) -> Callable[[], Tensor]:
+    """mambapy's selective scan (``MambaBlock.selective_scan``: materialise exp(delta A) and
+    delta B u as [b, L, d, n], Blelloch ``pscan``, contract with C) plus the same D, z, bias and
+    softplus, on mambapy's (b, L, d) layout."""
+    from mambapy.pscan import pscan
+
+    x, delta, z = (args[k].detach().permute(0, 2, 1).contiguous().requires_grad_()
+                   for k in ("u", "delta", "z"))
+    B, C = (args[k].detach().transpose(1, 2).contiguous().requires_grad_() for k in ("B", "C"))
+    A, D, bias = (args[k] for k in ("A", "D", "delta_bias"))
+
+    def call() -> Tensor:
+        dt = F.softplus(delta + bias)  # (b, L, d)
+        deltaA = torch.exp(dt.unsqueeze(-1) * A)  # (b, L, d, n)
+        BX = dt.unsqueeze(-1) * B.unsqueeze(2) * x.unsqueeze(-1)  # (b, L, d, n)
+        hs = pscan(deltaA, BX)
+        y = (hs @ C.unsqueeze(-1)).squeeze(3) + D * x
+        return y * F.silu(z)
+    call.leaves = [x, delta, z, B, C, A, D, bias]  # type: ignore[attr-defined]
+    return call
+
+
+def _attention_call(batch: int, d_model: int, heads: int, L: int,
+                    seed: int = 0) -> Callable[[], Tensor]:
+    """One ``nn.MultiheadAttention`` self-attention layer (q, k, v, out projections) on [b, L, D]."""
+    torch.manual_seed(seed)
+    layer = torch.nn.MultiheadAttention(d_model, heads, batch_first=True)
+    x = torch.randn(batch, L, d_model).requires_grad_()
+
+    def call() -> Tensor:
+        return layer(x, x, x, need_weights=False)[0]
+    call.leaves = [x, *layer.parameters()]  # type: ignore[attr-defined]
+    return call
+
+
+def _fwd_bwd(call: Callable[[], Tensor], leaves: Sequence[Tensor]) -> None:
+    for t in leaves:
+        t.grad = None
+    y = call()
+    y.backward(torch.ones_like(y))
+
+
+# ----------------------------------------------------------------------------------- benches
+
+def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner: int = 256,
+              n: int = 16, repeats: int = 3, impls: Optional[Sequence[str]] = None,
+              cases: Sequence[str] = tuple(CASES), attention: bool = True) -> list[dict[str, Any]]:
+    """Forward+backward time and peak memory of the selective scan, one row per
+    (impl, case, L): ``impl, case, L, batch, d_inner, n, threads, fwd_bwd_s`` (best of
+    ``repeats``), ``fwd_bwd_median_s``, the paired ratios ``speedup_vs_mambapy``,
+    ``speedup_vs_ref`` (plain case) and ``time_vs_plain`` (other cases; see :func:`format_rows`),
+    ``peak_mem_mb, mem_method``.
+
+    ``impls`` default: ref, torch, numba (when importable), mambapy (when installed) for the plain
+    case; the other cases run on torch and numba only. ``attention`` adds an ``impl="attention"``
+    row per L: one self-attention layer of width ``d_inner // 2`` (the Mamba block's d_model),
+    4 heads, over the same b and L.
+    """
+    if impls is None:
+        impls = ["ref", "torch"] + (["numba"] if numba_available() else []) + (
+            ["mambapy"] if _has_mambapy() else [])
+    threads = torch.get_num_threads()
+    rows: list[dict[str, Any]] = []
+    for L in lengths:
+        jobs: list[tuple[str, str, Callable[[], Tensor], Sequence[Tensor]]] = []
+        for case in cases:
+            args = scan_inputs(case, batch, d_inner, n, L)
+            leaves = [v for v in args.values() if isinstance(v, Tensor) and v.requires_grad]
+            for impl in impls:
+                if case != "plain" and impl not in ("torch", "numba"):
+                    continue
+                if impl == "mambapy":
+                    call = _mambapy_call(args)
+                    jobs.append((impl, case, call, call.leaves))  # type: ignore[attr-defined]
+                else:
+                    jobs.append((impl, case, _scan_call(impl, args), leaves))
+        if attention:
+            call = _attention_call(batch, d_inner // 2, 4, L)
+            jobs.append(("attention", f"self-attention D={d_inner // 2}, 4 heads", call,
+                         call.leaves))  # type: ignore[attr-defined]
+        times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
+        for _, _, call, leaves in jobs:
+            _fwd_bwd(call, leaves)  # warm-up: compilation, first-touch of buffers
+        for _ in range(repeats):
+            for i, (_, _, call, leaves) in enumerate(jobs):
+                t0 = time.perf_counter()
+                _fwd_bwd(call, leaves)
+                times[i].append(time.perf_counter() - t0)
+        index = {(impl, case): i for i, (impl, case, _, _) in enumerate(jobs)}
+
+        def paired(num: Optional[int], den: Optional[int]) -> Optional[float]:
+            """Median over repeats of time[num] / time[den], each pair from the same repeat:
+            a neighbour's load that comes and goes cancels out of the ratio."""
+            if num is None or den is None or num == den:
+                return None
+            return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+        for i, (impl, case, call, leaves) in enumerate(jobs):
+            with peak_memory() as mem:
+                _fwd_bwd(call, leaves)
+            plain = index.get((impl, "plain")) if case in CASES else None
+            rows.append(dict(impl=impl, case=case, L=L, batch=batch, d_inner=d_inner, n=n,
+                             threads=threads, fwd_bwd_s=min(times[i]),
+                             fwd_bwd_median_s=statistics.median(times[i]),
+                             speedup_vs_mambapy=paired(index.get(("mambapy", "plain")), i)
+                             if case == "plain" else None,
+                             speedup_vs_ref=paired(index.get(("ref", "plain")), i)
+                             if case == "plain" else None,
+                             time_vs_plain=paired(i, plain),
+                             peak_mem_mb=mem["mb"], mem_method=MEM_METHOD))
+        del jobs
+    return rows
+
+
+def _has_mambapy() -> bool:
+    try:
+        import mambapy.pscan  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, width: int = 128,
+                     depth: int = 4, grid: tuple[int, int] = (8, 8), text_len: int = 16,
+                     codebook_size: int = 256, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Seconds per training step (forward, masked loss, backward, AdamW) of a generator with
+    backbone ``variant`` and a learned 1-layer text encoder, best of ``repeats`` after two
+    warm-up steps; ``impl`` forces the selective-scan path (:func:`default_impl`).
+    Captions have random lengths in [3, T], so Mamba variants exercise their pad masking."""
+    from ..config import TextSpec
+    from ..model.generator import Generator, masked_loss, random_mask
+    from ..registry import load_registry
+    from ..text import LearnedTextEncoder
+    from .selective_scan import default_impl
+
+    torch.manual_seed(seed)
+    cls = load_registry().get(variant)
+    text = LearnedTextEncoder(TextSpec(max_len=text_len, width=width), [f"w{i}" for i in range(100)])
+    model = Generator(cls, cls.Config(), text, codebook_size=codebook_size, grid=grid, width=width,
+                      depth=depth, heads=4, text_len=text_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, codebook_size, (batch, grid[0] * grid[1]), generator=g)
+    lens = torch.randint(3, text_len + 1, (batch,), generator=g)
+    mask = torch.arange(text_len)[None] < lens[:, None]
+    ids = torch.where(mask, torch.randint(3, 103, (batch, text_len), generator=g), 0)
+
+    def step() -> None:
+        inputs, masked = random_mask(codes, model.mask_id, generator=g)
+        logits, _ = model(inputs, ids, mask)
+        loss = masked_loss(logits, codes, masked, 0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times = []
+    with default_impl(impl):
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            step()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return dict(variant=variant, impl=impl or "auto", batch=batch, width=width, depth=depth,
+                seq=grid[0] * grid[1] + text_len, threads=torch.get_num_threads(),
+                step_s=min(times), step_median_s=sorted(times)[len(times) // 2])
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of :func:`bench_ops` rows with the ratios measured in the same run:
+    ``x mambapy`` and ``x ref`` (their time / this row's, plain case) and ``/ plain`` (this
+    case's time / the plain case's, same impl); each ratio is the median of per-repeat pairs."""
+    def num(v: Optional[float], fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    out = ["| impl | case | L | fwd+bwd ms (best) | median ms | x mambapy | x ref | / plain "
+           "| peak MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['impl']} | {r['case']} | {r['L']} | {r['fwd_bwd_s'] * 1e3:.1f} | "
+                   f"{r['fwd_bwd_median_s'] * 1e3:.1f} | {num(r.get('speedup_vs_mambapy'), '.1f')} | "
+                   f"{num(r.get('speedup_vs_ref'), '.1f')} | {num(r.get('time_vs_plain'), '.2f')} | "
+                   f"{num(r.get('peak_mem_mb'), '.0f')} |")
+    return "\n".join(out)
