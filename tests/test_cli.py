@@ -51,7 +51,7 @@ def test_run_trains_every_cell_and_writes_the_table(tiny_run, capsys):
     assert sorted(runs["variant"]) == ["mamba-prefix", "transformer"]
     assert (runs["status"] == "done").all()
     for col in ("fid_domain", "align_acc", "blank_rate", "train_tokens_per_s", "sample_images_per_s",
-                "params", "peak_mem_mb", "tok_recon_mse", "judge_acc"):
+                "params", "peak_mem_mb", "tok_recon_mse", "judge_acc", "tok_align_acc"):
         assert runs[col].notna().all(), col
     key = runs["key"].iloc[0]
     steps = [s for s, _ in db.curve(key, "train_loss")]
