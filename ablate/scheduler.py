@@ -20,6 +20,8 @@ from .db import Database
 from .grid import Cell, Grid
 
 EXECUTORS = ("local", "debug")
+# a `running` cell whose heartbeat (every HEARTBEAT_S) is older than this is taken for dead: `lost`
+LOST_AFTER_S = 180.0
 
 
 @dataclass
@@ -159,6 +161,8 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
     slots = 1 if kind == "debug" else (jobs or grid.launcher.jobs)
     cpus = grid.launcher.cpus_per_job
     report = LaunchReport(grid=grid.name, total=len(grid.cells))
+    for key in db.mark_lost(LOST_AFTER_S):
+        out.write(f"cell {key[:12]} was running with no heartbeat for {LOST_AFTER_S:.0f}s: marked lost, will resume\n")
     statuses = db.register(grid.name, [(c.key, c.variant, c.seed, c.spec.model_dump(mode="json"), c.overrides)
                                        for c in grid.cells])
     todo: list[Cell] = []

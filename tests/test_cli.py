@@ -129,3 +129,28 @@ def test_unusable_results_folder(tmp_path, capsys):
     assert main(["run", str(grid), "--results", str(blocker / "results")]) == 2
     err = capsys.readouterr().err
     assert "--results: cannot create results folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_orphaned_running_cell_is_resumed(tmp_path, capsys):
+    """A cell left `running` by a killed job (stale heartbeat) is marked lost and run again."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(TINY.replace("model.variant: [transformer, mamba-prefix]", "model.variant: [transformer]"))
+    results = tmp_path / "results"
+    results.mkdir()
+    from ablate.grid import load_grid
+    from ablate.db.models import Run
+    from sqlalchemy import update
+    g = load_grid(grid)
+    db = Database(f"sqlite:///{results / 'ablate.db'}")
+    db.register(g.name, [(c.key, c.variant, c.seed, c.spec.model_dump(mode="json"), c.overrides) for c in g.cells])
+    key = g.cells[0].key
+    assert db.claim(key)
+    from datetime import datetime
+    with db.tx() as s:
+        s.execute(update(Run).where(Run.key == key).values(heartbeat_at=datetime(2000, 1, 1)))
+    db.close()
+    assert main(["run", str(grid), "--results", str(results), "--no-table"]) == 0
+    assert "marked lost, will resume" in capsys.readouterr().out
+    db = Database(f"sqlite:///{results / 'ablate.db'}", create=False)
+    assert db.run(key).status == "done" and db.run(key).attempts == 2
+    db.close()
