@@ -82,7 +82,10 @@ class TextSpec(Closed):
     encoder: str = "learned"
     max_len: int = Field(16, ge=1, le=512, description="text tokens T after padding/truncation")
     width: int = Field(128, ge=8, description="learned encoder: embedding width")
-    layers: int = Field(1, ge=0, le=12, description="learned encoder: transformer layers")
+    # 0 by default: measured on shapes (transformer, 400 steps), one pre-norm encoder layer over
+    # N(0, 0.02) embeddings smears the word identities and align_acc was 0.07 (colour at chance),
+    # against 0.61 with the embeddings fed to the generator's cross-attention directly
+    layers: int = Field(0, ge=0, le=12, description="learned encoder: transformer layers")
     vocab_size: int = Field(4096, ge=16, description="learned encoder: most frequent words kept")
     heads: int = Field(4, ge=1, description="learned encoder: attention heads")
 
