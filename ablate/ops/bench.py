@@ -1,4 +1,4 @@
-"""Benchmarks of the selective scan paths (not run by the tests).
+"""Benchmarks of the selective scan paths (the tests run them only at toy size, for the API).
 
 :func:`bench_ops` times forward+backward of one selective scan at Mamba's sizes for each
 implementation (the reference loop, the torch path, the numba kernel, mambapy's parallel scan when
@@ -60,11 +60,13 @@ def _rss_kb(field: str) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def peak_memory() -> Iterator[dict[str, Optional[float]]]:
+def peak_memory(collect: bool = True) -> Iterator[dict[str, Optional[float]]]:
     """``with peak_memory() as m: ...`` leaves ``m["mb"]``: MiB of resident memory the block
-    added at its peak, or None where the platform cannot say."""
+    added at its peak, or None where the platform cannot say. ``collect``: run the cyclic
+    garbage collector first (0.1-0.2 s with torch and numba loaded)."""
     out: dict[str, Optional[float]] = {"mb": None}
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: reuse is not free
         with open("/proc/self/clear_refs", "w") as f:
@@ -193,6 +195,12 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
     if impls is None:
         impls = ["ref", "torch"] + (["numba"] if numba_available() else []) + (
             ["mambapy"] if _has_mambapy() else [])
+    unknown = [i for i in impls if i not in IMPLS and i != "mambapy"]
+    if unknown:
+        raise ValueError(f"bench: impls must be among {sorted(IMPLS) + ['mambapy']}, got {unknown}")
+    bad_cases = [c for c in cases if c not in CASES]
+    if bad_cases:
+        raise ValueError(f"bench: cases must be among {sorted(CASES)}, got {bad_cases}")
     threads = torch.get_num_threads()
     rows: list[dict[str, Any]] = []
     for L in lengths:
@@ -229,8 +237,9 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
                 return None
             return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
+        gc.collect()
         for i, (impl, case, call, leaves) in enumerate(jobs):
-            with peak_memory() as mem:
+            with peak_memory(collect=False) as mem:  # autograd graphs free by refcount
                 _fwd_bwd(call, leaves)
             plain = index.get((impl, "plain")) if case in CASES else None
             rows.append(dict(impl=impl, case=case, L=L, batch=batch, d_inner=d_inner, n=n,
@@ -258,8 +267,9 @@ def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, 
                      depth: int = 4, grid: tuple[int, int] = (8, 8), text_len: int = 16,
                      codebook_size: int = 256, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
     """Seconds per training step (forward, masked loss, backward, AdamW) of a generator with
-    backbone ``variant`` and a learned 1-layer text encoder, best of ``repeats`` after two
-    warm-up steps; ``impl`` forces the selective-scan path (:func:`default_impl`).
+    backbone ``variant`` (its default hyperparameters) and the learned text encoder (``TextSpec``
+    defaults), best of ``repeats`` after two warm-up steps; ``impl`` forces the selective-scan
+    path (:func:`default_impl`).
     Captions have random lengths in [3, T], so Mamba variants exercise their pad masking."""
     from ..config import TextSpec
     from ..model.generator import Generator, masked_loss, random_mask
