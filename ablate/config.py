@@ -24,6 +24,10 @@ class Closed(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+# json_schema_extra of a field added after runs were keyed: left out of run_key at its default
+LATER: dict[str, Any] = {"later": True}
+
+
 class DataSpec(Closed):
     """Which images and captions to train on."""
 
@@ -150,6 +154,10 @@ class SampleSpec(Closed):
     temperature: float = Field(1.0, gt=0, description="token sampling temperature")
     choice_temperature: float = Field(4.5, ge=0, description="Gumbel noise on confidences, annealed by (1 - r)")
     batch_size: int = Field(250, ge=1)
+    remask: Literal["confidence", "critic"] = Field(
+        "confidence", json_schema_extra=LATER,
+        description="what ranks tokens for re-masking: the sampled token's probability, or the "
+                    "backbone's own critic (variants that return aux['confidence'], e.g. mamba-critic)")
 
 
 class EvalSpec(Closed):
@@ -203,9 +211,26 @@ def content_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
 
 
+def _drop_later_defaults(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` without the fields marked ``LATER`` that hold their default, recursively."""
+    out = dict(dumped)
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("later") and value == field.get_default(call_default_factory=True):
+            out.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(out.get(name), dict):
+            out[name] = _drop_later_defaults(value, out[name])
+    return out
+
+
 def run_key(spec: RunSpec) -> str:
-    """The cell's identity: a hash of the fully resolved spec (resolve variant params first)."""
-    return content_hash(spec.model_dump(mode="json"))
+    """The cell's identity: a hash of the fully resolved spec (resolve variant params first).
+
+    A field added to the schema after runs were recorded is declared with
+    ``json_schema_extra=LATER`` and a default that keeps the old behaviour; while it holds that
+    default it is left out of the hash, so the runs already in a database keep their keys."""
+    return content_hash(_drop_later_defaults(spec, spec.model_dump(mode="json")))
 
 
 def format_validation_error(err: Exception, source: str = "") -> str:

@@ -13,6 +13,13 @@ It is built as ``cls(ctx: VariantContext, cfg: cls.Config)`` and called as
 ``x: [B, L, D]`` image token states, ``text: [B, T, D]`` projected text states,
 ``text_mask: [B, T]`` bool (True = real token), ``h: [B, L, D]``.
 
+Auxiliary outputs: entries of ``aux`` named ``loss/<name>`` are scalar losses added to the
+training loss; ``aux["confidence"]`` (``[B, L]`` logits that the prediction at each position is
+right) lets ``sample.remask: critic`` rank tokens. A variant that sets ``wants_targets = True``
+is called as ``forward(x, text, text_mask, targets=..., readout=...)``: ``targets [B, L]`` the
+true codes (``None`` outside training; for auxiliary losses only, never for ``h``) and
+``readout(h) -> logits [B, L, K]`` the generator's own head.
+
 An entry point may name a class (one variant) or a module/package: then every module in it
 that defines ``VARIANT = <class>`` (or ``VARIANTS = [...]``) is registered. A plugin that fails
 to import is reported and skipped; an unknown name fails and lists the known ones.

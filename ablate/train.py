@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import RunSpec
-from .model import Generator, drop_text, masked_loss, random_mask, sample_tokens
+from .model import Generator, aux_losses, drop_text, masked_loss, random_mask, sample_tokens
 from .registry import load_registry
 from .utils import atomic_torch_save, torch_load
 
@@ -132,9 +132,9 @@ class Trainer:
         feats, mask = drop_text(feats, mask, *self.null, t.cond_dropout, generator=g)
         inputs, masked = random_mask(codes, self.model.mask_id, generator=g)
         self.model.train()
-        logits, aux = self.model(inputs, feats, mask)
+        logits, aux = self.model(inputs, feats, mask, targets=codes)
         loss = masked_loss(logits, codes, masked, t.label_smoothing)
-        for v in aux.values():
+        for v in aux_losses(aux).values():
             loss = loss + v
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")

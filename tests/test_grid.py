@@ -125,3 +125,17 @@ def test_bad_grids_give_one_clear_line(tmp_path, fake_registry, text, expected):
 def test_missing_grid_file(tmp_path, fake_registry):
     with pytest.raises(GridError, match="does not exist"):
         load_grid(tmp_path / "nope.yaml", registry=fake_registry)
+
+
+def test_fields_added_later_keep_old_keys_at_their_default():
+    """sample.remask came after runs were keyed: at its default the key is the one computed
+    without the field; any other value gives a new key."""
+    from ablate.config import RunSpec, content_hash, run_key
+    spec = RunSpec.model_validate({"model": {"variant": "transformer"}})
+    dumped = spec.model_dump(mode="json")
+    assert dumped["sample"]["remask"] == "confidence"
+    del dumped["sample"]["remask"]
+    assert run_key(spec) == content_hash(dumped)
+    other = spec.model_copy(deep=True)
+    other.sample.remask = "critic"
+    assert run_key(other) != run_key(spec)

@@ -110,3 +110,43 @@ def test_guidance_schedules():
     cos = SampleSpec(steps=4, guidance=2.0, guidance_schedule="cosine")
     vals = [guidance_at(cos, s) for s in range(4)]
     assert vals == sorted(vals) and vals[-1] == pytest.approx(2.0)
+
+
+class CriticToy(nn.Module):
+    """Logits prefer code 1 everywhere; the critic trusts only even positions."""
+    codebook_size, mask_id, seq_len = 4, 4, 8
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, tokens, feats, mask):
+        self.calls += 1
+        b, length = tokens.shape
+        logits = torch.zeros(b, length, 4)
+        logits[..., 1] = 5.0
+        conf = torch.where(torch.arange(length) % 2 == 0, 10.0, -10.0).expand(b, length)
+        return logits, {"confidence": conf}
+
+
+def test_sampler_critic_remask_uses_the_backbones_confidence():
+    spec = SampleSpec(steps=2, guidance=0.0, choice_temperature=0.0, remask="critic")
+    toy = CriticToy()
+    feats, mask = torch.ones(2, 1), torch.ones(2, 1, dtype=torch.bool)
+    nf, nm = torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)
+    # after step 1 of 2 the schedule keeps floor(8 cos(pi/4)) = 5 masked: the 4 odd positions
+    # (critic -10) and one even one; a second pass per step asks the critic
+    sample_tokens(toy, feats, mask, nf, nm, spec, torch.Generator().manual_seed(0))
+    assert toy.calls == 4
+    toy2 = CriticToy()
+    seen = []
+    orig = toy2.forward
+    toy2.forward = lambda t, f, m: (seen.append(t.clone()), orig(t, f, m))[1]
+    sample_tokens(toy2, feats, mask, nf, nm, spec, torch.Generator().manual_seed(0))
+    after_first = seen[2]  # the state entering step 2
+    still = after_first == toy2.mask_id
+    assert still[:, 1::2].all() and int(still.sum(1)[0]) == 5
+    # a variant without a critic gets a clear error
+    with pytest.raises(ValueError, match="remask"):
+        sample_tokens(Toy(), torch.tensor([[1]]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([[-1]]),
+                      torch.ones(1, 1, dtype=torch.bool), spec)

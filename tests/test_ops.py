@@ -522,6 +522,8 @@ HOOKS = {
     "A_log_add": lambda b, E, N, L: torch.randn(b, E, dtype=F64),
     "D_add": lambda b, E, N, L: torch.randn(b, E, dtype=F64),
     "initial_state": lambda b, E, N, L: torch.randn(b, E, N, dtype=F64),
+    "x_add": lambda b, E, N, L: torch.randn(b, L, E, dtype=F64),
+    "z_add": lambda b, E, N, L: torch.randn(b, L, E, dtype=F64),
 }
 
 
@@ -553,6 +555,26 @@ def test_mamba_per_sample_hooks_equal_per_sample_parameters():
             m2.A_log += a[i]
             m2.D += dd[i]
         torch.testing.assert_close(y[i:i + 1], m2(x[i:i + 1]), atol=1e-12, rtol=1e-12)
+
+
+def test_mamba_branch_hooks_equal_shifted_in_proj_and_respect_mask():
+    """x_add / z_add are exactly additions to in_proj's two halves: adding in_proj(dx) through
+    the hooks equals running on x + dx. Inert positions stay inert with hooks filling them."""
+    m = _mamba()
+    x, dx = torch.randn(2, 6, 16, dtype=F64), torch.randn(2, 6, 16, dtype=F64)
+    xa, za = F.linear(dx, m.in_proj.weight).split(m.d_inner, dim=-1)
+    y = m(x, x_add=xa, z_add=za)
+    torch.testing.assert_close(y, m(x + dx), atol=1e-12, rtol=0)
+    # only x or only z: each one alone changes the output
+    assert (m(x, x_add=xa) - m(x)).abs().max() > 1e-6 and (m(x, z_add=za) - m(x)).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="x_add must be"):
+        m(x, x_add=xa[:, :5])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False  # leading pads: must be exactly absent even with x_add filling them
+    ym = m(x, mask, x_add=xa, z_add=za)
+    torch.testing.assert_close(ym[0, 2:], m(x[:1, 2:], x_add=xa[:1, 2:], z_add=za[:1, 2:])[0],
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(ym[1], y[1], atol=1e-12, rtol=0)
 
 
 def test_mamba_mask_inert_positions():

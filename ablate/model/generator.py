@@ -53,13 +53,29 @@ class Generator(nn.Module):
         states = self.text_encoder(text_feats, text_mask)
         return self.text_proj(states.float()) * text_mask.unsqueeze(-1)
 
-    def forward(self, tokens: torch.Tensor, text_feats: torch.Tensor,
-                text_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Backbone states ``[B, L, D]`` -> logits ``[B, L, K]`` (final norm and head)."""
+        return self.head(self.out_norm(h))
+
+    def forward(self, tokens: torch.Tensor, text_feats: torch.Tensor, text_mask: torch.Tensor,
+                targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``targets [B, L]`` (the true codes, training only) reach a backbone only if it sets
+        ``wants_targets``; it then also gets ``readout`` to score intermediate states, and must
+        use ``targets`` for auxiliary losses only (a contract test checks that the logits do
+        not depend on them)."""
         x = self.emb_drop(self.emb_norm(self.tok_emb(tokens) + self.pos_emb))  # [B, L, D]
         text = self.encode_text(text_feats, text_mask)  # [B, T, D]
-        out = self.backbone(x, text, text_mask)
+        if getattr(self.backbone, "wants_targets", False):
+            out = self.backbone(x, text, text_mask, targets=targets, readout=self.readout)
+        else:
+            out = self.backbone(x, text, text_mask)
         h, aux = (out if isinstance(out, tuple) else (out, {}))
-        return self.head(self.out_norm(h)), aux  # [B, L, K]
+        return self.readout(h), aux  # [B, L, K]
+
+
+def aux_losses(aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The auxiliary losses among a backbone's outputs: entries named ``loss/<name>``."""
+    return {k: v for k, v in aux.items() if k.startswith("loss/")}
 
 
 def mask_ratio(u: torch.Tensor) -> torch.Tensor:

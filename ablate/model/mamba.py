@@ -8,6 +8,8 @@ Parameter names and shapes match mamba-ssm (``in_proj``, ``conv1d``, ``x_proj``,
 - ``A_log_add`` ``[B, E]`` or ``[B, E, N]``: added to ``A_log``, i.e. A is multiplied by the
   positive per-sample scale ``exp(A_log_add)`` (the decay stays negative);
 - ``D_add`` ``[B, E]``: added to the skip D, giving a per-sample D;
+- ``x_add`` / ``z_add`` ``[B, L, E]``: added to the two halves of ``in_proj``'s output (the
+  conv/scan branch x and the gate z), e.g. a cross-attention read of the text;
 - ``initial_state`` ``[B, E, N]``: the SSM state before position 0;
 - ``mask`` ``[B, L]`` bool: positions marked False are inert (see :meth:`Mamba.forward`).
 
@@ -80,6 +82,7 @@ class Mamba(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *,
                 B_add: Optional[Tensor] = None, C_add: Optional[Tensor] = None,
                 A_log_add: Optional[Tensor] = None, D_add: Optional[Tensor] = None,
+                x_add: Optional[Tensor] = None, z_add: Optional[Tensor] = None,
                 initial_state: Optional[Tensor] = None,
                 return_last_state: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """``x: [B, L, D] -> [B, L, D]`` (and the final state ``[B, E, N]`` if asked).
@@ -104,7 +107,11 @@ class Mamba(nn.Module):
         bx, bz = (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(E)
         xs = F.linear(xt, W[:E], bx).permute(1, 2, 0)  # [B, E, L] view of [L, B, E]
         z = F.linear(xt, W[E:], bz).permute(1, 2, 0)
-        if keep is not None and bx is not None:  # a bias would undo the zeroed input
+        if x_add is not None:
+            xs = xs + _branch_hook(x_add, "x_add", b, L, E)
+        if z_add is not None:
+            z = z + _branch_hook(z_add, "z_add", b, L, E)
+        if keep is not None and (bx is not None or x_add is not None):  # undo what re-fills inert input
             xs = torch.where(keep, xs, xs.new_zeros(()))
         xs = causal_conv1d(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         x_dbl = self.x_proj(xs.permute(2, 0, 1))  # [L, B, R + 2N]
@@ -153,6 +160,13 @@ def _add_hook(X: Tensor, add: Optional[Tensor], name: str, b: int, n: int, L: in
         return X + add
     raise ValueError(f"Mamba: {name} must be [B, N] = {(b, n)} or [B, N, L] = {(b, n, L)}, "
                      f"got {tuple(add.shape)}")
+
+
+def _branch_hook(add: Tensor, name: str, b: int, L: int, e: int) -> Tensor:
+    """``[B, L, E]`` -> a ``[B, E, L]`` view, to add to a branch."""
+    if add.shape != (b, L, e):
+        raise ValueError(f"Mamba: {name} must be [B, L, E] = {(b, L, e)}, got {tuple(add.shape)}")
+    return add.permute(0, 2, 1)
 
 
 def _per_sample(add: Tensor, name: str, b: int, e: int, n: int) -> Tensor:

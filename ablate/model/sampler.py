@@ -5,6 +5,9 @@ At step s of S (ratio r = (s+1)/S) every still-masked token is sampled; the leas
 probability of the sampled token plus Gumbel noise scaled by ``choice_temperature * (1 - r)``,
 so early steps explore and the last step is greedy. Tokens once decided never change.
 Guidance: ``l_g = (1 + t) l_c - t l_u`` with ``t`` rising over the steps (Muse).
+With ``remask: critic`` the confidence is instead the backbone's own critic: ``aux["confidence"]``,
+its logit that the prediction at each position is right, from a conditional pass on the current
+tokens (one extra forward per step), plus the same annealed Gumbel noise.
 """
 from __future__ import annotations
 
@@ -47,6 +50,17 @@ def guided_logits(model, tokens: torch.Tensor, feats: torch.Tensor, mask: torch.
 
 
 @torch.no_grad()
+def critic_confidence(model, tokens: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The backbone's logit that its prediction at each position is right, given the current
+    ``tokens`` and the caption: ``[B, L]``."""
+    _, aux = model(tokens, feats, mask)
+    if "confidence" not in aux:
+        raise ValueError("sample.remask: 'critic' needs a variant whose backbone returns "
+                         "aux['confidence'] (e.g. mamba-critic); use remask: confidence")
+    return aux["confidence"].float()
+
+
+@torch.no_grad()
 def sample_tokens(model, feats: torch.Tensor, mask: torch.Tensor, null_feats: torch.Tensor,
                   null_mask: torch.Tensor, spec: SampleSpec, generator: Optional[torch.Generator] = None,
                   init: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -68,7 +82,10 @@ def sample_tokens(model, feats: torch.Tensor, mask: torch.Tensor, null_feats: to
         logits = logits / spec.temperature
         sampled = (logits + gumbel(logits.shape, generator, device)).argmax(-1)  # [B, L] Gumbel-max sample
         sampled = torch.where(is_masked, sampled, tokens)
-        logp = torch.log_softmax(logits, -1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        if spec.remask == "critic":
+            logp = critic_confidence(model, tokens, feats, mask)
+        else:
+            logp = torch.log_softmax(logits, -1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
         conf = logp + spec.choice_temperature * (1 - r) * gumbel(logp.shape, generator, device)
         conf = torch.where(is_masked, conf, torch.full_like(conf, math.inf))
         # how many stay masked after this step: the schedule, but at least one token decided per step
