@@ -272,7 +272,7 @@ def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, 
     path (:func:`default_impl`).
     Captions have random lengths in [3, T], so Mamba variants exercise their pad masking."""
     from ..config import TextSpec
-    from ..model.generator import Generator, masked_loss, random_mask
+    from ..model.generator import Generator, aux_losses, masked_loss, random_mask
     from ..registry import load_registry
     from ..text import LearnedTextEncoder
     from .selective_scan import default_impl
@@ -291,8 +291,8 @@ def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, 
 
     def step() -> None:
         inputs, masked = random_mask(codes, model.mask_id, generator=g)
-        logits, _ = model(inputs, ids, mask)
-        loss = masked_loss(logits, codes, masked, 0.1)
+        logits, aux = model(inputs, ids, mask, targets=codes)
+        loss = masked_loss(logits, codes, masked, 0.1) + sum(aux_losses(aux).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
