@@ -126,6 +126,75 @@ def cmd_expand(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _grid_shape(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h < 1 or w < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW with positive integers, e.g. 4x4; got {text!r}")
+    return h, w
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device: cuda requested but torch sees no CUDA device; use --device cpu")
+    return name
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark suite, print its table, store its rows in the results database."""
+    import torch
+
+    from .db import open_db
+    from .jobs import code_revision
+    from .ops import bench
+
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    db = None
+    if not args.no_store:  # open (and check) the database before spending minutes measuring
+        db = open_db(args.db, _results_dir(args.results))
+    try:
+        if args.suite == "ops":
+            rows = bench.bench_ops(lengths=args.lengths, batch=args.batch, d_inner=args.d_inner,
+                                   n=args.d_state, repeats=args.repeats, impls=args.impls,
+                                   device=device)
+            table = bench.format_rows(rows)
+        else:
+            from .registry import UnknownVariant, load_registry
+
+            reg = load_registry()
+            for v in args.variants:
+                try:
+                    reg.get(v)
+                except UnknownVariant as exc:
+                    raise BadInput(f"--variants: {str(exc).split(': ', 1)[1]}") from None
+            rows = bench.bench_steps(args.variants, batch=args.batch, width=args.width,
+                                     depth=args.depth, grid=args.grid, text_len=args.text_len,
+                                     codebook_size=args.codebook, repeats=args.repeats, device=device)
+            table = bench.format_steps(rows)
+        where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        print(f"ablate bench {args.suite} ({where})")
+        print(table)
+        if db is not None:
+            session = db.record_bench(args.suite, rows, device=where, code_rev=code_revision())
+            print(f"(stored as bench {args.suite} session {session[:12]} in {db!r})")
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    finally:
+        torch.set_num_threads(threads_before)
+        if db is not None:
+            db.close()
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ablate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -160,6 +229,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("grid", nargs="?", help="only this grid")
     common(s)
     s.set_defaults(fn=cmd_status)
+
+    b = sub.add_parser("bench", help="benchmarks: print a table and store it in the results database")
+    bsub = b.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    bo = bsub.add_parser("ops", help="selective scan paths and text-dependent scans vs attention: "
+                                     "forward+backward time and peak memory")
+    bo.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024], metavar="L")
+    bo.add_argument("--batch", type=int, default=32)
+    bo.add_argument("--d-inner", type=int, default=256, help="scan channels (2 x d_model)")
+    bo.add_argument("--d-state", type=int, default=16)
+    bo.add_argument("--repeats", type=int, default=3)
+    bo.add_argument("--impls", nargs="+", help="ref torch numba cuda mambapy (default: what is available)")
+    bs = bsub.add_parser("step", help="training-step time of whole generators, ratio to the first variant")
+    bs.add_argument("--variants", nargs="+", default=["transformer", "mamba-prefix"])
+    bs.add_argument("--batch", type=int, default=64)
+    bs.add_argument("--width", type=int, default=96)
+    bs.add_argument("--depth", type=int, default=4)
+    bs.add_argument("--grid", type=_grid_shape, default=(4, 4), help="image token grid HxW")
+    bs.add_argument("--text-len", type=int, default=10)
+    bs.add_argument("--codebook", type=int, default=512)
+    bs.add_argument("--repeats", type=int, default=5)
+    for sp in (bo, bs):
+        sp.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+        sp.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+        sp.add_argument("--no-store", action="store_true", help="print only; do not write the database")
+        common(sp)
+        sp.set_defaults(fn=cmd_bench)
 
     e = sub.add_parser("expand", help="list a grid's cells and keys without running anything")
     e.add_argument("grid")

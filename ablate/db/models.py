@@ -89,3 +89,19 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(Text, nullable=False)
 
     run: Mapped[Run] = relationship(back_populates="artifacts")
+
+
+class BenchResult(Base):
+    """One row of a benchmark table (``ablate bench <suite>``); rows of one invocation share
+    ``session``. ``row`` holds the measured figures as the suite reports them."""
+
+    __tablename__ = "bench_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    suite: Mapped[str] = mapped_column(String(50), index=True, nullable=False)
+    session: Mapped[str] = mapped_column(String(64), index=True, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    host: Mapped[Optional[str]] = mapped_column(String(200))
+    device: Mapped[Optional[str]] = mapped_column(String(200))
+    code_rev: Mapped[Optional[str]] = mapped_column(String(64))
+    row: Mapped[dict] = mapped_column(JSON, nullable=False)

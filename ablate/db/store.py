@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Artifact, Base, GridRun, Metric, Run, utcnow
+from .models import Artifact, Base, BenchResult, GridRun, Metric, Run, utcnow
 
 ENV_URL = "ABLATE_DB_URL"
 SQLITE_BUSY_MS = 60_000
@@ -239,6 +239,35 @@ class Database:
             rid = s.scalar(select(Run.id).where(Run.key == key))
             return list(s.execute(select(Metric.step, Metric.value).where(
                 Metric.run_id == rid, Metric.name == name, Metric.step.is_not(None)).order_by(Metric.step)).all())
+
+
+    # -- benchmarks ---------------------------------------------------------------------------
+    def record_bench(self, suite: str, rows: Iterable[dict[str, Any]], device: Optional[str] = None,
+                     code_rev: Optional[str] = None) -> str:
+        """Store one benchmark table (all rows in one transaction); returns its session id."""
+        import uuid
+
+        session = uuid.uuid4().hex
+        host = socket.gethostname()
+        with self.tx() as s:
+            s.add_all(BenchResult(suite=suite, session=session, host=host, device=device,
+                                  code_rev=code_rev, row=dict(r)) for r in rows)
+        return session
+
+    def bench_results(self, suite: str, session: Optional[str] = None) -> list[BenchResult]:
+        """The rows of ``suite``'s latest table (or of ``session``), in insertion order."""
+        with self.tx() as s:
+            if session is None:
+                last = s.scalars(select(BenchResult.session).where(BenchResult.suite == suite)
+                                 .order_by(BenchResult.id.desc()).limit(1)).first()
+                if last is None:
+                    return []
+                session = last
+            rows = s.scalars(select(BenchResult).where(BenchResult.suite == suite,
+                                                       BenchResult.session == session)
+                             .order_by(BenchResult.id)).all()
+            s.expunge_all()
+            return list(rows)
 
 
 def open_db(db: Optional[str], results_dir: Path, create: bool = True) -> Database:

@@ -123,7 +123,11 @@ class Mamba(nn.Module):
         Cm = _add_hook(Cm.permute(1, 2, 0), C_add, "C_add", b, N, L)
 
         A_log = _at_least_fp32(self.A_log)  # the SSM parameters never run in half precision
-        if A_log_add is not None:
+        A_scale = None
+        if A_log_add is not None and A_log_add.shape == (b, E):
+            # a per-channel scale exp(add) of A: kept apart so the CUDA kernel can take it
+            A_scale = torch.exp(A_log_add.to(A_log.dtype))  # [B, E]
+        elif A_log_add is not None:
             A_log = A_log + _per_sample(A_log_add, "A_log_add", b, E, N)  # [B, E, N]
         A = -torch.exp(A_log)
         D = _at_least_fp32(self.D)
@@ -140,7 +144,7 @@ class Mamba(nn.Module):
             delta_bias, softplus = None, False
         out = selective_scan(xs, delta, A, Bm, Cm, D, z=z, delta_bias=delta_bias,
                              delta_softplus=softplus, return_last_state=return_last_state,
-                             initial_state=initial_state)
+                             initial_state=initial_state, A_scale=A_scale)
         y, last = out if return_last_state else (out, None)
         y = self.out_proj(y.permute(2, 0, 1)).transpose(0, 1)  # [B, L, D] view of [L, B, D]
         return (y, last) if return_last_state else y

@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selective_scan import IMPLS, numba_available
+from .selective_scan import IMPLS, numba_available, selective_scan
 
 MEM_METHOD = "rss high-water mark (/proc/self/clear_refs), after malloc_trim"
 
 # the text-dependent forms of the scan (see ablate.model.mamba's hooks) and what they change
 CASES = {
     "plain": "A [d, n], B/C [b, n, L], D [d], z, delta_bias, softplus",
-    "batch_A": "A [b, d, n] (text-scaled decay, A_log_add)",
+    "batch_A": "A_scale [b, d]: A_b = s_b * A (text-scaled decay, A_log_add [B, E])",
     "add_BC": "B, C + per-sample text terms [b, n, 1] (B_add, C_add)",
     "batch_D": "D [b, d] (D_add)",
     "initial_state": "initial state [b, d, n] from the text",
@@ -83,7 +83,7 @@ def peak_memory(collect: bool = True) -> Iterator[dict[str, Optional[float]]]:
 # ----------------------------------------------------------------------------------- inputs
 
 def scan_inputs(case: str, batch: int, d_inner: int, n: int, L: int, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict[str, Any]:
     """Leaf tensors for one scan call of ``case`` (see CASES), as the Mamba block makes them:
     ``u, delta, z`` are [b, d, L] views of [L, b, d] storage; A is S4D-real, dt ~ 1e-3..1e-1."""
     if case not in CASES:
@@ -105,7 +105,8 @@ def scan_inputs(case: str, batch: int, d_inner: int, n: int, L: int, seed: int =
         z=seq(), delta_bias=dt + torch.log(-torch.expm1(-dt)), delta_softplus=True)
     leaves = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
     if case == "batch_A":
-        args["A"] = args["A"] * torch.exp(0.3 * torch.randn(b, d, 1, generator=g, dtype=dtype))
+        args["A_scale"] = torch.exp(0.3 * torch.randn(b, d, generator=g, dtype=dtype))
+        leaves.append("A_scale")
     elif case == "batch_D":
         args["D"] = args["D"] + 0.1 * torch.randn(b, d, generator=g, dtype=dtype)
     elif case == "initial_state":
@@ -116,21 +117,20 @@ def scan_inputs(case: str, batch: int, d_inner: int, n: int, L: int, seed: int =
             args[k] = torch.randn(b, n, 1, generator=g, dtype=dtype)
             leaves.append(k)
     for k in leaves:
-        args[k] = args[k].detach().requires_grad_()
-    return args
+        args[k] = args[k].detach().to(device).requires_grad_()
+    return args  # .to(device) preserves strides: still views of time-major storage
 
 
 def _scan_call(impl: str, args: dict[str, Any]) -> Callable[[], Tensor]:
-    """A closure running one forward of ``impl`` on ``args`` (the B/C terms added inside, as the
-    Mamba block does, so their cost and gradient are counted)."""
-    fn = IMPLS[impl]
+    """A closure running one forward of ``impl`` on ``args`` through :func:`selective_scan` (the
+    B/C terms added inside, as the Mamba block does, so their cost and gradient are counted)."""
     kw = {k: v for k, v in args.items() if k not in ("B_add", "C_add")}
 
     def call() -> Tensor:
         extra = {}
         if "B_add" in args:
             extra = dict(B=args["B"] + args["B_add"], C=args["C"] + args["C_add"])
-        return fn(**{**kw, **extra})
+        return selective_scan(**{**kw, **extra}, impl=impl)
     return call
 
 
@@ -157,11 +157,11 @@ def _mambapy_call(args: dict[str, Any]) -> Callable[[], Tensor]:
 
 
 def _attention_call(batch: int, d_model: int, heads: int, L: int,
-                    seed: int = 0) -> Callable[[], Tensor]:
+                    seed: int = 0, device: str = "cpu") -> Callable[[], Tensor]:
     """One ``nn.MultiheadAttention`` self-attention layer (q, k, v, out projections) on [b, L, D]."""
     torch.manual_seed(seed)
-    layer = torch.nn.MultiheadAttention(d_model, heads, batch_first=True)
-    x = torch.randn(batch, L, d_model).requires_grad_()
+    layer = torch.nn.MultiheadAttention(d_model, heads, batch_first=True).to(device)
+    x = torch.randn(batch, L, d_model, device=device).requires_grad_()
 
     def call() -> Tensor:
         return layer(x, x, x, need_weights=False)[0]
@@ -174,27 +174,54 @@ def _fwd_bwd(call: Callable[[], Tensor], leaves: Sequence[Tensor]) -> None:
         t.grad = None
     y = call()
     y.backward(torch.ones_like(y))
+    if y.is_cuda:
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _peak(device: str) -> Iterator[dict[str, Optional[float]]]:
+    """Peak memory a block adds: the RSS high-water mark on CPU, the caching allocator's
+    ``max_memory_allocated`` on CUDA."""
+    if device == "cpu":
+        with peak_memory(collect=False) as mem:
+            yield mem
+        return
+    out: dict[str, Optional[float]] = {"mb": None}
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    yield out
+    torch.cuda.synchronize()
+    out["mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 # ----------------------------------------------------------------------------------- benches
 
 def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner: int = 256,
               n: int = 16, repeats: int = 3, impls: Optional[Sequence[str]] = None,
-              cases: Sequence[str] = tuple(CASES), attention: bool = True) -> list[dict[str, Any]]:
+              cases: Sequence[str] = tuple(CASES), attention: bool = True,
+              device: str = "cpu") -> list[dict[str, Any]]:
     """Forward+backward time and peak memory of the selective scan, one row per
     (impl, case, L): ``impl, case, L, batch, d_inner, n, threads, fwd_bwd_s`` (best of
     ``repeats``), ``fwd_bwd_median_s``, the paired ratios ``speedup_vs_mambapy``,
     ``speedup_vs_ref`` (plain case) and ``time_vs_plain`` (other cases; see :func:`format_rows`),
     ``peak_mem_mb, mem_method``.
 
-    ``impls`` default: ref, torch, numba (when importable), mambapy (when installed) for the plain
-    case; the other cases run on torch and numba only. ``attention`` adds an ``impl="attention"``
+    ``impls`` default on CPU: ref, torch, numba (when importable), mambapy (when installed) for the
+    plain case; the other cases run on torch and numba (and cuda) only. On ``device="cuda"``:
+    ref, torch, cuda (mamba-ssm's kernel, when installed), mambapy; peak memory is then the
+    allocator's peak. ``attention`` adds an ``impl="attention"``
     row per L: one self-attention layer of width ``d_inner // 2`` (the Mamba block's d_model),
     4 heads, over the same b and L.
     """
     if impls is None:
-        impls = ["ref", "torch"] + (["numba"] if numba_available() else []) + (
-            ["mambapy"] if _has_mambapy() else [])
+        if device == "cpu":
+            impls = ["ref", "torch"] + (["numba"] if numba_available() else []) + (
+                ["mambapy"] if _has_mambapy() else [])
+        else:
+            from .cuda import mamba_kernel
+            impls = ["ref", "torch"] + (["cuda"] if mamba_kernel() is not None else []) + (
+                ["mambapy"] if _has_mambapy() else [])
     unknown = [i for i in impls if i not in IMPLS and i != "mambapy"]
     if unknown:
         raise ValueError(f"bench: impls must be among {sorted(IMPLS) + ['mambapy']}, got {unknown}")
@@ -206,10 +233,10 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
     for L in lengths:
         jobs: list[tuple[str, str, Callable[[], Tensor], Sequence[Tensor]]] = []
         for case in cases:
-            args = scan_inputs(case, batch, d_inner, n, L)
+            args = scan_inputs(case, batch, d_inner, n, L, device=device)
             leaves = [v for v in args.values() if isinstance(v, Tensor) and v.requires_grad]
             for impl in impls:
-                if case != "plain" and impl not in ("torch", "numba"):
+                if case != "plain" and impl not in ("torch", "numba", "cuda"):
                     continue
                 if impl == "mambapy":
                     call = _mambapy_call(args)
@@ -217,7 +244,7 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
                 else:
                     jobs.append((impl, case, _scan_call(impl, args), leaves))
         if attention:
-            call = _attention_call(batch, d_inner // 2, 4, L)
+            call = _attention_call(batch, d_inner // 2, 4, L, device=device)
             jobs.append(("attention", f"self-attention D={d_inner // 2}, 4 heads", call,
                          call.leaves))  # type: ignore[attr-defined]
         times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
@@ -239,7 +266,7 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
 
         gc.collect()
         for i, (impl, case, call, leaves) in enumerate(jobs):
-            with peak_memory(collect=False) as mem:  # autograd graphs free by refcount
+            with _peak(device) as mem:  # autograd graphs free by refcount
                 _fwd_bwd(call, leaves)
             plain = index.get((impl, "plain")) if case in CASES else None
             rows.append(dict(impl=impl, case=case, L=L, batch=batch, d_inner=d_inner, n=n,
@@ -250,7 +277,9 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
                              speedup_vs_ref=paired(index.get(("ref", "plain")), i)
                              if case == "plain" else None,
                              time_vs_plain=paired(i, plain),
-                             peak_mem_mb=mem["mb"], mem_method=MEM_METHOD))
+                             peak_mem_mb=mem["mb"],
+                             mem_method=MEM_METHOD if device == "cpu" else "torch.cuda.max_memory_allocated",
+                             device=device))
         del jobs
     return rows
 
@@ -263,31 +292,28 @@ def _has_mambapy() -> bool:
     return True
 
 
-def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, width: int = 128,
-                     depth: int = 4, grid: tuple[int, int] = (8, 8), text_len: int = 16,
-                     codebook_size: int = 256, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Seconds per training step (forward, masked loss, backward, AdamW) of a generator with
-    backbone ``variant`` (its default hyperparameters) and the learned text encoder (``TextSpec``
-    defaults), best of ``repeats`` after two warm-up steps; ``impl`` forces the selective-scan
-    path (:func:`default_impl`).
+def _train_step_closure(variant: str, batch: int, width: int, depth: int, grid: tuple[int, int],
+                        text_len: int, codebook_size: int, seed: int,
+                        device: str = "cpu") -> tuple[Callable[[], None], int]:
+    """One generator training step of ``variant`` (default hyperparameters, learned text
+    encoder with ``TextSpec`` defaults) as a closure, and the generator's parameter count.
     Captions have random lengths in [3, T], so Mamba variants exercise their pad masking."""
     from ..config import TextSpec
     from ..model.generator import Generator, aux_losses, masked_loss, random_mask
     from ..registry import load_registry
     from ..text import LearnedTextEncoder
-    from .selective_scan import default_impl
 
     torch.manual_seed(seed)
     cls = load_registry().get(variant)
     text = LearnedTextEncoder(TextSpec(max_len=text_len, width=width), [f"w{i}" for i in range(100)])
     model = Generator(cls, cls.Config(), text, codebook_size=codebook_size, grid=grid, width=width,
-                      depth=depth, heads=4, text_len=text_len)
+                      depth=depth, heads=4, text_len=text_len).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, codebook_size, (batch, grid[0] * grid[1]), generator=g)
+    codes = torch.randint(0, codebook_size, (batch, grid[0] * grid[1]), generator=g).to(device)
     lens = torch.randint(3, text_len + 1, (batch,), generator=g)
-    mask = torch.arange(text_len)[None] < lens[:, None]
-    ids = torch.where(mask, torch.randint(3, 103, (batch, text_len), generator=g), 0)
+    mask = (torch.arange(text_len)[None] < lens[:, None]).to(device)
+    ids = torch.where(mask.cpu(), torch.randint(3, 103, (batch, text_len), generator=g), 0).to(device)
 
     def step() -> None:
         inputs, masked = random_mask(codes, model.mask_id, generator=g)
@@ -296,7 +322,20 @@ def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if codes.is_cuda:
+            torch.cuda.synchronize()
+    return step, sum(p.numel() for p in model.parameters())
 
+
+def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, width: int = 128,
+                     depth: int = 4, grid: tuple[int, int] = (8, 8), text_len: int = 16,
+                     codebook_size: int = 256, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Seconds per training step (forward, masked loss, backward, AdamW) of a generator with
+    backbone ``variant``, best of ``repeats`` after two warm-up steps; ``impl`` forces the
+    selective-scan path (:func:`default_impl`)."""
+    from .selective_scan import default_impl
+
+    step, _ = _train_step_closure(variant, batch, width, depth, grid, text_len, codebook_size, seed)
     times = []
     with default_impl(impl):
         for i in range(repeats + 2):
@@ -307,6 +346,43 @@ def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, 
     return dict(variant=variant, impl=impl or "auto", batch=batch, width=width, depth=depth,
                 seq=grid[0] * grid[1] + text_len, threads=torch.get_num_threads(),
                 step_s=min(times), step_median_s=sorted(times)[len(times) // 2])
+
+
+def bench_steps(variants: Sequence[str], batch: int = 64, width: int = 96, depth: int = 4,
+                grid: tuple[int, int] = (4, 4), text_len: int = 10, codebook_size: int = 512,
+                repeats: int = 5, seed: int = 0, device: str = "cpu") -> list[dict[str, Any]]:
+    """Training-step time of each variant's generator, interleaved within each repeat (two
+    warm-up steps first), with ``vs_first``: the median over repeats of this variant's step time
+    over the first variant's in the same repeat. Defaults are the quickstart's size."""
+    steps, params = [], []
+    for v in variants:
+        step, n = _train_step_closure(v, batch, width, depth, grid, text_len, codebook_size, seed, device)
+        steps.append(step)
+        params.append(n)
+    for step in steps:
+        step()
+        step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - t0)
+    return [dict(variant=v, batch=batch, width=width, depth=depth, seq=grid[0] * grid[1] + text_len,
+                 params=params[i], threads=torch.get_num_threads(), device=device,
+                 step_s=min(times[i]), step_median_s=statistics.median(times[i]),
+                 vs_first=statistics.median(a / b for a, b in zip(times[i], times[0])))
+            for i, v in enumerate(variants)]
+
+
+def format_steps(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of :func:`bench_steps` rows."""
+    first = rows[0]["variant"] if rows else ""
+    out = [f"| variant | params | step ms (best) | median ms | / {first} |", "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['variant']} | {r['params']:,} | {r['step_s'] * 1e3:.1f} | "
+                   f"{r['step_median_s'] * 1e3:.1f} | {r['vs_first']:.2f} |")
+    return "\n".join(out)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

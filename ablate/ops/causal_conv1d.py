@@ -85,14 +85,23 @@ def causal_conv1d_fast(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     return _act(_CausalConvFn.apply(x, weight, bias), activation)
 
 
-IMPLS: dict[str, Callable[..., Tensor]] = {"ref": causal_conv1d_ref, "fast": causal_conv1d_fast}
+def _cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+          activation: Optional[str] = None) -> Tensor:
+    from .cuda import causal_conv1d_cuda  # lazy: causal-conv1d is imported only here
+    return causal_conv1d_cuda(x, weight, bias, activation)
+
+
+IMPLS: dict[str, Callable[..., Tensor]] = {"ref": causal_conv1d_ref, "fast": causal_conv1d_fast,
+                                          "cuda": _cuda}
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                   activation: Optional[str] = None, *, impl: Optional[str] = None) -> Tensor:
-    """Causal depthwise conv ``[b, d, L] -> [b, d, L]``; ``impl`` forces ``"ref"`` or ``"fast"``."""
+    """Causal depthwise conv ``[b, d, L] -> [b, d, L]``; ``impl`` forces ``"ref"``, ``"fast"`` or
+    ``"cuda"`` (causal-conv1d's kernel, falling back to ``"fast"`` where it cannot run); by
+    default CUDA tensors take ``"cuda"`` and others ``"fast"``."""
     if impl is None:
-        return causal_conv1d_fast(x, weight, bias, activation)
+        return (_cuda if x.is_cuda else causal_conv1d_fast)(x, weight, bias, activation)
     if impl not in IMPLS:
         raise ValueError(f"causal_conv1d: impl must be one of {sorted(IMPLS)}, got {impl!r}")
     return IMPLS[impl](x, weight, bias, activation)

@@ -21,7 +21,8 @@ Shapes (lower case as in mamba-ssm: b batch, d channels, n state size, L length,
 Arithmetic runs in float64 when ``u`` is float64 and in float32 otherwise (half inputs are
 upcast, as mamba-ssm's reference does).
 
-Implementations (``impl``): ``"ref"`` :func:`selective_scan_ref` (the test oracle, autograd
+Implementations (``impl``): ``"cuda"`` mamba-ssm's kernel (:mod:`ablate.ops.cuda`, optional
+``cuda`` extra, CUDA tensors); ``"ref"`` :func:`selective_scan_ref` (the test oracle, autograd
 through a Python loop); ``"torch"`` :func:`selective_scan_fast` (custom autograd: no per-step
 graph, reverse-time recurrence in backward, states recomputed chunk by chunk); ``"numba"``
 :func:`selective_scan_numba` (the same algorithm fused into one compiled CPU kernel per
@@ -383,8 +384,14 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
 # ----------------------------------------------------------------------------------------------
 # dispatch
 
+def _cuda(*args: object, **kw: object) -> ScanResult:
+    from .cuda import selective_scan_cuda  # lazy: mamba-ssm is imported only here
+    return selective_scan_cuda(*args, **kw)
+
+
 IMPLS: dict[str, Callable[..., ScanResult]] = {
-    "ref": selective_scan_ref, "torch": selective_scan_fast, "numba": selective_scan_numba}
+    "ref": selective_scan_ref, "torch": selective_scan_fast, "numba": selective_scan_numba,
+    "cuda": _cuda}
 _default: list[Optional[str]] = [None]  # a stack; None = choose per call
 
 
@@ -403,10 +410,14 @@ def default_impl(impl: Optional[str]) -> Iterator[None]:
 
 def _dispatch(u: Tensor, B: Tensor, C: Tensor, impl: Optional[str]) -> Callable[..., ScanResult]:
     """The implementation for these inputs: ``impl`` if given, else the enclosing
-    :func:`default_impl`, else numba for CPU tensors with input-dependent B and C (the kernel runs
-    time-invariant ones unvectorised, slower than the torch path) when numba imports, else torch."""
+    :func:`default_impl`, else for CUDA tensors mamba-ssm's kernel (which falls back to the torch
+    path, logged once, for what it cannot express or when mamba-ssm is absent), for CPU tensors
+    with input-dependent B and C numba when it imports (the kernel runs time-invariant ones
+    unvectorised, slower than the torch path), else torch."""
     impl = impl if impl is not None else _default[-1]
     if impl is None:
+        if u.device.type == "cuda":
+            return _cuda
         if u.device.type == "cpu" and B.dim() > 2 and C.dim() > 2 and numba_available():
             return selective_scan_numba
         return selective_scan_fast
@@ -419,9 +430,21 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    return_last_state: bool = False, initial_state: Optional[Tensor] = None,
-                   *, impl: Optional[str] = None) -> ScanResult:
+                   A_scale: Optional[Tensor] = None, *, impl: Optional[str] = None) -> ScanResult:
     """The selective scan (see the module docstring for shapes); ``impl`` forces ``"ref"``,
-    ``"torch"`` or ``"numba"``, otherwise the best available path is chosen."""
+    ``"torch"``, ``"numba"`` or ``"cuda"``, otherwise the best available path is chosen.
+
+    ``A_scale [b, d]`` (positive, with A ``[d, n]``) makes A per sample: ``A_b = A_scale_b * A``.
+    The CUDA path folds it into delta and u (:mod:`ablate.ops.cuda`); the CPU paths take the
+    ``[b, d, n]`` product."""
     fn = _dispatch(u, B, C, impl)
+    if A_scale is not None:
+        if A.dim() != 2 or A_scale.shape != (u.shape[0], A.shape[0]):
+            raise ValueError(f"selective_scan: A_scale must be [b, d] = {(u.shape[0], A.shape[0])} "
+                             f"with A [d, n]; got A_scale {tuple(A_scale.shape)}, A {tuple(A.shape)}")
+        if fn is _cuda:
+            return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                      return_last_state=return_last_state, initial_state=initial_state, A_scale=A_scale)
+        A = A_scale.unsqueeze(-1) * A
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
               return_last_state=return_last_state, initial_state=initial_state)

@@ -1,0 +1,60 @@
+"""`ablate bench ops|step`: the table is printed and stored in the results database; bad input
+is one line, exit 2, nothing stored. Toy sizes: this checks the plumbing, never a speed."""
+from __future__ import annotations
+
+import pytest
+
+from ablate.cli import main
+from ablate.db import open_db
+
+
+def _bench_rows(results, suite):
+    db = open_db(None, results, create=False)
+    try:
+        return db.bench_results(suite)
+    finally:
+        db.close()
+
+
+def test_bench_ops_prints_and_stores(tmp_path, capsys):
+    rc = main(["bench", "ops", "--lengths", "5", "9", "--batch", "2", "--d-inner", "8", "--d-state", "2",
+               "--repeats", "1", "--impls", "ref", "torch", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| ref | plain | 5 |" in out and "| torch | batch_A | 9 |" in out and "stored as bench ops" in out
+    rows = _bench_rows(tmp_path, "ops")
+    cases = {(r.row["impl"], r.row["case"], r.row["L"]) for r in rows}
+    assert ("torch", "initial_state", 9) in cases and ("attention", "self-attention D=4, 4 heads", 5) in cases
+    assert all(r.row["fwd_bwd_s"] > 0 and r.device.startswith("cpu") for r in rows)
+    plain = [r.row for r in rows if r.row["impl"] == "torch" and r.row["case"] == "plain"]
+    assert all(p["speedup_vs_ref"] > 0 for p in plain)
+    assert len({r.session for r in rows}) == 1
+
+
+def test_bench_step_ratios_against_the_first_variant(tmp_path, capsys):
+    rc = main(["bench", "step", "--variants", "transformer", "mamba-prefix", "--batch", "2", "--width", "16",
+               "--depth", "1", "--grid", "2x3", "--text-len", "4", "--codebook", "8", "--repeats", "2",
+               "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| transformer |" in out and "/ transformer" in out
+    rows = [r.row for r in _bench_rows(tmp_path, "step")]
+    assert [r["variant"] for r in rows] == ["transformer", "mamba-prefix"]
+    assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0 and rows[1]["seq"] == 6 + 4
+    assert rows[0]["params"] > 0
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["bench", "step", "--variants", "transformer", "no-such-variant"], "--variants"),
+    (["bench", "ops", "--impls", "warp-drive", "--lengths", "4"], "impls"),
+])
+def test_bench_bad_input_is_one_line_and_stores_nothing(tmp_path, capsys, argv, field):
+    rc = main(argv + ["--results", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and field in err and len(err.strip().splitlines()) == 1
+    assert _bench_rows(tmp_path, "ops") == [] and _bench_rows(tmp_path, "step") == []
+
+
+def test_bench_bad_grid_shape_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "step", "--grid", "4by4", "--results", str(tmp_path)])
+    assert info.value.code == 2 and "HxW" in capsys.readouterr().err
