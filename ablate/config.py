@@ -176,6 +176,21 @@ class EvalSpec(Closed):
         3, ge=1, description="an image with more foreground components than this counts as fragments")
 
 
+class SlurmSpec(Closed):
+    """sbatch settings for each job when the grid runs on a Slurm cluster."""
+
+    partition: Optional[str] = None
+    gpus_per_job: int = Field(1, ge=0)
+    cpus_per_job: int = Field(8, ge=1)
+    mem_gb: int = Field(32, ge=1)
+    time_min: int = Field(240, ge=1, description="wall-clock limit per job; longer runs requeue from their checkpoint")
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    array_parallelism: int = Field(32, ge=1, description="jobs of the array running at once")
+    extra: dict[str, Any] = Field(default_factory=dict, description="further sbatch options, e.g. {exclude: node3}")
+
+
 class LauncherSpec(Closed):
     """Where jobs run. Not part of a run's key: the same cell on another executor is the same cell."""
 
@@ -183,6 +198,7 @@ class LauncherSpec(Closed):
     jobs: int = Field(2, ge=1, description="concurrent local jobs")
     cpus_per_job: int = Field(1, ge=1)
     timeout_min: int = Field(60, ge=1)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
 
 RUN_SECTIONS = ("data", "tokenizer", "text", "model", "train", "sample", "eval")

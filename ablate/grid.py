@@ -153,12 +153,21 @@ def expand(gf: GridFile, source: str = "<grid>", overrides: tuple[str, ...] = ()
     """Expand a parsed grid into validated, keyed cells (duplicates by key collapse to one)."""
     registry = registry or load_registry()
     base_tree = copy.deepcopy(gf.base)
-    launcher = gf.launcher.model_copy()
+    launcher = gf.launcher.model_copy(deep=True)
     for text in overrides:
         key, value = parse_override(text)
         if key.startswith("launcher."):
+            *path, field = key.split(".")[1:]
+            target = launcher
+            for i, part in enumerate(path + [field]):
+                if part not in type(target).model_fields:
+                    where = ".".join(["launcher", *path[:i]])
+                    raise GridError(f"--set {text}: {where} has no key {part!r} (accepted: "
+                                    f"{', '.join(sorted(type(target).model_fields))})")
+                if i < len(path):
+                    target = getattr(target, part)
             try:
-                setattr(launcher, key.split(".", 1)[1], value)
+                setattr(target, field, value)
             except (ValidationError, ValueError) as err:
                 raise GridError(format_validation_error(err, f"--set {text}")) from None
             continue

@@ -139,3 +139,36 @@ def test_fields_added_later_keep_old_keys_at_their_default():
     other = spec.model_copy(deep=True)
     other.sample.remask = "critic"
     assert run_key(other) != run_key(spec)
+
+
+# ------------------------------------------------------------------------------ shipped grids
+
+def _shipped(name):
+    from ablate.grid import load_grid
+    return load_grid(Path(__file__).resolve().parents[1] / "grids" / name)
+
+
+def test_every_shipped_grid_expands():
+    for path in sorted((Path(__file__).resolve().parents[1] / "grids").glob("*.yaml")):
+        grid = _shipped(path.name)
+        assert grid.cells, path.name
+
+
+def test_conditioning_grids_cover_every_builtin_variant():
+    """Both profiles list every variant shipped in variants/ (a new built-in variant must join
+    the ablation), at one shared width and depth; the GPU one has 3 seeds and Slurm settings."""
+    import variants
+    from ablate.registry import _walk
+
+    errors: dict = {}
+    builtin = {cls.name for cls, _ in _walk(variants, errors)}
+    assert not errors
+    gpu, cpu = _shipped("conditioning.yaml"), _shipped("conditioning-cpu.yaml")
+    for grid, seeds in ((gpu, {0, 1, 2}), (cpu, {0, 1})):
+        names = {c.spec.model.variant for c in grid.cells}
+        assert names == builtin, f"{grid.name}: missing {builtin - names}, extra {names - builtin}"
+        assert {c.seed for c in grid.cells} == seeds
+        assert len({(c.spec.model.width, c.spec.model.depth) for c in grid.cells}) == 1
+        assert len(grid.cells) == len(builtin) * len(seeds)
+    assert gpu.launcher.slurm.gpus_per_job == 1 and gpu.launcher.slurm.time_min > 0
+    assert cpu.launcher.jobs == 2 and cpu.launcher.cpus_per_job == 1
