@@ -115,6 +115,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """``ablate db upgrade``: migrate the schema to the newest revision (never drops data);
+    ``ablate db current``: print the revision."""
+    from .db import Database, resolve_url, schema
+
+    url = resolve_url(args.db, Path(args.results or os.environ.get("ABLATE_RESULTS", "results")))
+    if args.action == "upgrade" and url.startswith("sqlite") and args.results:
+        _results_dir(args.results)
+    db = Database(url, create=False)
+    try:
+        if args.action == "upgrade":
+            before, after = schema.upgrade(db.engine)
+            print(f"{db!r}: schema {before or '(empty)'} -> {after}" if before != after
+                  else f"{db!r}: schema already at {after}")
+        else:
+            with db.engine.connect() as conn:
+                rev = schema.current_revision(conn)
+            print(f"{db!r}: schema {rev or '(empty)'} (this ablate: {schema.HEAD})")
+    finally:
+        db.close()
+    return EXIT_OK
+
+
 def cmd_expand(args: argparse.Namespace) -> int:
     from .grid import load_grid
 
@@ -255,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-store", action="store_true", help="print only; do not write the database")
         common(sp)
         sp.set_defaults(fn=cmd_bench)
+
+    d = sub.add_parser("db", help="the results database's schema: upgrade it, or show its revision")
+    d.add_argument("action", choices=["upgrade", "current"])
+    common(d)
+    d.set_defaults(fn=cmd_db)
 
     e = sub.add_parser("expand", help="list a grid's cells and keys without running anything")
     e.add_argument("grid")

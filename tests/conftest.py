@@ -47,3 +47,61 @@ class OtherVariant(FakeVariant):
 @pytest.fixture
 def fake_registry() -> Registry:
     return Registry({"fake": FakeVariant, "other": OtherVariant}, {"fake": "tests", "other": "tests"}, {})
+
+
+# ------------------------------------------------------------------------- real services
+# The cluster tests talk to a real PostgreSQL and a real single-node Slurm, both started by
+# .ci/services.sh (which .ci/run calls). Outside CI a missing service skips those tests with the
+# command that starts it; in CI (CI set) a missing service is a failure, never a skip.
+
+PG_ADMIN_URL = os.environ.get("ABLATE_TEST_PG_URL",
+                              "postgresql+psycopg://ablate:ablate@127.0.0.1:5432/ablate_test")
+
+
+def _service_missing(what: str, why: str) -> None:
+    msg = f"{what} not available ({why}); start it with `bash .ci/services.sh`"
+    if os.environ.get("CI"):
+        pytest.fail(f"{msg} -- CI must run this test", pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    try:
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except Exception as exc:  # driver missing, server down, auth
+        _service_missing("PostgreSQL", str(exc).strip().splitlines()[0][:200])
+    name = f"ablate_t_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A responding Slurm controller with an idle (or busy) node; returns the partition name."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("sbatch"):
+        _service_missing("Slurm", "sbatch is not on PATH")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _service_missing("Slurm", f"sinfo: {exc}")
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.strip()]
+    if out.returncode != 0 or not any(st.rstrip("*") in ("idle", "mixed", "allocated") for _, st in rows):
+        _service_missing("Slurm", f"sinfo: {(out.stderr or out.stdout).strip()[:200] or 'no usable node'}")
+    return rows[0][0].rstrip("*")

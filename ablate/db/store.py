@@ -6,22 +6,58 @@ run are committed together in :meth:`Database.finish`.
 """
 from __future__ import annotations
 
+import functools
 import os
+import random
 import socket
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from sqlalchemy import create_engine, delete, event, select, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (ArgumentError, IntegrityError, NoSuchModuleError, OperationalError,
+                            SQLAlchemyError)
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Artifact, Base, BenchResult, GridRun, Metric, Run, utcnow
+from . import schema
+from .models import Artifact, BenchResult, GridRun, Metric, Run, utcnow
 
+T = TypeVar("T")
 ENV_URL = "ABLATE_DB_URL"
 SQLITE_BUSY_MS = 60_000
+
+
+RETRIES = 8  # attempts of one write transaction that hit a lock or a concurrent insert
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A transaction worth running again: SQLite's lock timeout, PostgreSQL's serialisation
+    failure or deadlock, or a unique-key race with a concurrent writer (the retry sees its row)."""
+    if isinstance(exc, IntegrityError):
+        return True
+    if isinstance(exc, OperationalError):
+        msg = str(exc.orig or exc).lower()
+        return "database is locked" in msg or "deadlock" in msg or "could not serialize" in msg
+    return False
+
+
+def retrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run a one-transaction method again (jittered backoff) when it lost a race; see
+    :func:`_retryable`. Each method here is one transaction, so a rerun is all or nothing."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kw: Any) -> T:
+        for attempt in range(RETRIES):
+            try:
+                return fn(*args, **kw)
+            except (OperationalError, IntegrityError) as exc:
+                if attempt == RETRIES - 1 or not _retryable(exc):
+                    raise
+                time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+    return wrapper
 
 
 class DBError(RuntimeError):
@@ -102,7 +138,7 @@ class Database:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
             if create:
-                Base.metadata.create_all(self.engine)
+                schema.upgrade(self.engine)
         except OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
             raise DBError(f"--db: cannot reach {safe_url(url)}: {reason}") from None
@@ -122,6 +158,7 @@ class Database:
                 yield s
 
     # -- grid registration -------------------------------------------------------------------
+    @retrying
     def register(self, grid: str, cells: Iterable[tuple[str, str, int, dict, dict]]) -> dict[str, str]:
         """Insert missing runs as ``pending`` and link them to ``grid``.
 
@@ -147,6 +184,7 @@ class Database:
         return out
 
     # -- the run lifecycle -------------------------------------------------------------------
+    @retrying
     def claim(self, key: str, job_id: Optional[str] = None, allow: tuple[str, ...] = ("pending", "lost", "failed")) -> bool:
         """Atomically move a run from one of ``allow`` to ``running``; False if it was not there."""
         with self.tx() as s:
@@ -156,14 +194,17 @@ class Database:
                     heartbeat_at=utcnow(), finished_at=None, error=None, attempts=Run.attempts + 1))
             return res.rowcount == 1
 
+    @retrying
     def set_code_rev(self, key: str, rev: str) -> None:
         with self.tx() as s:
             s.execute(update(Run).where(Run.key == key).values(code_rev=rev))
 
+    @retrying
     def heartbeat(self, key: str) -> None:
         with self.tx() as s:
             s.execute(update(Run).where(Run.key == key, Run.status == "running").values(heartbeat_at=utcnow()))
 
+    @retrying
     def mark_lost(self, older_than_s: float) -> list[str]:
         """Runs ``running`` whose heartbeat is older than ``older_than_s`` become ``lost``."""
         cutoff = utcnow() - timedelta(seconds=older_than_s)
@@ -174,12 +215,14 @@ class Database:
                     status="lost", error=f"heartbeat older than {older_than_s:.0f} s"))
         return keys
 
+    @retrying
     def clear_curves(self, key: str) -> None:
         """Drop step-wise metrics of a run that starts from scratch (a previous attempt's curves)."""
         with self.tx() as s:
             rid = s.scalar(select(Run.id).where(Run.key == key))
             s.execute(delete(Metric).where(Metric.run_id == rid))
 
+    @retrying
     def log_metrics(self, key: str, rows: Iterable[tuple[str, Optional[int], float]]) -> None:
         """Write (name, step, value) rows; a row already present for (name, step) is replaced."""
         rows = list(rows)
@@ -196,6 +239,7 @@ class Database:
             s.execute(delete(Metric).where(Metric.run_id == rid, Metric.name == name, cond))
             s.add(Metric(run_id=rid, name=name, step=step, value=float(value)))
 
+    @retrying
     def finish(self, key: str, final: dict[str, float], artifacts: Iterable[tuple[str, str]] = ()) -> None:
         """Final metrics (step NULL), artifacts and status ``done``, in one transaction."""
         with self.tx() as s:
@@ -206,10 +250,12 @@ class Database:
                 s.add(Artifact(run_id=run.id, kind=kind, path=str(path)))
             run.status, run.finished_at, run.error = "done", utcnow(), None
 
+    @retrying
     def fail(self, key: str, error: str) -> None:
         with self.tx() as s:
             s.execute(update(Run).where(Run.key == key).values(status="failed", finished_at=utcnow(), error=error))
 
+    @retrying
     def set_status(self, key: str, status: str, error: Optional[str] = None) -> None:
         with self.tx() as s:
             s.execute(update(Run).where(Run.key == key).values(status=status, error=error))
@@ -242,6 +288,7 @@ class Database:
 
 
     # -- benchmarks ---------------------------------------------------------------------------
+    @retrying
     def record_bench(self, suite: str, rows: Iterable[dict[str, Any]], device: Optional[str] = None,
                      code_rev: Optional[str] = None) -> str:
         """Store one benchmark table (all rows in one transaction); returns its session id."""

@@ -1,0 +1,110 @@
+"""Schema migrations: a fresh database is built by the shipped Alembic migrations, the models and
+the migrations agree, an older database is upgraded in place (never dropped), and concurrent
+openers of a fresh database migrate it once. On SQLite and on a real PostgreSQL."""
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from ablate.cli import main
+from ablate.db import Database, schema
+from ablate.db.models import Base
+
+
+def _diff(url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": schema.VERSION_TABLE})
+        diff = compare_metadata(ctx, Base.metadata)
+    engine.dispose()
+    return diff
+
+
+def _revision(url):
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rev = schema.current_revision(conn)
+    engine.dispose()
+    return rev
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'a.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_fresh_database_is_at_head_and_matches_the_models(url):
+    Database(url).close()
+    assert _revision(url) == schema.HEAD
+    assert _diff(url) == [], "the migrations and ablate/db/models.py disagree"
+    from alembic.script import ScriptDirectory
+    from alembic.config import Config
+    cfg = Config()
+    cfg.set_main_option("script_location", str(schema.MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == schema.HEAD
+
+
+def _old_database(url, versioned: bool):
+    """A database as session 1 made it: revision 0001 tables, one finished run with metrics."""
+    from alembic import command
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        command.upgrade(schema._config(conn), "0001")
+        conn.commit()
+        if not versioned:  # made by create_all before migrations shipped: no version table
+            conn.execute(text(f"DROP TABLE {schema.VERSION_TABLE}"))
+        conn.execute(text(
+            "INSERT INTO runs (id, key, grid, variant, seed, spec, overrides, status, created_at, attempts) "
+            "VALUES (1, 'k1', 'g', 'transformer', 0, '{}', '{}', 'done', CURRENT_TIMESTAMP, 1)"))
+        conn.execute(text("INSERT INTO metrics (run_id, name, step, value) VALUES (1, 'fid_domain', NULL, 12.5)"))
+        conn.execute(text("INSERT INTO grid_runs (grid, run_id, overrides) VALUES ('g', 1, '{}')"))
+        conn.commit()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("versioned", [True, False], ids=["at-0001", "pre-migrations"])
+def test_old_database_is_upgraded_in_place(url, versioned):
+    _old_database(url, versioned)
+    assert _revision(url) == "0001"
+    db = Database(url)
+    try:
+        assert db.final_metrics("k1") == {"fid_domain": 12.5} and db.grids() == ["g"]
+        assert db.run("k1").status == "done"
+        db.record_bench("ops", [{"x": 1}])  # the table 0002 added
+        assert inspect(db.engine).has_table(schema.VERSION_TABLE)
+    finally:
+        db.close()
+    assert _revision(url) == schema.HEAD and _diff(url) == []
+
+
+def test_cli_db_upgrade_and_current(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    _old_database(url, versioned=False)
+    assert main(["db", "current", "--db", url]) == 0
+    assert "schema 0001" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--db", url]) == 0
+    assert f"schema 0001 -> {schema.HEAD}" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--db", url]) == 0
+    assert "already at" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--db", f"sqlite:///{tmp_path / 'missing.db'}"]) == 2
+    assert "no database at" in capsys.readouterr().err
+
+
+def _open(url):
+    Database(url).close()
+    return True
+
+
+def test_concurrent_openers_migrate_a_fresh_database_once(url):
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(8) as pool:
+        assert all(pool.map(_open, [url] * 8))
+    assert _revision(url) == schema.HEAD and _diff(url) == []

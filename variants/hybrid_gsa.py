@@ -1,0 +1,161 @@
+"""`hybrid-gsa`: seed 002's hybrid (after Zamba): a stack of Mamba layers over ``[text; image]``
+with ONE global shared self-attention block (GSA: attention + MLP, weight-tied) applied every
+``every`` Mamba layers::
+
+    s = [text; image]                                             [B, S, D]
+    for i in 0 .. depth-1:
+        if i % every == 0:                                        GSA_j, j = i // every
+            s = s + SelfAttn(LN(s), key_mask = [text_mask; 1])
+            s = s + MLP(LN(s))
+        s = s + sum_k unscan_k(Mamba_k(scan_k(LN(s))))            one Mamba per direction k
+    h = s at the image positions
+
+``share: true`` (default, the seed's GSA): every GSA_j is the same module, so its parameters are
+counted (and updated) once however often it runs; ``share: false`` gives each application its own
+block (the untied ablation, ceil(depth / every) blocks).
+
+Choices where the seed is open:
+
+- the Mamba layers read the text as sequence positions, ahead of the image in every scan
+  direction (exactly ``mamba-prefix`` with ``text_position: prefix``); seed 002 conditions an
+  autoregressive model on a text prefix, and the GSA attends over the same ``[text; image]``
+  sequence, so the text stream is carried and updated by both kinds of block;
+- placement: the GSA comes *before* layers 0, every, 2 every, ... (the seed: "the output from the
+  GSA block ... processed through a Mamba block"), so it runs ceil(depth / every) times and at
+  least once for any depth;
+- the GSA reads the residual stream only; Zamba's concatenation of the stream with the original
+  embeddings (a 2D-wide shared block) is not used. The seed's 2D RoPE is not used either (the
+  generator adds its own position embeddings).
+
+Padded text (``text_mask`` False) is zeroed; in the Mamba layers it is moved ahead of everything
+and made inert (``variants.mamba_prefix.pads_first``), in the GSA it is masked out of the keys
+(the image keys are always there, so no row is fully masked, even for an empty caption). Padded
+positions still get query outputs, which no real position ever reads.
+
+Init: mamba-ssm's ``Mamba`` per mixer; attention/MLP GPT-2 style (N(0, 0.02), zero biases).
+The residual projections (Mamba out_proj, attention ``out``, the MLP's second Linear) are scaled
+by 1 / sqrt(n) with n = depth * K + 2 * ceil(depth / every), the residual branches the stream
+receives. No final LayerNorm: the generator applies its own.
+
+Legend: B batch, L image tokens, T text tokens, S = T + L, D width, K scan directions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from ablate.model.mamba import Mamba
+from ablate.model.scan_order import MultiDirection, scan_permutations
+from ablate.registry import VariantContext
+from variants.mamba_prefix import pads_first, sequence_orders
+from variants.transformer import Attention
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(2, ge=1, description="the shared attention block runs before every `every`-th Mamba layer")
+    share: bool = Field(True, description="one weight-tied attention block for all applications (false: untied)")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width of the attention block as a multiple of D")
+    qk_norm: bool = Field(False, description="LayerNorm on queries and keys per head")
+    scan: Literal["forward", "bidirectional", "cross4"] = Field(
+        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
+    d_state: int = Field(16, ge=1, description="N, SSM state size")
+    d_conv: int = Field(4, ge=1, description="causal conv width")
+    expand: int = Field(2, ge=1, description="E = expand * D")
+
+
+class MambaLayer(nn.Module):
+    """Pre-norm residual layer: ``s + sum_k unscan_k(Mamba_k(scan_k(LN(s))))``."""
+
+    def __init__(self, width: int, cfg: Config, n_directions: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mix = MultiDirection(
+            lambda: Mamba(width, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand), n_directions)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, s: Tensor, orders: Tensor, mask: Tensor) -> Tensor:
+        return s + self.drop(self.mix(self.norm(s), orders, mask))
+
+
+class AttentionBlock(nn.Module):
+    """Global self-attention + MLP over ``[text; image]``, pre-norm residual."""
+
+    def __init__(self, width: int, heads: int, cfg: Config, dropout: float):
+        super().__init__()
+        hidden = int(round(cfg.mlp_ratio * width))
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width, heads, cfg.qk_norm, dropout)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, s: Tensor, key_mask: Tensor) -> Tensor:
+        s = s + self.drop(self.attn(self.norm1(s), key_mask=key_mask))
+        return s + self.drop(self.mlp(self.norm2(s)))
+
+
+class HybridGSA(nn.Module):
+    name = "hybrid-gsa"
+    description = "Mamba over [text; image] with one weight-shared self-attention+MLP block every N layers"
+    family = "hybrid"
+    Config = Config
+    scan_orders = ("forward", "bidirectional", "cross4")
+
+    def __init__(self, ctx: VariantContext, cfg: Config):
+        super().__init__()
+        if ctx.width % ctx.heads:
+            raise ValueError(f"model.width ({ctx.width}) must be divisible by model.heads ({ctx.heads})")
+        self.text_len, self.every, self.share = ctx.text_len, cfg.every, cfg.share
+        image_perms = scan_permutations(cfg.scan, ctx.grid)  # [K, L]
+        self.register_buffer("orders", sequence_orders(image_perms, ctx.text_len, "prefix"),
+                             persistent=False)  # [K, S]
+        k = image_perms.shape[0]
+        self.n_applications = math.ceil(ctx.depth / cfg.every)
+        self.layers = nn.ModuleList(MambaLayer(ctx.width, cfg, k, ctx.dropout) for _ in range(ctx.depth))
+        self.gsa = nn.ModuleList(AttentionBlock(ctx.width, ctx.heads, cfg, ctx.dropout)
+                                 for _ in range(1 if cfg.share else self.n_applications))
+        n_res = ctx.depth * k + 2 * self.n_applications
+        for name, p in self.gsa.named_parameters():
+            if p.dim() == 2:
+                residual = name.endswith(("attn.out.weight", "mlp.2.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(n_res) if residual else 0.02)
+            elif name.endswith(".bias") and "norm" not in name:
+                nn.init.zeros_(p)
+        with torch.no_grad():
+            for layer in self.layers:
+                for mixer in layer.mix.mixers:
+                    mixer.out_proj.weight.div_(math.sqrt(n_res))
+
+    def attention_block(self, i: int) -> AttentionBlock | None:
+        """The block applied before Mamba layer ``i`` (None where there is none)."""
+        if i % self.every:
+            return None
+        return self.gsa[0 if self.share else i // self.every]
+
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
+        b, length, _ = x.shape
+        t = text.shape[1]
+        if t != self.text_len or self.orders.shape[1] != t + length:
+            raise ValueError(f"hybrid-gsa: built for T={self.text_len}, S={self.orders.shape[1]}; "
+                             f"got text [B, {t}, D] and x [B, {length}, D]")
+        text_mask = text_mask.bool()
+        text = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))  # garbage-proof
+        s = torch.cat([text, x], dim=1)  # [B, S, D]
+        mask = torch.cat([text_mask, text_mask.new_ones(b, length)], dim=1)  # [B, S], also the key mask
+        orders = pads_first(self.orders, mask)  # [K, B, S]
+        for i, layer in enumerate(self.layers):
+            gsa = self.attention_block(i)
+            if gsa is not None:
+                s = gsa(s, mask)
+            s = layer(s, orders, mask)
+        return s[:, t:]
+
+
+VARIANT = HybridGSA
