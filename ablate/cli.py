@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     db = open_db(args.db, results)
     try:
         report = launch(grid, db, results, executor=args.executor, jobs=args.jobs,
-                        retry_failed=args.retry_failed)
+                        retry_failed=args.retry_failed, lost_after_s=args.lost_after)
         if not args.no_table:
             md = write_results(db, results / "RESULTS.md", grid.name)
             print()
@@ -56,21 +56,67 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _names(values: Optional[Sequence[str]]) -> Optional[list[str]]:
+    """Repeatable, comma-separable option values (``--metrics a,b --metrics c``) as one list."""
+    if not values:
+        return None
+    return [v.strip() for part in values for v in part.split(",") if v.strip()]
+
+
+def _check_grid(db, grid: Optional[str]) -> None:  # noqa: ANN001
+    if grid and grid not in db.grids():
+        known = ", ".join(db.grids()) or "(none yet)"
+        raise BadInput(f"--grid: no grid named {grid!r} in the database; known grids: {known}")
+
+
 def cmd_table(args: argparse.Namespace) -> int:
+    """The table from the database alone; markdown also rewrites RESULTS.md (or ``--out``)."""
     from .db import open_db
     from .report import build_table, render, write_results
+    from .utils import atomic_write_bytes
 
     results = _results_dir(args.results)
     db = open_db(args.db, results, create=False)
     try:
-        if args.grid and args.grid not in db.grids():
-            known = ", ".join(db.grids()) or "(none yet)"
-            raise BadInput(f"--grid: no grid named {args.grid!r} in the database; known grids: {known}")
+        _check_grid(db, args.grid)
+        options = dict(study=args.study, metrics=_names(args.metrics), group_by=_names(args.group_by),
+                       sort=args.sort)
+        try:
+            table = build_table(db, args.grid, **options)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
         if args.format == "markdown":
-            out = write_results(db, Path(args.out) if args.out else results / "RESULTS.md", args.grid)
+            out = write_results(db, Path(args.out) if args.out else results / "RESULTS.md", args.grid,
+                                table=table, **options)
         else:
-            out = render(build_table(db, args.grid), args.format)
+            out = render(table, args.format)
+            if args.out:
+                atomic_write_bytes(Path(args.out), out.encode())
         print(out, end="")
+    finally:
+        db.close()
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Loss curves, metric bars, the Pareto plot and sample sheets from the database (PNG + SVG)."""
+    from .db import open_db
+    from .report.plots import plot_all
+
+    results = _results_dir(args.results)
+    db = open_db(args.db, results, create=False)
+    try:
+        _check_grid(db, args.grid)
+        out = Path(args.out) if args.out else results / "plots" / (args.grid or "all")
+        try:
+            written = plot_all(db, out, grid=args.grid, study=args.study, metrics=_names(args.metrics),
+                               pareto_axes=(args.pareto_metric, args.pareto_cost))
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        for path in written:
+            print(path)
+        if not written:
+            print("nothing to plot yet: no finished runs", file=sys.stderr)
     finally:
         db.close()
     return EXIT_OK
@@ -92,7 +138,7 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .db import open_db
+    from .db import STATUSES, open_db
     from .report import load_runs
 
     results = _results_dir(args.results)
@@ -106,10 +152,53 @@ def cmd_status(args: argparse.Namespace) -> int:
         for g in grids:
             runs = load_runs(db, g)
             counts = runs["status"].value_counts().to_dict()
-            parts = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("pending", "running", "done", "failed", "lost"))
+            parts = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
             print(f"{g}: {len(runs)} cells: {parts}")
             for r in runs[runs["status"] == "failed"].itertuples():
                 print(f"  failed {r.variant} seed={r.seed} {r.key[:12]}: {r.error}")
+    finally:
+        db.close()
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a grid: its pending and running cells become ``cancelled`` (the next ``ablate
+    run`` resumes them) and their jobs are stopped: ``scancel`` on Slurm, a kill for local jobs
+    of this host."""
+    import signal
+    import socket
+    import subprocess
+
+    from .db import open_db
+
+    results = _results_dir(args.results)
+    db = open_db(args.db, results, create=False)
+    try:
+        if args.grid not in db.grids():
+            raise BadInput(f"GRID: no grid named {args.grid!r}; known grids: {', '.join(db.grids()) or '(none)'}")
+        rows = db.cancel(args.grid, "cancelled by `ablate cancel`")
+        host = socket.gethostname()
+        slurm_ids, stopped = [], 0
+        for key, status, job_id in rows:
+            kind, _, jid = (job_id or "").partition(":")
+            if kind == "slurm":
+                slurm_ids.append(jid)
+            elif kind == "local" and status == "running" and jid.isdigit():
+                run = db.run(key)
+                if run is not None and run.host == host:
+                    try:
+                        os.kill(int(jid), signal.SIGKILL)  # submitit's local jobs ignore SIGTERM
+                        stopped += 1
+                    except ProcessLookupError:
+                        pass
+        if slurm_ids:
+            from shutil import which
+
+            if which("scancel"):
+                subprocess.run(["scancel", *sorted(set(slurm_ids))], capture_output=True, timeout=60)
+                stopped += len(set(slurm_ids))
+        print(f"grid {args.grid}: {len(rows)} cell(s) cancelled, {stopped} job(s) stopped; "
+              f"`ablate run` resumes them")
     finally:
         db.close()
     return EXIT_OK
@@ -171,6 +260,8 @@ def _device(name: str) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark suite, print its table, store its rows in the results database."""
+    if args.suite == "table":
+        return _bench_table(args)
     import torch
 
     from .db import open_db
@@ -190,6 +281,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                    n=args.d_state, repeats=args.repeats, impls=args.impls,
                                    device=device)
             table = bench.format_rows(rows)
+        elif args.suite == "layers":
+            from . import bench_layers as bl
+            from .registry import UnknownVariant, load_registry
+
+            try:
+                for v in args.variants or ():
+                    load_registry().get(v)
+            except UnknownVariant as exc:
+                raise BadInput(f"--variants: {str(exc).split(': ', 1)[1]}") from None
+            cells = bl.cells_from_grid(Path(args.grid)) if args.grid else None
+            if cells and args.variants:
+                cells = [c for c in cells if c["variant"] in args.variants]
+            rows = bl.bench_layers(args.variants, width=args.width, depth=args.depth, heads=args.heads,
+                                   grid=args.tokens, text_len=args.text_len, batch=args.batch,
+                                   passes=args.passes, warmup=args.warmup, device=device, cells=cells)
+            table = bl.format_rows(rows)
         else:
             from .registry import UnknownVariant, load_registry
 
@@ -218,6 +325,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bench_table(args: argparse.Namespace) -> int:
+    """``ablate bench table``: build a large database, time ``ablate table`` on it (torch-free)."""
+    import platform
+
+    from .bench_table import bench_table, format_rows
+    from .db import open_db
+
+    db = None if args.no_store else open_db(args.db, _results_dir(args.results))
+    try:
+        try:
+            rows = bench_table(runs=args.runs, n_metrics=args.metrics, repeats=args.repeats, fmt=args.format,
+                               subprocess_runs=not args.no_subprocess)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        where = f"cpu, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+        print(f"ablate bench table ({where})")
+        print(format_rows(rows))
+        if db is not None:
+            from .jobs import code_revision
+
+            session = db.record_bench("table", rows, device=where, code_rev=code_revision())
+            print(f"(stored as bench table session {session[:12]} in {db!r})")
+    finally:
+        if db is not None:
+            db.close()
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ablate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -228,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run every cell of a grid that is not done, then print the table")
     r.add_argument("grid", help="grid YAML file, e.g. grids/quickstart.yaml")
-    r.add_argument("--executor", choices=["local", "debug"], help="where jobs run (default: the grid's launcher)")
+    r.add_argument("--executor", choices=["local", "slurm", "debug", "auto"],
+                   help="where jobs run (default: the grid's launcher; auto = slurm if sbatch is on PATH)")
+    r.add_argument("--lost-after", type=float, metavar="SECONDS",
+                   help="a running cell with no heartbeat for this long is lost and resumed "
+                        "(default: the grid's launcher.lost_after_s)")
     r.add_argument("--jobs", type=int, help="concurrent local jobs (default: the grid's launcher.jobs)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.steps=50 (repeatable)")
@@ -238,11 +377,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     t = sub.add_parser("table", help="regenerate the results table from the database")
-    t.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+    t.add_argument("--format", choices=["markdown", "csv", "latex", "html", "json"], default="markdown",
+                   help="markdown also rewrites <results>/RESULTS.md; csv gives mean, std and n per metric")
     t.add_argument("--grid", help="only this grid's runs")
-    t.add_argument("--out", help="markdown: write here instead of <results>/RESULTS.md")
+    t.add_argument("--study", help="only this study's runs")
+    t.add_argument("--metrics", action="append", metavar="NAME[,NAME]",
+                   help="metric columns, in order (default: the standard ones present)")
+    t.add_argument("--group-by", action="append", metavar="KEY[,KEY]",
+                   help="row keys besides the variant: spec keys such as model.params.scan or scan, "
+                        "seed, hyper (default: hyper, the grid's overrides)")
+    t.add_argument("--sort", metavar="KEY", help="a metric (best first) or a column; --sort=-KEY reverses")
+    t.add_argument("--out", help="write here (markdown: instead of <results>/RESULTS.md)")
     common(t)
     t.set_defaults(fn=cmd_table)
+
+    pl = sub.add_parser("plot", help="loss curves, metric bars, Pareto plot and sample sheets (PNG + SVG)")
+    pl.add_argument("--grid", help="only this grid's runs")
+    pl.add_argument("--study", help="only this study's runs")
+    pl.add_argument("--out", help="folder for the figures (default: <results>/plots/<grid or all>)")
+    pl.add_argument("--metrics", action="append", metavar="NAME[,NAME]",
+                    help="metrics of the bar charts (default: the standard ones present)")
+    pl.add_argument("--pareto-metric", default="fid_domain", help="quality axis of the Pareto plot")
+    pl.add_argument("--pareto-cost", default="train_tokens_per_s", help="throughput axis of the Pareto plot")
+    common(pl)
+    pl.set_defaults(fn=cmd_plot)
 
     v = sub.add_parser("variants", help="list registered variants")
     v.add_argument("-v", "--verbose", action="store_true", help="also show hyperparameter defaults")
@@ -272,12 +430,39 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--text-len", type=int, default=10)
     bs.add_argument("--codebook", type=int, default=512)
     bs.add_argument("--repeats", type=int, default=5)
-    for sp in (bo, bs):
+    bl = bsub.add_parser("layers", help="the seed's speed table: full backbone forward, one layer, and "
+                                        "the attention / SSM ops inside it, per variant")
+    bl.add_argument("--variants", nargs="+", help="default: all registered (or the --grid file's)")
+    bl.add_argument("--grid", help="grid YAML file: take its variants, their params, width, depth, heads, "
+                                   "token grid and caption length")
+    bl.add_argument("--batch", type=int, default=32)
+    bl.add_argument("--width", type=int, default=96)
+    bl.add_argument("--depth", type=int, default=4)
+    bl.add_argument("--heads", type=int, default=4)
+    bl.add_argument("--tokens", type=_grid_shape, default=(4, 4), help="image token grid HxW")
+    bl.add_argument("--text-len", type=int, default=10)
+    bl.add_argument("--passes", type=int, default=50, help="timed forward passes (mean reported)")
+    bl.add_argument("--warmup", type=int, default=5)
+    bt = bsub.add_parser("table", help="time `ablate table` on a fresh database of 10,000 runs x 20 metrics")
+    bt.add_argument("--runs", type=int, default=10_000)
+    bt.add_argument("--metrics", type=int, default=20)
+    bt.add_argument("--repeats", type=int, default=3)
+    bt.add_argument("--format", choices=["markdown", "csv", "latex", "html", "json"], default="markdown")
+    bt.add_argument("--no-subprocess", action="store_true", help="time only the in-process table")
+    bt.add_argument("--no-store", action="store_true", help="print only; do not write the database")
+    common(bt)
+    bt.set_defaults(fn=cmd_bench)
+    for sp in (bo, bs, bl):
         sp.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
         sp.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
         sp.add_argument("--no-store", action="store_true", help="print only; do not write the database")
         common(sp)
         sp.set_defaults(fn=cmd_bench)
+
+    c = sub.add_parser("cancel", help="cancel a grid's pending and running cells and stop their jobs")
+    c.add_argument("grid")
+    common(c)
+    c.set_defaults(fn=cmd_cancel)
 
     d = sub.add_parser("db", help="the results database's schema: upgrade it, or show its revision")
     d.add_argument("action", choices=["upgrade", "current"])

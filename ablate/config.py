@@ -174,6 +174,21 @@ class EvalSpec(Closed):
     judge_width: int = Field(32, ge=4, description="channels of the judge's conv trunk")
     fragment_components: int = Field(
         3, ge=1, description="an image with more foreground components than this counts as fragments")
+    # sample-sheet snapshots only observe training (own RNG, EMA weights, no_grad): same results
+    sheet_prompts: int = Field(
+        6, ge=0, le=64, json_schema_extra=LATER,
+        description="sample sheets: decode the first N test captions at each snapshot step (0: none)")
+    sheet_steps: list[int] = Field(
+        default_factory=list, json_schema_extra=LATER,
+        description="training steps of the sample-sheet snapshots (empty: every validation step, "
+                    "i.e. each train.eval_every and the last)")
+
+    @field_validator("sheet_steps")
+    @classmethod
+    def _positive_steps(cls, v: list[int]) -> list[int]:
+        if any(s < 1 for s in v):
+            raise ValueError(f"eval.sheet_steps must be training steps >= 1, got {v}")
+        return sorted(set(v))
 
 
 class SlurmSpec(Closed):
@@ -194,10 +209,12 @@ class SlurmSpec(Closed):
 class LauncherSpec(Closed):
     """Where jobs run. Not part of a run's key: the same cell on another executor is the same cell."""
 
-    executor: Literal["local", "debug"] = "local"
-    jobs: int = Field(2, ge=1, description="concurrent local jobs")
-    cpus_per_job: int = Field(1, ge=1)
-    timeout_min: int = Field(60, ge=1)
+    executor: Literal["local", "slurm", "debug", "auto"] = Field(
+        "local", description="auto: slurm when sbatch is on PATH, else local")
+    jobs: int = Field(2, ge=1, description="concurrent local jobs (at most one per GPU on a GPU machine)")
+    cpus_per_job: int = Field(1, ge=1, description="torch threads of a local job")
+    timeout_min: int = Field(60, ge=1, description="time limit of a local job")
+    lost_after_s: float = Field(180.0, gt=0, description="a running cell whose heartbeat is older is lost, then resumed")
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
 

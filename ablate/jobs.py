@@ -141,9 +141,32 @@ def run_dir(results_dir: Path, key: str) -> Path:
     return Path(results_dir) / "runs" / key
 
 
+def job_id_here() -> str:
+    """This job's id with its scheduler, stable across a Slurm requeue: ``slurm:<array>_<task>``
+    (``slurm:<id>`` outside arrays), ``local:<pid>`` for submitit's local jobs (the pid of the
+    process that trains, not of submitit's controller above it), ``proc:<pid>`` for a job run in
+    the driver's process."""
+    env = os.environ
+    executor = env.get("SUBMITIT_EXECUTOR", "")
+    if executor == "slurm":
+        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+            return f"slurm:{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        return f"slurm:{env.get('SLURM_JOB_ID', '?')}"
+    if executor == "local":
+        return f"local:{os.getpid()}"
+    return f"proc:{os.getpid()}"
+
+
 def run_job(key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[str, Any]:
     """Entry point of a submitted job. Returns ``{"key", "status", ...}``; never raises for a
-    failure of the run itself (that is recorded in the database)."""
+    failure of the run itself (that is recorded in the database).
+
+    A job that Slurm restarts after a requeue finds its run still ``running`` under its own job
+    id and takes it back; a preemption signal stops training at the next step boundary with a
+    checkpoint, marks the run ``pending`` and hands over to submitit, which requeues the job."""
+    from . import preempt
+    from .train import Interrupted
+
     torch.set_num_threads(max(1, threads))
     db = Database(db_url, create=False)
     try:
@@ -152,20 +175,25 @@ def run_job(key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[s
             return {"key": key, "status": "missing"}
         if run.status == "done":
             return {"key": key, "status": "done", "skipped": True}
-        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or str(os.getpid())
+        job_id = job_id_here()
         if not db.claim(key, job_id=job_id):
             return {"key": key, "status": db.run(key).status, "skipped": True}
+        preempt.install()
         db.set_code_rev(key, code_revision())
         spec = RunSpec.model_validate(run.spec)
         t0 = time.time()
         try:
             with Heartbeat(db, key):
-                result = train_and_evaluate(spec, key, db, Path(results_dir))
+                result = train_and_evaluate(spec, key, db, Path(results_dir), interrupt=preempt.requested)
             result.final["wall_s"] = time.time() - t0
             db.finish(key, result.final, result.artifacts)
             # only once the result is committed is the training checkpoint dispensable
             (run_dir(Path(results_dir), key) / "ckpt.pt").unlink(missing_ok=True)
             return {"key": key, "status": "done", "wall_s": result.final["wall_s"]}
+        except Interrupted as exc:
+            db.set_status(key, "pending", f"preempted at step {exc.step}: checkpoint saved, job requeued")
+            why = preempt.hand_over()  # submitit: checkpoint(), requeue, exit
+            return {"key": key, "status": "pending", "error": f"interrupted ({why})"}
         except BaseException as exc:  # also KeyboardInterrupt / SystemExit from a timeout signal
             db.fail(key, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             if not isinstance(exc, Exception):
@@ -175,6 +203,19 @@ def run_job(key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[s
         db.close()
 
 
+class CellJob:
+    """The submitted callable: :func:`run_job`, checkpointable for submitit (on a time limit or
+    preemption the same call is requeued; the run resumes from its training checkpoint)."""
+
+    def __call__(self, key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[str, Any]:
+        return run_job(key, db_url, results_dir, threads)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
 def peak_mem_mb(device: torch.device) -> float:
     """Peak memory of this job: CUDA allocator peak on GPU, process peak RSS on CPU."""
     if device.type == "cuda":
@@ -182,7 +223,8 @@ def peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_and_evaluate(spec: RunSpec, key: str, db: Database, results_dir: Path) -> Result:
+def train_and_evaluate(spec: RunSpec, key: str, db: Database, results_dir: Path,
+                       interrupt: Callable[[], bool] = lambda: False) -> Result:
     """Train the cell's generator, sample the test captions, evaluate; return final metrics."""
     from .train import Trainer
 
@@ -193,7 +235,7 @@ def train_and_evaluate(spec: RunSpec, key: str, db: Database, results_dir: Path)
 
     prep = prepare(spec, results_dir, device, say)
     trainer = Trainer(spec, prep, device, run_dir(results_dir, key),
-                      log_metrics=lambda rows: db.log_metrics(key, rows), say=say)
+                      log_metrics=lambda rows: db.log_metrics(key, rows), say=say, interrupt=interrupt)
     if trainer.step == 0:
         db.clear_curves(key)
     trainer.train()

@@ -1,13 +1,23 @@
-"""Launch a grid's cells as submitit jobs, at most ``jobs`` at a time, with live progress.
+"""Launch a grid's cells as submitit jobs, with live progress.
 
-submitit's LocalExecutor starts every submitted job at once, so the pool of slots is ours: a
-cell is submitted only when a slot is free. Shared preparation (dataset, VQ tokenizer, token
-cache, judge) runs first as one job per distinct preparation, so concurrent cells never race to
-train the same tokenizer.
+Executors: ``local`` (processes on this machine), ``slurm`` (one job array per stage, settings
+from the grid's ``launcher.slurm``), ``debug`` (in this process), ``auto`` (slurm when ``sbatch``
+is on PATH, else local). submitit's LocalExecutor starts every submitted job at once and gives
+every GPU job GPU 0, so for local jobs the pool of slots is ours: a cell is submitted only when a
+slot is free, and on a machine with GPUs each slot owns one GPU. On Slurm the array's
+parallelism is Slurm's. Shared preparation (dataset, VQ tokenizer, token cache, judge) runs
+first as one job per distinct preparation, so concurrent cells never race to train the same
+tokenizer.
+
+A job that ends without a result (killed, out of memory, node lost) leaves its run ``lost``:
+the next ``ablate run`` resumes it from its checkpoint. Slurm without accounting (no sacct) is
+normal on small clusters, so a job's end is read from squeue and its result file.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -15,13 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from .config import RunSpec, content_hash
+from .config import LauncherSpec, RunSpec, content_hash
 from .db import Database
 from .grid import Cell, Grid
 
-EXECUTORS = ("local", "debug")
-# a `running` cell whose heartbeat (every HEARTBEAT_S) is older than this is taken for dead: `lost`
-LOST_AFTER_S = 180.0
+EXECUTORS = ("local", "slurm", "debug", "auto")
 
 
 @dataclass
@@ -31,13 +39,14 @@ class LaunchReport:
     already_done: int = 0
     done: int = 0
     failed: int = 0
+    lost: int = 0  # jobs that ended without a result: resumed by the next run
     skipped: int = 0  # running elsewhere, or failed earlier without --retry-failed
     errors: dict[str, str] = field(default_factory=dict)  # key -> one-line reason
     wall_s: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0
+        return self.failed == 0 and self.lost == 0
 
 
 def prep_key(spec: RunSpec) -> str:
@@ -71,26 +80,110 @@ def prepare_job(spec_json: dict, results_dir: str, threads: int, part: str) -> d
 LOCAL_JOB_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
-def make_executor(kind: str, folder: Path, timeout_min: int):
+def resolve_executor(kind: str) -> str:
+    """``auto`` -> ``slurm`` when ``sbatch`` is on PATH, else ``local``."""
+    if kind == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if kind not in EXECUTORS:
+        raise ValueError(f"--executor: unknown executor {kind!r}; accepted: {', '.join(EXECUTORS)}")
+    return kind
+
+
+def local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def make_executor(kind: str, folder: Path, launcher: LauncherSpec, gpu: Optional[int] = None):
+    """A submitit executor for ``kind`` with the launcher's settings. ``gpu``: the one device a
+    local job may see (one job per GPU)."""
     import submitit
 
     if kind == "local":
         for k, v in LOCAL_JOB_ENV.items():
             os.environ.setdefault(k, v)  # inherited by the job processes submitit starts
         ex = submitit.LocalExecutor(folder=str(folder / "%j"))
+        params: dict[str, Any] = {"timeout_min": launcher.timeout_min}
+        if gpu is not None:
+            params.update(gpus_per_node=1, visible_gpus=(gpu,))
+        ex.update_parameters(**params)
     elif kind == "debug":
         ex = submitit.DebugExecutor(folder=str(folder / "%j"))
+        ex.update_parameters(timeout_min=launcher.timeout_min)
+    elif kind == "slurm":
+        sl = launcher.slurm
+        ex = submitit.SlurmExecutor(folder=str(folder / "%j"))
+        params = {"time": sl.time_min, "cpus_per_task": sl.cpus_per_job, "mem": f"{sl.mem_gb}GB",
+                  "array_parallelism": sl.array_parallelism, "job_name": f"ablate-{folder.name}",
+                  "signal_delay_s": 120, "setup": [f"export {k}={v}" for k, v in LOCAL_JOB_ENV.items()]}
+        if sl.gpus_per_job:
+            params["gpus_per_node"] = sl.gpus_per_job
+        for name in ("partition", "account", "qos", "constraint"):
+            if getattr(sl, name):
+                params[name] = getattr(sl, name)
+        if sl.extra:
+            params["additional_parameters"] = dict(sl.extra)
+        ex.update_parameters(**params)
     else:
         raise ValueError(f"--executor: unknown executor {kind!r}; accepted: {', '.join(EXECUTORS)}")
-    params: dict[str, Any] = {"timeout_min": timeout_min}
-    if kind == "local":
-        import torch
-
-        # submitit's local jobs see only the GPUs they are given (CUDA_VISIBLE_DEVICES="" otherwise)
-        if torch.cuda.is_available():
-            params["gpus_per_node"] = torch.cuda.device_count()
-    ex.update_parameters(**params)
     return ex
+
+
+def slurm_active(job_ids: list[str]) -> Optional[set[str]]:
+    """Job ids (``123`` or ``123_4``) Slurm still knows as queued or running, from squeue (no
+    accounting needed); None if squeue could not be asked."""
+    mains = sorted({j.split("_")[0] for j in job_ids})
+    if not mains:
+        return set()
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(mains)],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        # squeue rejects ids that have left the system entirely: then none of them is active
+        return set() if "Invalid job id" in out.stderr else None
+    active = set()
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                                  "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"):
+            active.add(parts[0])
+    return active
+
+
+def _wait_slurm(jobs: dict[str, Any], on_done, poll_s: float = 2.0, grace_s: float = 15.0) -> None:
+    """Wait for submitted Slurm jobs; ``on_done(name, result_or_exception, seconds, running)``.
+    A job is over when its result file exists, or when squeue no longer lists it and no result
+    file appeared within ``grace_s`` (killed: the exception says so)."""
+    t0 = time.time()
+    left = dict(jobs)
+    gone_since: dict[str, float] = {}
+    while left:
+        active = slurm_active([j.job_id for j in left.values()])
+        for name, job in list(left.items()):
+            if job.paths.result_pickle.exists():
+                try:
+                    res: Any = job.result()
+                except Exception as exc:
+                    res = exc
+            elif active is not None and job.job_id not in active:
+                first = gone_since.setdefault(name, time.time())
+                if time.time() - first < grace_s:
+                    continue
+                res = RuntimeError(f"Slurm job {job.job_id} left the queue without a result "
+                                   f"(killed, cancelled, or out of memory; see {job.paths.stderr})")
+            else:
+                gone_since.pop(name, None)
+                continue
+            del left[name]
+            on_done(name, res, time.time() - t0, len(left))
+        if left:
+            time.sleep(poll_s)
 
 
 class Progress:
@@ -128,41 +221,75 @@ class Progress:
             self.out.flush()
 
 
-def _pool(executor, tasks: list[tuple[str, Any, tuple]], slots: int, on_done, on_submit=None,
+def _pool(executors: list, tasks: list[tuple[str, Any, tuple]], slots: int, on_done, on_submit=None,
           poll_s: float = 0.5) -> None:
-    """Run ``tasks`` (name, fn, args) through ``executor`` with at most ``slots`` in flight;
-    ``on_done(name, result_or_exception, seconds)`` is called as each finishes."""
+    """Run ``tasks`` (name, fn, args) with at most ``slots`` in flight; slot ``i`` submits through
+    ``executors[i]`` when there is one executor per slot (one GPU each), else through
+    ``executors[0]``. ``on_done(name, result_or_exception, seconds, running)`` as each finishes."""
     queue = list(tasks)
-    running: dict[str, tuple[Any, float]] = {}
+    running: dict[str, tuple[Any, float, int]] = {}
+    free = list(range(slots))
     while queue or running:
-        while queue and len(running) < slots:
+        while queue and free:
             name, fn, args = queue.pop(0)
-            running[name] = (executor.submit(fn, *args), time.time())
+            slot = free.pop(0)
+            ex = executors[slot] if len(executors) > 1 else executors[0]
+            running[name] = (ex.submit(fn, *args), time.time(), slot)
             if on_submit:
                 on_submit(name, len(running))
-        for name, (job, t0) in list(running.items()):
+        for name, (job, t0, slot) in list(running.items()):
             if job.done():
                 try:
                     res: Any = job.result()
                 except Exception as exc:  # the job process died or submitit failed
                     res = exc
                 del running[name]
+                free.append(slot)
                 on_done(name, res, time.time() - t0, len(running))
         if running:
             time.sleep(poll_s)
 
 
+class _Runner:
+    """Submits a stage's tasks on one executor kind and calls back as each ends."""
+
+    def __init__(self, kind: str, folder: Path, launcher: LauncherSpec, slots: int, db: Database):
+        self.kind, self.slots, self.db = kind, slots, db
+        gpus = local_gpus() if kind == "local" else 0
+        if gpus:
+            self.slots = min(slots, gpus)
+            self.executors = [make_executor(kind, folder, launcher, gpu=i) for i in range(self.slots)]
+        else:
+            self.executors = [make_executor(kind, folder, launcher)]
+
+    def run(self, tasks: list[tuple[str, Any, tuple]], on_done, on_submit=None, record_ids: bool = False) -> None:
+        if self.kind != "slurm":
+            _pool(self.executors, tasks, self.slots, on_done, on_submit)
+            return
+        ex = self.executors[0]
+        with ex.batch():  # one job array for the whole stage
+            submitted = [(name, ex.submit(fn, *args)) for name, fn, args in tasks]
+        jobs = {name: job for name, job in submitted}
+        if record_ids:
+            self.db.set_job_ids({name: f"slurm:{job.job_id}" for name, job in jobs.items()})
+        if on_submit:
+            on_submit(None, len(jobs))
+        _wait_slurm(jobs, on_done)
+
+
 def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] = None,
-           jobs: Optional[int] = None, retry_failed: bool = False, out: Optional[TextIO] = None) -> LaunchReport:
+           jobs: Optional[int] = None, retry_failed: bool = False, out: Optional[TextIO] = None,
+           lost_after_s: Optional[float] = None) -> LaunchReport:
     """Register the grid's cells and run every one that is not done. Returns a summary."""
     out = out or sys.stdout
     t_start = time.time()
-    kind = executor or grid.launcher.executor
+    kind = resolve_executor(executor or grid.launcher.executor)
     slots = 1 if kind == "debug" else (jobs or grid.launcher.jobs)
-    cpus = grid.launcher.cpus_per_job
+    cpus = grid.launcher.slurm.cpus_per_job if kind == "slurm" else grid.launcher.cpus_per_job
+    lost_after = lost_after_s if lost_after_s is not None else grid.launcher.lost_after_s
     report = LaunchReport(grid=grid.name, total=len(grid.cells))
-    for key in db.mark_lost(LOST_AFTER_S):
-        out.write(f"cell {key[:12]} was running with no heartbeat for {LOST_AFTER_S:.0f}s: marked lost, will resume\n")
+    for key in db.mark_lost(lost_after):
+        out.write(f"cell {key[:12]} was running with no heartbeat for {lost_after:.0f}s: marked lost, will resume\n")
     statuses = db.register(grid.name, [(c.key, c.variant, c.seed, c.spec.model_dump(mode="json"), c.overrides)
                                        for c in grid.cells])
     todo: list[Cell] = []
@@ -182,10 +309,11 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
         report.wall_s = time.time() - t_start
         return report
 
-    out.write(f"grid {grid.name}: {len(todo)} of {report.total} cells to run "
-              f"({report.already_done} already done) on executor '{kind}' with {slots} slot(s)\n")
     folder = Path(results_dir) / "submitit" / grid.name
-    ex = make_executor(kind, folder, grid.launcher.timeout_min)
+    runner = _Runner(kind, folder, grid.launcher, slots, db)
+    where = f"{runner.slots} slot(s)" if kind != "slurm" else "one job array per stage"
+    out.write(f"grid {grid.name}: {len(todo)} of {report.total} cells to run "
+              f"({report.already_done} already done) on executor '{kind}' with {where}\n")
 
     # 1. shared preparation, one job per distinct data/tokenizer setting
     preps: dict[str, Cell] = {}
@@ -203,13 +331,13 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
     from .jobs import PREP_PARTS
 
     out.write(f"preparing {len(preps)} dataset setting(s): {', '.join(PREP_PARTS)}\n")
-    _pool(ex, [(f"{k}/{part}", prepare_job, (c.spec.model_dump(mode="json"), str(results_dir), cpus, part))
-               for k, c in preps.items() for part in PREP_PARTS], slots, prep_done)
+    runner.run([(f"{k}/{part}", prepare_job, (c.spec.model_dump(mode="json"), str(results_dir), cpus, part))
+                for k, c in preps.items() for part in PREP_PARTS], prep_done)
     prep_failed = {name.split("/")[0]: why for name, why in prep_failed.items()}
 
     # 2. the cells
-    progress = Progress(len(todo), slots, out)
-    counts = {"done": 0, "failed": 0}
+    progress = Progress(len(todo), runner.slots if kind != "slurm" else len(todo), out)
+    counts = {"done": 0, "failed": 0, "lost": 0, "elsewhere": 0}
     runnable = []
     for c in todo:
         reason = prep_failed.get(prep_key(c.spec))
@@ -222,38 +350,52 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
         report.errors[c.key] = f"preparation failed: {reason}"
     by_key = {c.key: c for c in runnable}
 
-    def cell_submitted(_key: str, running: int) -> None:
-        progress.show(counts["done"], running, counts["failed"])
+    def cell_submitted(_key: Optional[str], running: int) -> None:
+        progress.show(counts["done"], running, counts["failed"] + counts["lost"])
 
     def cell_done(key: str, res: Any, secs: float, running: int) -> None:
         c = by_key[key]
         label = f"{c.variant} seed={c.seed} {key[:8]}"
         if isinstance(res, Exception):
-            # the process died before it could record anything: never leave the run `running`
-            first = str(res).strip().splitlines()[-1] if str(res).strip() else ""
-            if db.statuses([key]).get(key) == "running":
-                db.fail(key, f"job ended without a result: {type(res).__name__}: {res}")
-            res = {"status": "failed", "error": f"job ended without a result: {type(res).__name__}: {first}"}
-        if res.get("status") == "done":
+            # the process died before it could record anything: never leave the run `running`;
+            # `lost` (not `failed`): nothing says the cell itself is broken, the next run resumes it
+            first = str(res).strip().splitlines()[-1] if str(res).strip() else type(res).__name__
+            reason = f"job ended without a result: {first}"
+            if db.statuses([key]).get(key) in ("running", "pending"):
+                db.set_status(key, "lost", reason)
+            res = {"status": "lost", "error": reason}
+        status = res.get("status")
+        if status == "done":
             counts["done"] += 1
             if not res.get("skipped"):
                 progress.durations.append(secs)
             note = f"done {label} in {secs:.0f}s"
+        elif res.get("skipped") and status == "running":
+            counts["elsewhere"] += 1
+            report.skipped += 1
+            report.errors[key] = "running elsewhere"
+            note = f"{label} is being run by another launcher"
+        elif status in ("lost", "pending"):
+            counts["lost"] += 1
+            report.errors[key] = res.get("error", status)
+            note = f"LOST {label}: {report.errors[key]} (the next run resumes it)"
         else:
             counts["failed"] += 1
-            report.errors[key] = res.get("error", res.get("status"))
+            report.errors[key] = res.get("error", status)
             note = f"FAILED {label}: {report.errors[key]}"
-        progress.show(counts["done"], running, counts["failed"], note)
+        progress.show(counts["done"], running, counts["failed"] + counts["lost"], note)
 
-    from .jobs import run_job
+    from .jobs import CellJob
 
     progress.show(0, 0, counts["failed"])
-    _pool(ex, [(c.key, run_job, (c.key, db.url, str(results_dir), cpus)) for c in runnable], slots,
-          cell_done, cell_submitted)
+    runner.run([(c.key, CellJob(), (c.key, db.url, str(results_dir), cpus)) for c in runnable],
+               cell_done, cell_submitted, record_ids=True)
     progress.close()
     report.done = counts["done"]
     report.failed = counts["failed"]
+    report.lost = counts["lost"]
     report.wall_s = time.time() - t_start
     out.write(f"grid {grid.name}: {report.done} done, {report.failed} failed, "
-              f"{report.already_done} were already done ({report.wall_s:.0f}s)\n")
+              + (f"{report.lost} lost (run again to resume), " if report.lost else "")
+              + f"{report.already_done} were already done ({report.wall_s:.0f}s)\n")
     return report

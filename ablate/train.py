@@ -7,6 +7,7 @@ uninterrupted, and the data position is a pure function of the step.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -46,16 +47,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class Interrupted(Exception):
+    """Training stopped at a step boundary on request (preemption, time limit) after saving a
+    checkpoint there; a new job resumes from ``step``."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint saved")
+        self.step = step
+
+
 class Trainer:
     """Builds the generator for ``spec`` on prepared data and trains it, resumable."""
 
     def __init__(self, spec: RunSpec, prep: Any, device: torch.device, out_dir: Path,
                  log_metrics: Callable[[list[tuple[str, Optional[int], float]]], None] = lambda rows: None,
-                 say: Callable[[str], None] = print):
+                 say: Callable[[str], None] = print, interrupt: Callable[[], bool] = lambda: False):
         from .text import build_text_encoder
 
         self.spec, self.prep, self.device, self.out_dir = spec, prep, device, Path(out_dir)
         self.log_metrics, self.say = log_metrics, say
+        self.interrupt = interrupt  # asked at every step boundary: stop there (preemption)?
         results_dir = self.out_dir.parent.parent
         splits = prep.splits
         torch.manual_seed(spec.seed)  # every parameter, the learned text encoder's too, from the seed
@@ -80,6 +91,8 @@ class Trainer:
         self.timed_steps = 0
         self.last_train_loss = float("nan")
         self.last_val_loss = float("nan")
+        self.loss_acc, self.loss_n = 0.0, 0  # train loss summed since the last log row
+        self.sheet_s = 0.0  # seconds of sample-sheet snapshots in this attempt (not in train_s)
         self._perms: dict[int, torch.Tensor] = {}
         self.ckpt_path = self.out_dir / "ckpt.pt"
         if self.ckpt_path.exists():
@@ -91,7 +104,8 @@ class Trainer:
         return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else {},
                 "train_s": self.train_s, "timed_steps": self.timed_steps,
-                "last_train_loss": self.last_train_loss, "last_val_loss": self.last_val_loss}
+                "last_train_loss": self.last_train_loss, "last_val_loss": self.last_val_loss,
+                "loss_acc": self.loss_acc, "loss_n": self.loss_n}
 
     def _load(self, path: Path) -> None:
         st = torch_load(path)
@@ -102,6 +116,7 @@ class Trainer:
             self.ema.load_state_dict(st["ema"])
         self.step, self.train_s, self.timed_steps = st["step"], st["train_s"], st["timed_steps"]
         self.last_train_loss, self.last_val_loss = st["last_train_loss"], st["last_val_loss"]
+        self.loss_acc, self.loss_n = st.get("loss_acc", 0.0), st.get("loss_n", 0)
 
     def save_checkpoint(self) -> None:
         atomic_torch_save(self._state(), self.ckpt_path)
@@ -172,7 +187,6 @@ class Trainer:
     def train(self) -> None:
         t = self.spec.train
         rows: list[tuple[str, Optional[int], float]] = []
-        acc, acc_n = 0.0, 0
         while self.step < t.steps:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -183,22 +197,28 @@ class Trainer:
             if self.step >= t.throughput_warmup:
                 self.train_s += time.perf_counter() - t0
                 self.timed_steps += 1
-            acc, acc_n = acc + loss, acc_n + 1
+            self.loss_acc, self.loss_n = self.loss_acc + loss, self.loss_n + 1
             self.step += 1
             if self.step % t.log_every == 0 or self.step == t.steps:
-                self.last_train_loss = acc / acc_n
+                self.last_train_loss = self.loss_acc / self.loss_n
                 rows += [("train_loss", self.step, self.last_train_loss),
                          ("lr", self.step, self.sched.get_last_lr()[0])]
-                acc, acc_n = 0.0, 0
+                self.loss_acc, self.loss_n = 0.0, 0
             if self.step % t.eval_every == 0 or self.step == t.steps:
                 self.last_val_loss = self.val_loss()
                 rows.append(("val_loss", self.step, self.last_val_loss))
                 self.say(f"step {self.step}/{t.steps} train_loss {self.last_train_loss:.4f} "
                          f"val_loss {self.last_val_loss:.4f}")
+            if self.sheet_due(self.step):
+                self.snapshot(self.step)
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 self.log_metrics(rows)  # curves first, so a resumed run never lacks logged steps
                 rows = []
                 self.save_checkpoint()
+            elif self.step < t.steps and self.interrupt():
+                self.log_metrics(rows)
+                self.save_checkpoint()
+                raise Interrupted(self.step)
         self.log_metrics(rows)
 
     # -- results -------------------------------------------------------------------------------
@@ -212,6 +232,8 @@ class Trainer:
         if self.timed_steps:
             out["train_tokens_per_s"] = self.timed_steps * t.batch_size * self.model.seq_len / self.train_s
             out["train_s"] = self.train_s
+        if self.sheet_s:
+            out["sheet_s"] = self.sheet_s
         return out
 
     @torch.no_grad()
@@ -254,7 +276,46 @@ class Trainer:
         out = [("model", str(model_path))]
         if getattr(self, "samples_path", None) is not None:
             out.append(("samples", str(self.samples_path)))
+        if (self.out_dir / "sheet" / "prompts.json").exists():
+            out.append(("sheet", str(self.out_dir / "sheet")))
         return out
+
+    # -- sample-sheet snapshots ------------------------------------------------------------------
+    def sheet_due(self, step: int) -> bool:
+        """Whether ``step`` is a snapshot step: one of ``eval.sheet_steps``, or when that is
+        empty a validation step (each ``train.eval_every`` and the last)."""
+        e, t = self.spec.eval, self.spec.train
+        if e.sheet_prompts <= 0:
+            return False
+        if e.sheet_steps:
+            return step in e.sheet_steps
+        return step % t.eval_every == 0 or step == t.steps
+
+    @torch.no_grad()
+    def snapshot(self, step: int) -> Path:
+        """Decode the fixed prompts (the first ``eval.sheet_prompts`` test captions) with the
+        weights the run is evaluated with (EMA if any) and the same sampling noise at every
+        step; save ``sheet/step_<step>.png`` (one tile per prompt, in a row, 2 px gaps) and
+        ``sheet/prompts.json``. Observation only: its own generator, no gradient, and the next
+        training step reseeds everything it draws, so the run's results do not change.
+        Returns the PNG's path."""
+        t0 = time.perf_counter()
+        test = self.prep.splits.test
+        k = min(self.spec.eval.sheet_prompts, len(test))
+        model = self.ema or self.model
+        model.eval()
+        g = torch.Generator(self.device).manual_seed(_step_seed(self.spec.seed, 0, salt=777))
+        feats, mask = (x[:k] for x in self.feats["test"])
+        codes = sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g)
+        h, w = self.prep.vq.grid
+        images = self.prep.vq.decode(codes.view(-1, h, w)).cpu()  # uint8 [k, 3, H, W]
+        folder = self.out_dir / "sheet"
+        path = folder / f"step_{step:06d}.png"
+        save_sheet(images, path, cols=k)
+        meta = {"prompts": list(test.captions[:k]), "tile": list(images.shape[-2:]), "gap": 2}
+        (folder / "prompts.json").write_text(json.dumps(meta, indent=1) + "\n")
+        self.sheet_s += time.perf_counter() - t0
+        return path
 
 
 def save_sheet(images: torch.Tensor, path: Path, cols: int = 8) -> None:

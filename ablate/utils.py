@@ -1,4 +1,8 @@
-"""Small shared helpers: atomic file writes, seeding, device choice, content-keyed cache folders."""
+"""Small shared helpers: atomic file writes, seeding, device choice, content-keyed cache folders.
+
+torch and numpy are imported inside the functions that need them, so the light commands
+(``ablate table``, ``ablate status``) can use the file helpers without paying for torch.
+"""
 from __future__ import annotations
 
 import io
@@ -6,10 +10,10 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -31,6 +35,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` through a temp file + rename (a crash never leaves a truncated file)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(Path(path), buf.getvalue())
@@ -38,19 +44,26 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def torch_load(path: Path) -> Any:
     """Load a file written by :func:`atomic_torch_save` (tensors, dicts, lists, numbers, strings only)."""
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> "torch.Generator":
     """Seed python, numpy and torch; return a CPU generator seeded the same way."""
     random.seed(seed)
+    import numpy as np
+    import torch
+
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
 
-def pick_device(choice: str = "auto") -> torch.device:
+def pick_device(choice: str = "auto") -> "torch.device":
     """``auto`` -> cuda when available, else cpu."""
+    import torch
+
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():

@@ -128,17 +128,18 @@ def test_missing_grid_file(tmp_path, fake_registry):
 
 
 def test_fields_added_later_keep_old_keys_at_their_default():
-    """sample.remask came after runs were keyed: at its default the key is the one computed
-    without the field; any other value gives a new key."""
-    from ablate.config import RunSpec, content_hash, run_key
-    spec = RunSpec.model_validate({"model": {"variant": "transformer"}})
-    dumped = spec.model_dump(mode="json")
-    assert dumped["sample"]["remask"] == "confidence"
-    del dumped["sample"]["remask"]
-    assert run_key(spec) == content_hash(dumped)
-    other = spec.model_copy(deep=True)
-    other.sample.remask = "critic"
-    assert run_key(other) != run_key(spec)
+    """Fields added after runs were recorded (sample.remask, eval.sheet_*, ...) are left out of
+    the key at their default, so the quickstart cells keep the keys they had when the first
+    results were written (a changed key would orphan every stored result); any other value gives
+    a new key."""
+    grid = _shipped("quickstart.yaml")
+    keys = {(c.spec.model.variant, c.seed): c.key for c in grid.cells}
+    assert keys[("transformer", 0)] == "2dfebc4e824d5c16"
+    assert keys[("mamba-prefix", 0)] == "1b7a2c6891a7508d"
+    from ablate.config import run_key
+    spec = grid.cells[0].spec.model_copy(deep=True)
+    spec.sample.remask = "critic"
+    assert run_key(spec) != grid.cells[0].key
 
 
 # ------------------------------------------------------------------------------ shipped grids

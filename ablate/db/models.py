@@ -15,7 +15,7 @@ from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Index, Integer, Strin
                         UniqueConstraint, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-STATUSES = ("pending", "running", "done", "failed", "lost")
+STATUSES = ("pending", "running", "done", "failed", "lost", "cancelled")
 
 
 def utcnow() -> datetime:

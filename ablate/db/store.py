@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
-from sqlalchemy import create_engine, delete, event, select, update
+from sqlalchemy import and_, create_engine, delete, event, or_, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import (ArgumentError, IntegrityError, NoSuchModuleError, OperationalError,
                             SQLAlchemyError)
@@ -185,14 +185,40 @@ class Database:
 
     # -- the run lifecycle -------------------------------------------------------------------
     @retrying
-    def claim(self, key: str, job_id: Optional[str] = None, allow: tuple[str, ...] = ("pending", "lost", "failed")) -> bool:
-        """Atomically move a run from one of ``allow`` to ``running``; False if it was not there."""
+    def claim(self, key: str, job_id: Optional[str] = None,
+              allow: tuple[str, ...] = ("pending", "lost", "failed", "cancelled")) -> bool:
+        """Atomically move a run from one of ``allow`` to ``running``; False if it was not there.
+        A run ``running`` under this very ``job_id`` is taken back too: Slurm restarted the job
+        after a requeue (the killed attempt could not say so)."""
+        cond = Run.status.in_(allow)
+        if job_id is not None:
+            cond = or_(cond, and_(Run.status == "running", Run.job_id == job_id))
         with self.tx() as s:
             res = s.execute(
-                update(Run).where(Run.key == key, Run.status.in_(allow)).values(
+                update(Run).where(Run.key == key, cond).values(
                     status="running", host=socket.gethostname(), job_id=job_id, started_at=utcnow(),
                     heartbeat_at=utcnow(), finished_at=None, error=None, attempts=Run.attempts + 1))
             return res.rowcount == 1
+
+    @retrying
+    def set_job_ids(self, job_ids: dict[str, str]) -> None:
+        """Record the scheduler's job id of submitted, not yet started runs (so they can be cancelled)."""
+        with self.tx() as s:
+            for key, jid in job_ids.items():
+                s.execute(update(Run).where(Run.key == key, Run.status != "running").values(job_id=jid))
+
+    @retrying
+    def cancel(self, grid: str, reason: str) -> list[tuple[str, str, Optional[str]]]:
+        """Mark the grid's pending and running runs ``cancelled``; returns their (key, status
+        before, job id) so the caller can stop the jobs."""
+        with self.tx() as s:
+            rows = s.execute(select(Run.key, Run.status, Run.job_id).join(GridRun, GridRun.run_id == Run.id)
+                             .where(GridRun.grid == grid, Run.status.in_(("pending", "running")))).all()
+            keys = [r[0] for r in rows]
+            if keys:
+                s.execute(update(Run).where(Run.key.in_(keys)).values(
+                    status="cancelled", error=reason, finished_at=utcnow()))
+            return [tuple(r) for r in rows]
 
     @retrying
     def set_code_rev(self, key: str, rev: str) -> None:
@@ -252,8 +278,10 @@ class Database:
 
     @retrying
     def fail(self, key: str, error: str) -> None:
+        """A ``running`` run failed (a run cancelled meanwhile stays cancelled)."""
         with self.tx() as s:
-            s.execute(update(Run).where(Run.key == key).values(status="failed", finished_at=utcnow(), error=error))
+            s.execute(update(Run).where(Run.key == key, Run.status == "running").values(
+                status="failed", finished_at=utcnow(), error=error))
 
     @retrying
     def set_status(self, key: str, status: str, error: Optional[str] = None) -> None:

@@ -1,4 +1,9 @@
-"""Tables (and later plots) regenerated from the results database alone."""
-from .table import METRIC_COLUMNS, build_table, load_runs, render, write_results
+"""Tables and plots regenerated from the results database alone (pandas via ablate.results).
 
-__all__ = ["METRIC_COLUMNS", "build_table", "load_runs", "render", "write_results"]
+Plots live in :mod:`ablate.report.plots` (imported on demand: matplotlib is not needed for a table).
+"""
+from .table import (FORMATS, METRIC_COLUMNS, build_table, display_table, load_runs, metric_column, render,
+                    summarize, write_results)
+
+__all__ = ["FORMATS", "METRIC_COLUMNS", "build_table", "display_table", "load_runs", "metric_column", "render",
+           "summarize", "write_results"]

@@ -1,0 +1,194 @@
+"""The results database as pandas frames, in the spirit of ``mlflow.search_runs``.
+
+``load``      one row per run: identity, status, the resolved spec flattened into dotted columns
+              (``model.width``, ``model.params.scan``, ...) and the final metrics as columns
+``curves``    metrics by step, long form (one row per run, name and step)
+``artifacts`` the files runs produced (model, samples, sample-sheet snapshots)
+
+Everything here reads the database only; it imports neither torch nor the variants, so
+``ablate table`` starts fast. ``db`` may be a :class:`~ablate.db.Database`, a SQLAlchemy URL, or
+None for the default database (``$ABLATE_DB_URL`` or ``<results>/ablate.db``).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import pandas as pd
+from sqlalchemy import select
+
+from .db import Artifact, Database, DBError, GridRun, Metric, Run, open_db
+
+__all__ = ["RUN_COLUMNS", "artifacts", "curves", "flatten", "higher_is_better", "load"]
+
+# the identity columns of ``load``; every other column is a spec key (dotted) or a metric
+RUN_COLUMNS = ["run_id", "key", "grid", "variant", "seed", "status", "error", "hyper", "host",
+               "code_rev", "created_at", "started_at", "finished_at"]
+
+# direction of a metric, decided by its name: the first rule that matches wins
+_LOWER = ("fid", "loss", "blank_rate", "fragment_rate", "peak_mem", "mse", "wall_s", "train_s")
+_HIGHER = ("align", "acc", "clip", "per_s", "throughput", "score")
+
+DbArg = Union[Database, str, None]
+
+
+def higher_is_better(metric: str) -> Optional[bool]:
+    """True if a larger ``metric`` is better, False if a smaller one is, None if neither
+    (``params``, ``train_steps``): such columns get no best-value mark."""
+    name = metric.lower()
+    if name.endswith("_real") or name.startswith("tok_"):
+        return None  # ceilings and floors of the data, not results of the run
+    if any(p in name for p in _HIGHER):
+        return True
+    if any(p in name for p in _LOWER):
+        return False
+    return None
+
+
+@contextmanager
+def _opened(db: DbArg, results: Optional[Path] = None) -> Iterator[Database]:
+    """``db`` as an open Database; closed afterwards only if opened here."""
+    if isinstance(db, Database):
+        yield db
+        return
+    if db is not None and "://" not in db:
+        raise DBError(f"--db: expected a SQLAlchemy URL such as sqlite:///results/ablate.db, got {db!r}")
+    opened = open_db(db, Path(results or "results"), create=False)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"width": 96, "params": {"scan": "x"}}}`` -> ``{"model.width": 96,
+    "model.params.scan": "x"}``; empty sub-dicts vanish, lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in spec.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _hyper(overrides: Optional[dict]) -> str:
+    """The grid's overrides of a cell but the variant (the seed is never among them), as
+    ``key=value, ...`` sorted by key: the hyperparameters that differ from the grid's base."""
+    import json
+
+    items = {k: v for k, v in (overrides or {}).items() if k not in ("model.variant", "seed")}
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
+                     for k, v in sorted(items.items()))
+
+
+def _run_ids(grid: Optional[str], study: Optional[str]):
+    """A sub-select of the run ids in ``grid`` and ``study`` (None: no filter)."""
+    q = None
+    if grid is not None:
+        q = select(GridRun.run_id).where(GridRun.grid == grid)
+    if study is not None:
+        from .db import models
+
+        link = getattr(models, "StudyRun", None)  # issue 7 links runs to Optuna studies
+        if link is None or not hasattr(link, "study"):
+            raise DBError(f"--study: this database records no studies, so there is no study {study!r} "
+                          "(studies are written by `ablate study`)")
+        sq = select(link.run_id).where(link.study == study)
+        q = sq if q is None else q.where(GridRun.run_id.in_(sq))
+    return q
+
+
+def _raw(result: Any) -> list[tuple]:
+    """All rows of a result of plain columns (ints, floats, strings: no type processing
+    needed) as DBAPI tuples, skipping SQLAlchemy's per-row objects (3x faster on 200k rows)."""
+    try:
+        return list(result.cursor.fetchall())
+    finally:
+        result.close()
+
+
+def _frame(rows: Sequence[Any], columns: list[str]) -> pd.DataFrame:
+    """Plain tuples as a frame (SQLAlchemy rows would send pandas down a slow per-row path)."""
+    if not rows:
+        return pd.DataFrame({c: [] for c in columns})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def load(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = None,
+         spec: bool = True, results: Optional[Path] = None) -> pd.DataFrame:
+    """One row per run (of ``grid`` / ``study`` when given), ordered by run id.
+
+    Columns: :data:`RUN_COLUMNS` (``hyper``: the grid's overrides but variant and seed, as one
+    string; with ``grid`` the overrides are that grid's), then with ``spec`` the resolved spec
+    flattened into dotted columns (``model.width``; lists stay values), then one column per final
+    metric (NaN where a run lacks it; runs that did not finish usually have none).
+    A run in two grids appears once; ``grid`` is then the first grid that registered it.
+    """
+    with _opened(db, results) as d:
+        ids = _run_ids(grid, study)
+        cols = [Run.id, Run.key, Run.grid, Run.variant, Run.seed, Run.status, Run.error,
+                Run.overrides, Run.host, Run.code_rev, Run.created_at, Run.started_at, Run.finished_at]
+        if spec:
+            cols.append(Run.spec)
+        q = select(*cols).order_by(Run.id)
+        mq = select(Metric.run_id, Metric.name, Metric.value).where(Metric.step.is_(None))
+        if ids is not None:
+            q, mq = q.where(Run.id.in_(ids)), mq.where(Metric.run_id.in_(ids))
+        with d.engine.connect() as conn:
+            rows = conn.execute(q).all()
+            overrides = dict(conn.execute(select(GridRun.run_id, GridRun.overrides).where(
+                GridRun.grid == grid)).all()) if grid is not None else {}
+            metrics = _raw(conn.execute(mq))
+    base = pd.DataFrame(
+        [(r[0], r[1], grid or r[2], r[3], r[4], r[5],
+          r[6].strip().splitlines()[0] if r[6] and r[6].strip() else "",
+          _hyper(overrides.get(r[0], r[7])), r[8], r[9], r[10], r[11], r[12]) for r in rows],
+        columns=RUN_COLUMNS)
+    parts = [base]
+    if spec and rows:
+        flat = pd.DataFrame.from_records([flatten({k: v for k, v in r[13].items() if k != "seed"})
+                                          for r in rows])
+        parts.append(flat.drop(columns=[c for c in flat.columns if c in RUN_COLUMNS]))
+    if metrics:
+        m = _frame(metrics, ["run_id", "name", "value"])
+        wide = m.pivot(index="run_id", columns="name", values="value")
+        wide = wide.drop(columns=[c for c in wide.columns if c in RUN_COLUMNS])  # (none is, today)
+        wide = wide.reindex(base["run_id"].to_numpy()).reset_index(drop=True)
+        wide.columns.name = None
+        parts.append(wide)
+    return pd.concat(parts, axis=1) if len(parts) > 1 else base
+
+
+def curves(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = None,
+           names: Optional[Sequence[str]] = None, results: Optional[Path] = None) -> pd.DataFrame:
+    """Metrics by step, long form: ``run_id, key, variant, seed, hyper, name, step, value``,
+    sorted by run, name and step. ``names`` limits the metrics (e.g. ``["train_loss", "val_loss"]``)."""
+    with _opened(db, results) as d:
+        runs = load(d, grid, study, spec=False)[["run_id", "key", "variant", "seed", "hyper"]]
+        ids = _run_ids(grid, study)
+        q = select(Metric.run_id, Metric.name, Metric.step, Metric.value).where(Metric.step.is_not(None))
+        if ids is not None:
+            q = q.where(Metric.run_id.in_(ids))
+        if names is not None:
+            q = q.where(Metric.name.in_(list(names)))
+        with d.engine.connect() as conn:
+            rows = _raw(conn.execute(q))
+    long = _frame(rows, ["run_id", "name", "step", "value"])
+    out = runs.merge(long, on="run_id", how="inner")
+    return out.sort_values(["run_id", "name", "step"], kind="stable").reset_index(drop=True)
+
+
+def artifacts(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = None,
+              kind: Optional[str] = None, results: Optional[Path] = None) -> pd.DataFrame:
+    """Files runs produced: ``run_id, key, variant, seed, hyper, status, kind, path``."""
+    with _opened(db, results) as d:
+        runs = load(d, grid, study, spec=False)[["run_id", "key", "variant", "seed", "hyper", "status"]]
+        q = select(Artifact.run_id, Artifact.kind, Artifact.path)
+        if kind is not None:
+            q = q.where(Artifact.kind == kind)
+        with d.engine.connect() as conn:
+            rows = conn.execute(q).all()
+    arts = _frame(rows, ["run_id", "kind", "path"])
+    return runs.merge(arts, on="run_id", how="inner").reset_index(drop=True)

@@ -1,0 +1,133 @@
+"""Against a real single-node Slurm (and a real PostgreSQL): a grid as a job array into the
+server database; preemption by submitit's signal and by `scontrol requeue`, each resuming from a
+checkpoint to the same final step and the same metrics as an uninterrupted run.
+
+Slurm holds a requeued job for about two minutes before it is eligible again; the tests release it
+at once with `scontrol update StartTime=now` (what an impatient admin would do) to save CI time.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ablate.cli import main
+import jobgrid
+from ablate.db import Database
+
+pytestmark = pytest.mark.timeout(900)
+
+QUALITY = ("train_steps", "train_loss", "val_loss", "align_acc", "fid_domain", "blank_rate")
+
+
+def write_grid(path: Path, partition: str, name: str = "g", **kw) -> Path:
+    return jobgrid.write_grid(path, name, jobgrid.slurm_launcher(partition), **kw)
+
+
+def ablate(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ablate.cli", *args], capture_output=True, text=True,
+                          timeout=800, **kw)
+
+
+def test_grid_as_a_slurm_array_into_postgresql(slurm, pg_url, tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", slurm, variants=("transformer", "mamba-prefix"))
+    results = tmp_path / "results"
+    run = ablate("run", str(grid), "--results", str(results), "--db", pg_url)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "executor 'slurm' with one job array per stage" in run.stdout
+    db = Database(pg_url, create=False)
+    try:
+        from ablate.report import load_runs
+        runs = load_runs(db, "g")
+        assert sorted(runs["variant"]) == ["mamba-prefix", "transformer"]
+        assert (runs["status"] == "done").all()
+        for key in runs["key"]:
+            r = db.run(key)
+            assert r.job_id.startswith("slurm:") and r.attempts == 1
+            assert db.final_metrics(key)["train_steps"] == 20
+    finally:
+        db.close()
+    # the table comes from the server database alone
+    table = ablate("table", "--db", pg_url, "--results", str(tmp_path / "elsewhere"), "--format", "csv")
+    assert table.returncode == 0, table.stderr
+    assert "transformer" in table.stdout and "mamba-prefix" in table.stdout
+    assert "ablate:ablate" not in run.stdout + run.stderr + table.stdout + table.stderr, "password printed"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, slurm):
+    """The uninterrupted run (in-process), and the results folder whose caches it filled."""
+    root = tmp_path_factory.mktemp("preempt")
+    grid = write_grid(root / "ref.yaml", slurm, name="ref", steps=400, ckpt=25, width=64, depth=2, batch=32)
+    results = root / "results"
+    assert main(["run", str(grid), "--results", str(results), "--db", f"sqlite:///{root / 'ref.db'}",
+                 "--executor", "debug", "--no-table"]) == 0
+    db = Database(f"sqlite:///{root / 'ref.db'}", create=False)
+    from ablate.report import load_runs
+    runs = load_runs(db, "ref")
+    key = runs["key"].iloc[0]
+    final = db.final_metrics(key)
+    db.close()
+    return root, results, key, final
+
+
+def _job_id(db_url: str, key: str) -> str:
+    """The Slurm job id of the run once it is running (``123_0``)."""
+    _, job = jobgrid.poll_run(db_url, lambda r: r.key == key and r.status == "running"
+                              and (r.job_id or "").startswith("slurm:"))
+    return job.split(":", 1)[1]
+
+
+def _release_when_requeued(job_id: str, timeout: float = 120) -> None:
+    """Requeued jobs wait ~2 min for their BeginTime; make them eligible now."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout
+        if "PENDING" in st:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} was never requeued")
+
+
+@pytest.mark.parametrize("how", ["signal", "requeue"])
+def test_preempted_job_resumes_to_the_same_result(reference, slurm, how):
+    """``signal``: submitit's preemption signal (USR2): training stops at the next step boundary,
+    saves a checkpoint there, submitit requeues the job. ``requeue``: ``scontrol requeue`` kills
+    the job outright; it resumes from its last periodic checkpoint. Either way: 400 steps, and
+    the quality metrics equal the uninterrupted run's (same seed, same threads: exact resume;
+    tolerance 1e-6 relative for float noise)."""
+    root, results, key, want = reference
+    grid = write_grid(root / f"{how}.yaml", slurm, name=how, steps=400, ckpt=25, width=64, depth=2, batch=32)
+    db_url = f"sqlite:///{root / f'{how}.db'}"
+    driver = jobgrid.start_run(grid, results, db_url)
+    try:
+        job = _job_id(db_url, key)
+        jobgrid.wait_for(results / "runs" / key / "ckpt.pt")  # mid-training: the first checkpoint exists
+        if how == "signal":
+            subprocess.run(["scancel", "--signal=USR2", job], check=True)
+        else:
+            subprocess.run(["scontrol", "requeue", job], check=True)
+        _release_when_requeued(job)
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-4000:]
+    db = Database(db_url, create=False)
+    try:
+        run = db.run(key)
+        got = db.final_metrics(key)
+        steps = [s for s, _ in db.curve(key, "train_loss")]
+    finally:
+        db.close()
+    assert run.status == "done" and run.attempts == 2, (run.status, run.attempts, run.error)
+    assert steps == sorted(set(steps)) and steps[-1] == 400, "no duplicated or missing curve rows"
+    for name in QUALITY:
+        assert got[name] == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
+    log = "".join(p.read_text() for p in (results / "submitit" / how).rglob("*.out"))
+    assert "resumed from step" in log
