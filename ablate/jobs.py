@@ -111,6 +111,8 @@ def tokenizer_ceiling(spec: RunSpec, splits: Any, vq: Any, test_codes: torch.Ten
 class Result:
     final: dict[str, float] = field(default_factory=dict)
     artifacts: list[tuple[str, str]] = field(default_factory=list)
+    first_step_at: Optional[float] = None  # wall clock at this attempt's first / after its last step
+    last_step_at: Optional[float] = None
 
 
 class Heartbeat:
@@ -157,7 +159,8 @@ def job_id_here() -> str:
     return f"proc:{os.getpid()}"
 
 
-def run_job(key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[str, Any]:
+def run_job(key: str, db_url: str, results_dir: str, threads: int = 1,
+            submitted_at: Optional[float] = None) -> dict[str, Any]:
     """Entry point of a submitted job. Returns ``{"key", "status", ...}``; never raises for a
     failure of the run itself (that is recorded in the database).
 
@@ -186,7 +189,17 @@ def run_job(key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[s
             with Heartbeat(db, key):
                 result = train_and_evaluate(spec, key, db, Path(results_dir), interrupt=preempt.requested)
             result.final["wall_s"] = time.time() - t0
+            # the harness's own cost around the work: submission to the first training step
+            # (queueing, process start, imports, caches, model build) and after the last step
+            # (sampling and evaluation, then the result commit, logged once committed)
+            if submitted_at is not None and result.first_step_at is not None:
+                result.final["overhead_start_s"] = result.first_step_at - submitted_at
+            t_commit = time.time()
             db.finish(key, result.final, result.artifacts)
+            after = [("commit_s", None, time.time() - t_commit)]
+            if result.last_step_at is not None:
+                after.append(("overhead_end_s", None, time.time() - result.last_step_at))
+            db.log_metrics(key, after)
             # only once the result is committed is the training checkpoint dispensable
             (run_dir(Path(results_dir), key) / "ckpt.pt").unlink(missing_ok=True)
             return {"key": key, "status": "done", "wall_s": result.final["wall_s"]}
@@ -207,8 +220,11 @@ class CellJob:
     """The submitted callable: :func:`run_job`, checkpointable for submitit (on a time limit or
     preemption the same call is requeued; the run resumes from its training checkpoint)."""
 
+    def __init__(self) -> None:
+        self.submitted_at = time.time()  # pickled with the job: the driver's submission time
+
     def __call__(self, key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[str, Any]:
-        return run_job(key, db_url, results_dir, threads)
+        return run_job(key, db_url, results_dir, threads, submitted_at=self.submitted_at)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         from submitit.helpers import DelayedSubmission
@@ -246,4 +262,4 @@ def train_and_evaluate(spec: RunSpec, key: str, db: Database, results_dir: Path,
     bad = {k: v for k, v in final.items() if not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"non-finite final metrics: {bad}")
-    return Result(final, trainer.artifacts())
+    return Result(final, trainer.artifacts(), trainer.first_step_at, trainer.last_step_at)

@@ -92,6 +92,8 @@ class Trainer:
         self.last_train_loss = float("nan")
         self.last_val_loss = float("nan")
         self.loss_acc, self.loss_n = 0.0, 0  # train loss summed since the last log row
+        self.first_step_at: Optional[float] = None  # when this attempt's first step began
+        self.last_step_at: Optional[float] = None  # when its latest step ended
         self.sheet_s = 0.0  # seconds of sample-sheet snapshots in this attempt (not in train_s)
         self._perms: dict[int, torch.Tensor] = {}
         self.ckpt_path = self.out_dir / "ckpt.pt"
@@ -191,9 +193,12 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
+            if self.first_step_at is None:
+                self.first_step_at = time.time()  # wall clock: compared with the submission time
             loss = self.train_step(self.step)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
+            self.last_step_at = time.time()
             if self.step >= t.throughput_warmup:
                 self.train_s += time.perf_counter() - t0
                 self.timed_steps += 1
