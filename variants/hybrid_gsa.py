@@ -42,46 +42,24 @@ Legend: B batch, L image tokens, T text tokens, S = T + L, D width, K scan direc
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
-from ablate.model.mamba import Mamba
-from ablate.model.scan_order import MultiDirection, scan_permutations
+from ablate.model.scan_order import scan_permutations
 from ablate.registry import VariantContext
+from variants._common import MambaLayer, MambaOptions
 from variants.mamba_prefix import pads_first, sequence_orders
 from variants.transformer import Attention
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Config(MambaOptions):
     every: int = Field(2, ge=1, description="the shared attention block runs before every `every`-th Mamba layer")
     share: bool = Field(True, description="one weight-tied attention block for all applications (false: untied)")
     mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width of the attention block as a multiple of D")
     qk_norm: bool = Field(False, description="LayerNorm on queries and keys per head")
-    scan: Literal["forward", "bidirectional", "cross4"] = Field(
-        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
-
-
-class MambaLayer(nn.Module):
-    """Pre-norm residual layer: ``s + sum_k unscan_k(Mamba_k(scan_k(LN(s))))``."""
-
-    def __init__(self, width: int, cfg: Config, n_directions: int, dropout: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.mix = MultiDirection(
-            lambda: Mamba(width, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand), n_directions)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, s: Tensor, orders: Tensor, mask: Tensor) -> Tensor:
-        return s + self.drop(self.mix(self.norm(s), orders, mask))
 
 
 class AttentionBlock(nn.Module):

@@ -44,26 +44,22 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import inverse, permute, scan_permutations
 from ablate.registry import VariantContext
+from variants._common import MambaOptions
 from variants.mamba_prefix import pads_first, sequence_orders
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Config(MambaOptions):
     text_merge: Literal["concat", "mean"] = Field(
         "concat", description="merge of the directions' text outputs: Linear(K D -> D) of them side by side, "
                               "or Linear(D -> D) of their mean")
     scan: Literal["forward", "bidirectional", "cross4"] = Field(
         "cross4", description="image scan directions, one Mamba each (seed 001: cross4; forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
 
 
 class Block(nn.Module):

@@ -60,20 +60,19 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, inverse, permute, scan_permutations
 from ablate.registry import VariantContext
+from variants._common import MambaOptions
 
 from .mamba_prefix import pads_first, sequence_orders
 from .transformer import Attention
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Config(MambaOptions):
     text: Literal["prefix", "hooks"] = Field(
         "hooks", description="how the Mamba layers read the caption: its masked mean through "
                              "B_add/C_add hooks, or as leading sequence positions (mamba-prefix)")
@@ -82,11 +81,6 @@ class Config(BaseModel):
                                "unchanged (the critic then only learns, it does not steer)")
     critic_weight: float = Field(0.1, ge=0, description="weight of the mean-over-layers critic BCE loss")
     critic_mlp_ratio: float = Field(2.0, gt=0, description="critic MLP hidden width as a multiple of D")
-    scan: Literal["forward", "bidirectional", "cross4"] = Field(
-        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
 
 
 class Critic(nn.Module):

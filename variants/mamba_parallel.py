@@ -51,18 +51,17 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, scan_permutations
 from ablate.registry import VariantContext
+from variants._common import MambaOptions, masked_mean
 from variants.mamba_prefix import pads_first
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Config(MambaOptions):
     combine: Literal["sum", "mul", "concat"] = Field(
         "sum", description="merge of image output y and pooled text output q: y + q, y * (1 + q), or [y; q]")
     text_layers: Literal["all", "one"] = Field(
@@ -70,17 +69,6 @@ class Config(BaseModel):
     text_scan: Literal["forward", "bidirectional"] = Field(
         "forward", description="text Mamba directions over the caption (causal, or + reversed)")
     text_expand: int = Field(2, ge=1, description="E_t = text_expand * D, inner width of the text Mambas")
-    scan: Literal["forward", "bidirectional", "cross4"] = Field(
-        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
-
-
-def masked_mean(v: Tensor, mask: Tensor) -> Tensor:
-    """``[B, T, D]``, ``[B, T]`` bool -> ``[B, D]``; zero for a caption with no real token."""
-    v = torch.where(mask.unsqueeze(-1), v, v.new_zeros(()))
-    return v.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(v.dtype)
 
 
 def _mixer(width: int, cfg: Config, n_directions: int, expand: int) -> MultiDirection:

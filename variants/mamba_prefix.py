@@ -35,24 +35,17 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
-from ablate.model.mamba import Mamba
-from ablate.model.scan_order import MultiDirection, scan_permutations
+from ablate.model.scan_order import scan_permutations
 from ablate.registry import VariantContext
+from variants._common import MambaLayer, MambaOptions
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Config(MambaOptions):
     text_position: Literal["prefix", "middle", "suffix"] = Field(
         "prefix", description="where each scan direction reads the caption")
-    scan: Literal["forward", "bidirectional", "cross4"] = Field(
-        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
 
 
 def sequence_orders(image_perms: Tensor, text_len: int, position: str) -> Tensor:
@@ -81,18 +74,7 @@ def pads_first(orders: Tensor, mask: Tensor) -> Tensor:
     return torch.gather(orders.unsqueeze(1).expand_as(m), -1, rank)
 
 
-class Layer(nn.Module):
-    """Pre-norm residual layer: ``s + sum_k unscan_k(Mamba_k(scan_k(LN(s))))``."""
-
-    def __init__(self, width: int, cfg: Config, n_directions: int, dropout: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.mix = MultiDirection(
-            lambda: Mamba(width, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand), n_directions)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, s: Tensor, orders: Tensor, mask: Tensor) -> Tensor:
-        return s + self.drop(self.mix(self.norm(s), orders, mask))
+Layer = MambaLayer  # the name other variants and the tests import
 
 
 class MambaPrefix(nn.Module):

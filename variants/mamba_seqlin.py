@@ -44,27 +44,20 @@ Legend: B batch, L image tokens, T text tokens, S = T + L, D width, K scan direc
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from ablate.model.scan_order import scan_permutations
 from ablate.registry import VariantContext
+from variants._common import MambaOptions
 from variants.mamba_prefix import Layer, pads_first, sequence_orders
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    scan: Literal["forward", "bidirectional", "cross4"] = Field(
-        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
+class Config(MambaOptions):
     text_init_std: float = Field(
         0.02, ge=0, description="std of the sequence map's initial text columns W[:, :T] (image columns start at I)")
 

@@ -43,31 +43,19 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, scan_permutations
 from ablate.registry import VariantContext
+from variants._common import MambaOptions, masked_mean
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Config(MambaOptions):
     e_form: Literal["gated", "lowrank"] = Field(
         "gated", description="E(x_t): gated = diag(sigmoid(W_g x_t)) W_t; lowrank = U diag(W_x x_t) V")
     rank: int = Field(16, ge=1, description="r, inner rank of E for e_form lowrank (unused by gated)")
-    scan: Literal["forward", "bidirectional", "cross4"] = Field(
-        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
-
-
-def masked_mean(text: Tensor, mask: Tensor) -> Tensor:
-    """``[B, T, D]``, ``[B, T]`` bool -> ``[B, D]``; zero for a caption with no real token."""
-    text = torch.where(mask.unsqueeze(-1), text, text.new_zeros(()))
-    return text.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(text.dtype)
 
 
 class SkipE(nn.Module):

@@ -61,18 +61,19 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor
 
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, inverse, permute, scan_permutations
 from ablate.registry import VariantContext
+from variants._common import MambaOptions
 
 _POOL_DESC = ("how the caption is summarised for the hook: mean of the real tokens, or one learned "
               "query per layer attending over them")
 
 
-class Config(BaseModel):
+class Config(MambaOptions):
     """Hyperparameters shared by the four variants (D takes exactly these)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -80,11 +81,6 @@ class Config(BaseModel):
     pool: Literal["mean", "attention"] = Field("mean", description=_POOL_DESC)
     init_std: float = Field(0.02, gt=0, description="std of the text projections' normal init "
                                                     "(biases start at zero)")
-    scan: Literal["forward", "bidirectional", "cross4"] = Field(
-        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
 
 
 class ConfigA(Config):

@@ -58,20 +58,19 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, inverse, permute, scan_permutations
 from ablate.registry import VariantContext
+from variants._common import MambaOptions
 from variants.transformer import Attention
 
 ScanOrder = Literal["forward", "bidirectional", "cross4"]
 
 
-class XattnConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class XattnConfig(MambaOptions):
     inject: Literal["xz", "x", "z"] = Field(
         "xz", description="Mamba branches that receive the cross-attention read: x (conv/scan), z (gate) or both")
     share_attention: bool = Field(
@@ -79,24 +78,12 @@ class XattnConfig(BaseModel):
     lift: Literal["linear", "repeat"] = Field(
         "linear", description="D -> E/2E map of the read: a Linear per direction, or tiling (no parameters)")
     qk_norm: bool = Field(False, description="LayerNorm on queries and keys per head")
-    scan: ScanOrder = Field(
-        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
 
 
-class InterleaveConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class InterleaveConfig(MambaOptions):
     mlp_ratio: float = Field(0.0, ge=0, description="MLP hidden width as a multiple of D after each "
                                                      "cross-attention layer; 0 = no MLP (the seed's layout)")
     qk_norm: bool = Field(False, description="LayerNorm on queries and keys per head")
-    scan: ScanOrder = Field(
-        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
-    d_state: int = Field(16, ge=1, description="N, SSM state size")
-    d_conv: int = Field(4, ge=1, description="causal conv width")
-    expand: int = Field(2, ge=1, description="E = expand * D")
 
 
 def _prepare_text(text: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,50 @@
+"""What the Mamba variants share: their SSM options, the masked caption mean, the pre-norm
+multi-direction Mamba layer. (A leading underscore: the registry does not look for variants here.)
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from ablate.model.mamba import Mamba
+from ablate.model.scan_order import MultiDirection
+
+ScanOrder = Literal["forward", "bidirectional", "cross4"]
+SCAN_ORDERS: tuple[str, ...] = ("forward", "bidirectional", "cross4")
+
+
+class MambaOptions(BaseModel):
+    """The options every Mamba variant takes (a variant's Config subclasses this)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scan: ScanOrder = Field(
+        "bidirectional", description="image scan directions, one Mamba each (forward: causal ablation)")
+    d_state: int = Field(16, ge=1, description="N, SSM state size")
+    d_conv: int = Field(4, ge=1, description="causal conv width")
+    expand: int = Field(2, ge=1, description="E = expand * D")
+
+
+def masked_mean(v: Tensor, mask: Tensor) -> Tensor:
+    """``[B, T, D]``, ``[B, T]`` bool -> ``[B, D]``: the mean over real tokens, whatever the
+    padded positions hold (NaN included); zero for a caption with no real token."""
+    v = torch.where(mask.unsqueeze(-1), v, v.new_zeros(()))
+    return v.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(v.dtype)
+
+
+class MambaLayer(nn.Module):
+    """Pre-norm residual layer: ``s + sum_k unscan_k(Mamba_k(scan_k(LN(s))))``."""
+
+    def __init__(self, width: int, cfg: MambaOptions, n_directions: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mix = MultiDirection(
+            lambda: Mamba(width, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand), n_directions)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, s: Tensor, orders: Tensor, mask: Tensor) -> Tensor:
+        return s + self.drop(self.mix(self.norm(s), orders, mask))
