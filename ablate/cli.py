@@ -227,6 +227,57 @@ def cmd_db(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """``ablate study FILE``: create or continue an Optuna study and run trials up to its budget;
+    ``ablate study show NAME``: best trial or Pareto front, importances, trials, plots."""
+    from .db import open_db, resolve_url
+    from .grid import Cell, Grid, check_inputs
+    from .scheduler import resolve_executor
+    from .study import load_study_file, run_study, show
+
+    if args.target == "show":
+        if not args.name:
+            raise BadInput("study show: give the study's name, e.g. `ablate study show mamba-study`")
+        results = _results_dir(args.results)
+        db = open_db(args.db, results, create=False)
+        try:
+            show(db, args.name, None if args.no_plots else results / "plots" / f"study_{args.name}")
+        finally:
+            db.close()
+        return EXIT_OK
+    if args.name:
+        raise BadInput(f"study: unexpected argument {args.name!r} (usage: ablate study FILE [options] | "
+                       "ablate study show NAME)")
+    for opt in ("trials", "more", "workers"):
+        if getattr(args, opt) is not None and getattr(args, opt) < 1:
+            raise BadInput(f"--{opt}: must be at least 1, got {getattr(args, opt)}")
+    cfg = load_study_file(Path(args.target), tuple(args.set or ()))
+    if args.trials is None and args.more is None and cfg.file.trials is None:
+        raise BadInput(f"{cfg.source}: trials: no budget; give `trials: N` in the file or --trials N")
+    try:
+        kind = resolve_executor(args.executor or cfg.file.launcher.executor)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    url = resolve_url(args.db, Path(args.results or os.environ.get("ABLATE_RESULTS", "results")))
+    if kind == "slurm" and url.startswith("sqlite"):
+        raise BadInput("--db: Slurm workers run on other nodes and share the study through the database; "
+                       "SQLite cannot be shared that way (file locks fail on network filesystems), so pass "
+                       "a server database, e.g. --db postgresql+psycopg://user@host/ablate")
+    first = cfg.spec_for(cfg.first_params())
+    check_inputs(Grid(cfg.name, cfg.source, first, [Cell("", first, {})], cfg.file.launcher))
+    results = _results_dir(args.results)
+    db = open_db(args.db, results)
+    try:
+        report = run_study(cfg, db, results, executor=kind, workers=args.workers, trials=args.trials,
+                           more=args.more)
+        print()
+        show(db, cfg.name, None)
+        print(f"(plots: ablate study show {cfg.name}; table: ablate table --study {cfg.name})")
+    finally:
+        db.close()
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def cmd_expand(args: argparse.Namespace) -> int:
     from .grid import load_grid
 
@@ -473,6 +524,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("grid")
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
     e.set_defaults(fn=cmd_expand)
+
+    st = sub.add_parser("study", help="Optuna study: `study FILE` runs trials up to the budget; "
+                                      "`study show NAME` prints the best trial, importances and plots")
+    st.add_argument("target", metavar="FILE|show", help="a study YAML file (e.g. grids/study.yaml), or `show`")
+    st.add_argument("name", nargs="?", metavar="NAME", help="with show: the study's name")
+    budget = st.add_mutually_exclusive_group()
+    budget.add_argument("--trials", type=int, help="the budget: finished (complete + pruned) trials "
+                                                   "(default: the file's `trials`)")
+    budget.add_argument("--more", type=int, metavar="N", help="raise the study's budget by N trials")
+    st.add_argument("--workers", type=int, help="K workers optimising at once (default: the file's launcher.jobs)")
+    st.add_argument("--executor", choices=["local", "slurm", "debug", "auto"],
+                    help="where workers run (default: the file's launcher; slurm needs a server --db)")
+    st.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a base setting (pins a searched key) or launcher.*; repeatable")
+    st.add_argument("--no-plots", action="store_true", help="show: print only, write no plots")
+    common(st)
+    st.set_defaults(fn=cmd_study)
     return p
 
 

@@ -143,6 +143,18 @@ def run_dir(results_dir: Path, key: str) -> Path:
     return Path(results_dir) / "runs" / key
 
 
+def process_started_at() -> Optional[float]:
+    """Wall-clock time this process started (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def job_id_here() -> str:
     """This job's id with its scheduler, stable across a Slurm requeue: ``slurm:<array>_<task>``
     (``slurm:<id>`` outside arrays), ``local:<pid>`` for submitit's local jobs (the pid of the
@@ -159,10 +171,24 @@ def job_id_here() -> str:
     return f"proc:{os.getpid()}"
 
 
+class Pruned(Exception):
+    """Raised by an ``on_metrics`` hook to stop a run early (an Optuna pruner's verdict): the
+    run ends ``pruned``, not ``failed``, and keeps its last checkpoint."""
+
+    def __init__(self, step: int, reason: str = ""):
+        super().__init__(reason or f"pruned at step {step}")
+        self.step = step
+
+
 def run_job(key: str, db_url: str, results_dir: str, threads: int = 1,
-            submitted_at: Optional[float] = None) -> dict[str, Any]:
+            submitted_at: Optional[float] = None,
+            on_metrics: Optional[Callable[[list[tuple[str, Optional[int], float]]], None]] = None
+            ) -> dict[str, Any]:
     """Entry point of a submitted job. Returns ``{"key", "status", ...}``; never raises for a
     failure of the run itself (that is recorded in the database).
+
+    ``on_metrics`` (a study's trial) sees every batch of curve rows once they are written; it may
+    raise :class:`Pruned` to stop training there (status ``pruned``, ``{"step": ...}`` returned).
 
     A job that Slurm restarts after a requeue finds its run still ``running`` under its own job
     id and takes it back; a preemption signal stops training at the next step boundary with a
@@ -187,22 +213,33 @@ def run_job(key: str, db_url: str, results_dir: str, threads: int = 1,
         t0 = time.time()
         try:
             with Heartbeat(db, key):
-                result = train_and_evaluate(spec, key, db, Path(results_dir), interrupt=preempt.requested)
+                result = train_and_evaluate(spec, key, db, Path(results_dir), interrupt=preempt.requested,
+                                            on_metrics=on_metrics)
             result.final["wall_s"] = time.time() - t0
-            # the harness's own cost around the work: submission to the first training step
-            # (queueing, process start, imports, caches, model build) and after the last step
-            # (sampling and evaluation, then the result commit, logged once committed)
-            if submitted_at is not None and result.first_step_at is not None:
-                result.final["overhead_start_s"] = result.first_step_at - submitted_at
+            # the harness's own cost around the work: process start to the first training step
+            # (interpreter, imports, claim, caches, model build), the wait before it (queue_s:
+            # the slot pool or Slurm's queue), and after the last step (sampling, evaluation and
+            # the result commit, logged once committed)
+            started = process_started_at()
+            if started is not None and result.first_step_at is not None:
+                result.final["overhead_start_s"] = result.first_step_at - started
+            if submitted_at is not None and started is not None:
+                result.final["queue_s"] = max(0.0, started - submitted_at)
             t_commit = time.time()
             db.finish(key, result.final, result.artifacts)
-            after = [("commit_s", None, time.time() - t_commit)]
+            now = time.time()
+            after = [("commit_s", None, now - t_commit)]
             if result.last_step_at is not None:
-                after.append(("overhead_end_s", None, time.time() - result.last_step_at))
+                after.append(("overhead_end_s", None, now - result.last_step_at))
+            if submitted_at is not None:
+                after.append(("job_span_s", None, now - submitted_at))  # submitted -> committed
             db.log_metrics(key, after)
             # only once the result is committed is the training checkpoint dispensable
             (run_dir(Path(results_dir), key) / "ckpt.pt").unlink(missing_ok=True)
             return {"key": key, "status": "done", "wall_s": result.final["wall_s"]}
+        except Pruned as exc:
+            db.set_status(key, "pruned", str(exc))
+            return {"key": key, "status": "pruned", "step": exc.step, "error": str(exc)}
         except Interrupted as exc:
             db.set_status(key, "pending", f"preempted at step {exc.step}: checkpoint saved, job requeued")
             why = preempt.hand_over()  # submitit: checkpoint(), requeue, exit
@@ -240,8 +277,10 @@ def peak_mem_mb(device: torch.device) -> float:
 
 
 def train_and_evaluate(spec: RunSpec, key: str, db: Database, results_dir: Path,
-                       interrupt: Callable[[], bool] = lambda: False) -> Result:
-    """Train the cell's generator, sample the test captions, evaluate; return final metrics."""
+                       interrupt: Callable[[], bool] = lambda: False,
+                       on_metrics: Optional[Callable[[list], None]] = None) -> Result:
+    """Train the cell's generator, sample the test captions, evaluate; return final metrics.
+    ``on_metrics`` sees each batch of curve rows after it is written (see :func:`run_job`)."""
     from .train import Trainer
 
     device = pick_device(spec.train.device)
@@ -250,8 +289,13 @@ def train_and_evaluate(spec: RunSpec, key: str, db: Database, results_dir: Path,
         print(f"{time.strftime('%H:%M:%S')} [{key[:8]}] {msg}", flush=True)
 
     prep = prepare(spec, results_dir, device, say)
+    def log_metrics(rows: list) -> None:
+        db.log_metrics(key, rows)
+        if on_metrics is not None:
+            on_metrics(rows)
+
     trainer = Trainer(spec, prep, device, run_dir(results_dir, key),
-                      log_metrics=lambda rows: db.log_metrics(key, rows), say=say, interrupt=interrupt)
+                      log_metrics=log_metrics, say=say, interrupt=interrupt)
     if trainer.step == 0:
         db.clear_curves(key)
     trainer.train()

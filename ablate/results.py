@@ -100,6 +100,23 @@ def _run_ids(grid: Optional[str], study: Optional[str]):
     return q
 
 
+def _check_study(d: Database, study: str) -> None:
+    """A study filter must name a study this database records (one line otherwise)."""
+    from sqlalchemy import inspect
+
+    from .db import models
+
+    link = getattr(models, "StudyRun", None)
+    names = []
+    if link is not None and inspect(d.engine).has_table(link.__tablename__):
+        with d.engine.connect() as conn:
+            names = sorted(set(conn.execute(select(link.study)).scalars()))
+    if study not in names:
+        known = f"known studies: {', '.join(names)}" if names else \
+            "this database records no studies yet (studies are written by `ablate study`)"
+        raise DBError(f"--study: no study named {study!r}; {known}")
+
+
 def _raw(result: Any) -> list[tuple]:
     """All rows of a result of plain columns (ints, floats, strings: no type processing
     needed) as DBAPI tuples, skipping SQLAlchemy's per-row objects (3x faster on 200k rows)."""
@@ -127,6 +144,8 @@ def load(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = No
     A run in two grids appears once; ``grid`` is then the first grid that registered it.
     """
     with _opened(db, results) as d:
+        if study is not None:
+            _check_study(d, study)
         ids = _run_ids(grid, study)
         cols = [Run.id, Run.key, Run.grid, Run.variant, Run.seed, Run.status, Run.error,
                 Run.overrides, Run.host, Run.code_rev, Run.created_at, Run.started_at, Run.finished_at]

@@ -234,6 +234,8 @@ def _pool(executors: list, tasks: list[tuple[str, Any, tuple]], slots: int, on_d
             name, fn, args = queue.pop(0)
             slot = free.pop(0)
             ex = executors[slot] if len(executors) > 1 else executors[0]
+            if hasattr(fn, "submitted_at"):
+                fn.submitted_at = time.time()  # the queue wait starts now, not when the task was listed
             running[name] = (ex.submit(fn, *args), time.time(), slot)
             if on_submit:
                 on_submit(name, len(running))

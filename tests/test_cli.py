@@ -52,9 +52,10 @@ def test_run_trains_every_cell_and_writes_the_table(tiny_run, capsys):
     assert (runs["status"] == "done").all()
     for col in ("fid_domain", "align_acc", "blank_rate", "train_tokens_per_s", "sample_images_per_s",
                 "params", "peak_mem_mb", "tok_recon_mse", "judge_acc", "tok_align_acc",
-                "overhead_start_s", "overhead_end_s", "commit_s"):
+                "overhead_start_s", "overhead_end_s", "commit_s", "job_span_s", "queue_s"):
         assert runs[col].notna().all(), col
     assert (runs["overhead_start_s"] > 0).all() and (runs["overhead_end_s"] >= runs["commit_s"]).all()
+    assert (runs["job_span_s"] > runs["overhead_end_s"]).all() and (runs["queue_s"] >= 0).all()
     key = runs["key"].iloc[0]
     steps = [s for s, _ in db.curve(key, "train_loss")]
     assert steps == [2, 4, 6]

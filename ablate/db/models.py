@@ -5,6 +5,8 @@
 ``metrics``   (run, name, step) unique; the final value of a metric has ``step = NULL``
               (a partial unique index makes (run, name) unique among final values)
 ``artifacts`` files a run produced (checkpoint, sample sheet, ...)
+``study_runs`` which run each trial of an Optuna study is ((study, trial) unique; two trials
+              with the same resolved config share one run)
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Index, Integer, Strin
                         UniqueConstraint, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-STATUSES = ("pending", "running", "done", "failed", "lost", "cancelled")
+# ``pruned``: stopped early by an Optuna study's pruner (its checkpoint stays; a grid that wants
+# the full result resumes it)
+STATUSES = ("pending", "running", "done", "failed", "lost", "cancelled", "pruned")
 
 
 def utcnow() -> datetime:
@@ -105,3 +109,18 @@ class BenchResult(Base):
     device: Mapped[Optional[str]] = mapped_column(String(200))
     code_rev: Mapped[Optional[str]] = mapped_column(String(64))
     row: Mapped[dict] = mapped_column(JSON, nullable=False)
+
+
+class StudyRun(Base):
+    """A trial of an Optuna study (``ablate study``) and the run it trained or reused. Optuna's
+    own tables hold the trial itself; the link is by study name and trial number, so it needs no
+    foreign key into Optuna's schema."""
+
+    __tablename__ = "study_runs"
+    __table_args__ = (UniqueConstraint("study", "trial", name="uq_study_trial"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study: Mapped[str] = mapped_column(String(200), index=True, nullable=False)
+    trial: Mapped[int] = mapped_column(Integer, nullable=False)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)

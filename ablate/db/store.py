@@ -23,7 +23,7 @@ from sqlalchemy.exc import (ArgumentError, IntegrityError, NoSuchModuleError, Op
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import schema
-from .models import Artifact, BenchResult, GridRun, Metric, Run, utcnow
+from .models import Artifact, BenchResult, GridRun, Metric, Run, StudyRun, utcnow
 
 T = TypeVar("T")
 ENV_URL = "ABLATE_DB_URL"
@@ -186,8 +186,9 @@ class Database:
     # -- the run lifecycle -------------------------------------------------------------------
     @retrying
     def claim(self, key: str, job_id: Optional[str] = None,
-              allow: tuple[str, ...] = ("pending", "lost", "failed", "cancelled")) -> bool:
+              allow: tuple[str, ...] = ("pending", "lost", "failed", "cancelled", "pruned")) -> bool:
         """Atomically move a run from one of ``allow`` to ``running``; False if it was not there.
+        (A ``pruned`` run, stopped early by a study, resumes from its checkpoint.)
         A run ``running`` under this very ``job_id`` is taken back too: Slurm restarted the job
         after a requeue (the killed attempt could not say so)."""
         cond = Run.status.in_(allow)
@@ -314,6 +315,47 @@ class Database:
             return list(s.execute(select(Metric.step, Metric.value).where(
                 Metric.run_id == rid, Metric.name == name, Metric.step.is_not(None)).order_by(Metric.step)).all())
 
+
+    # -- Optuna studies (ablate.study) ----------------------------------------------------------
+    @retrying
+    def register_trial(self, study: str, trial: int, grid: str, key: str, variant: str, seed: int,
+                       spec: dict, params: dict) -> str:
+        """Insert the run of a study's trial if missing (``pending``), link it to ``grid`` (the
+        study's pseudo-grid, with the trial's params as overrides) and to (``study``, ``trial``),
+        in one transaction. Returns the run's status (``done``: reuse its result)."""
+        with self.tx() as s:
+            run = s.scalar(select(Run).where(Run.key == key))
+            if run is None:
+                run = Run(key=key, grid=grid, variant=variant, seed=seed, spec=spec, overrides=params,
+                          status="pending")
+                s.add(run)
+                s.flush()
+            if s.scalar(select(GridRun.id).where(GridRun.grid == grid, GridRun.run_id == run.id)) is None:
+                s.add(GridRun(grid=grid, run_id=run.id, overrides=params))
+            link = s.scalar(select(StudyRun).where(StudyRun.study == study, StudyRun.trial == trial))
+            if link is None:
+                s.add(StudyRun(study=study, trial=trial, run_id=run.id))
+            else:  # a study deleted and made again under its name numbers its trials afresh
+                link.run_id = run.id
+            return run.status
+
+    @retrying
+    def forget_study(self, study: str) -> int:
+        """Drop the trial links of ``study`` (a new Optuna study reuses the name); the runs stay."""
+        with self.tx() as s:
+            return s.execute(delete(StudyRun).where(StudyRun.study == study)).rowcount
+
+    def studies(self) -> list[str]:
+        """Names of the studies with at least one trial linked to a run."""
+        with self._sessions() as s:
+            return sorted(set(s.scalars(select(StudyRun.study))))
+
+    def study_runs(self, study: str) -> dict[int, tuple[str, str]]:
+        """``{trial number: (run key, run status)}`` of ``study``."""
+        with self._sessions() as s:
+            rows = s.execute(select(StudyRun.trial, Run.key, Run.status).join(Run, Run.id == StudyRun.run_id)
+                             .where(StudyRun.study == study)).all()
+            return {t: (k, st) for t, k, st in rows}
 
     # -- benchmarks ---------------------------------------------------------------------------
     @retrying

@@ -234,12 +234,14 @@ def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Reg
                 study: Optional[str] = None, metrics: Optional[Sequence[str]] = None,
                 group_by: Optional[Sequence[str]] = None, sort: Optional[str] = None) -> pd.DataFrame:
     """The numeric results table of ``db`` (``grid``/``study`` runs only when given); see
-    :func:`summarize`. The spec columns are loaded only when a group key needs them."""
+    :func:`summarize`. The spec columns are loaded only when a group key needs them. The
+    registered variants that never ran get their "No" rows in the whole-database table only: a
+    grid's or a study's table lists what that grid or study ran."""
     need_spec = any(k not in ("variant", "method", "Method", "model.variant", "hyper", "seed")
                     for k in (group_by or ()))
     runs = load(db, grid, study, spec=need_spec)
     names = catalog(registry, tuple(runs["variant"].unique()))
-    return summarize(runs, names, metrics, group_by, sort)
+    return summarize(runs, names, metrics, group_by, sort, all_variants=grid is None and study is None)
 
 
 # ----------------------------------------------------------------------------- rendering
