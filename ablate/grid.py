@@ -125,19 +125,28 @@ def _resolve(tree: dict, registry: Registry, where: str) -> RunSpec:
     return spec
 
 
-def load_grid_file(path: Path) -> GridFile:
+def read_yaml_mapping(path: Path, what: str, example: str, keys: str,
+                      error: type[GridError] = GridError) -> dict:
+    """The mapping in YAML file ``path``; a missing file, a syntax error (with its line and
+    column) or a non-mapping raises ``error`` with one line naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise GridError(f"grid file {path} does not exist; pass a YAML file such as grids/quickstart.yaml")
+        raise error(f"{what} {path} does not exist; pass a YAML file such as {example}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise GridError(f"{path}:{at}: YAML syntax error: {problem}") from None
+        raise error(f"{path}:{at}: YAML syntax error: {problem}") from None
     if not isinstance(raw, dict):
-        raise GridError(f"{path}: a grid file must be a mapping with keys base, axes, seeds, ...")
+        raise error(f"{path}: a {what} must be a mapping with keys {keys}")
+    return raw
+
+
+def load_grid_file(path: Path) -> GridFile:
+    path = Path(path)
+    raw = read_yaml_mapping(path, "grid file", "grids/quickstart.yaml", "base, axes, seeds, ...")
     try:
         return GridFile.model_validate(raw)
     except ValidationError as err:

@@ -15,6 +15,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs on one torch thread (timings and float reductions comparable across
+    machines), and a test that changes the count cannot leak it into the next."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alpha: float = 0.5
@@ -105,3 +115,11 @@ def slurm():
     if out.returncode != 0 or not any(st.rstrip("*") in ("idle", "mixed", "allocated") for _, st in rows):
         _service_missing("Slurm", f"sinfo: {(out.stderr or out.stdout).strip()[:200] or 'no usable node'}")
     return rows[0][0].rstrip("*")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request, tmp_path):
+    """The test once on a fresh SQLite file and once on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    return request.getfixturevalue("pg_url")

@@ -1,11 +1,12 @@
 """Shared by the fault and Slurm tests: a small real grid, the CLI as a subprocess, DB polling."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ablate.db import Database, DBError
 
@@ -47,6 +48,22 @@ def start_run(grid: Path, results: Path, db_url: str) -> subprocess.Popen:
     """``ablate run`` as a separate driver process (output captured)."""
     return subprocess.Popen(cli("run", str(grid), "--results", str(results), "--db", db_url, "--no-table"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@contextlib.contextmanager
+def driving(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """The driver process for the block; killed if the block leaves it running (a failed test)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def local_job_running(run) -> bool:
+    """Predicate for :func:`poll_run`: a run some local job is training."""
+    return run.status == "running" and (run.job_id or "").startswith("local:")
 
 
 def poll_run(db_url: str, predicate: Callable, timeout: float = 300) -> tuple[str, Optional[str]]:

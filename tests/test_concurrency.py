@@ -33,21 +33,14 @@ def _writer(url: str, w: int) -> dict:
         db.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'c.db'}"
-    return request.getfixturevalue("pg_url")
-
-
-def test_sixteen_writers_lose_nothing_and_duplicate_nothing(url):
-    Database(url).close()  # schema first, as `ablate run` does before launching jobs
+def test_sixteen_writers_lose_nothing_and_duplicate_nothing(any_db_url):
+    Database(any_db_url).close()  # schema first, as `ablate run` does before launching jobs
     ctx = mp.get_context("spawn")
     with ctx.Pool(WRITERS) as pool:
-        results = pool.starmap(_writer, [(url, w) for w in range(WRITERS)])  # raises if any writer failed
+        results = pool.starmap(_writer, [(any_db_url, w) for w in range(WRITERS)])  # raises if any writer failed
     winners = [k for r in results for k in r["won"]]
     assert sorted(winners) == [f"shared-{i}" for i in range(4)], "each shared run claimed exactly once"
-    db = Database(url)
+    db = Database(any_db_url)
     try:
         with db.tx() as s:
             n_runs = s.scalar(select(func.count()).select_from(Run))

@@ -29,14 +29,6 @@ NAMES = sorted(REGISTRY.variants)
 SCANNED = [(n, s) for n in NAMES for s in REGISTRY.variants[n].scan_orders]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(name: str, seed: int = 0, ctx: VariantContext = CTX, **params) -> nn.Module:
     cls = REGISTRY.get(name)
     torch.manual_seed(seed)

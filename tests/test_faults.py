@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
@@ -15,7 +14,7 @@ from ablate.db import Database
 
 pytestmark = pytest.mark.timeout(900)
 
-from jobgrid import cli, poll_run, start_run, wait_for, write_grid
+from jobgrid import cli, driving, local_job_running, poll_run, start_run, wait_for, write_grid
 
 
 def runs_of(db_url: str, grid: str):
@@ -27,15 +26,11 @@ def runs_of(db_url: str, grid: str):
 def test_sigkill_mid_training_is_lost_then_resumed(tmp_path):
     grid = write_grid(tmp_path / "g.yaml", "kill", steps=400, width=64, depth=2, batch=32)
     results, db_url = tmp_path / "results", f"sqlite:///{tmp_path / 'k.db'}"
-    driver = start_run(grid, results, db_url)
-    try:
-        key, job_id = poll_run(db_url, lambda r: r.status == "running" and (r.job_id or "").startswith("local:"))
+    with driving(start_run(grid, results, db_url)) as driver:
+        key, job_id = poll_run(db_url, local_job_running)
         wait_for(results / "runs" / key / "ckpt.pt")
         os.kill(int(job_id.split(":")[1]), signal.SIGKILL)
         out, _ = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     assert driver.returncode == 1, out[-3000:]
     assert "LOST" in out and "the next run resumes it" in out
     runs, db = runs_of(db_url, "kill")
@@ -137,15 +132,11 @@ def test_failures_are_recorded_and_the_grid_goes_on(tmp_path):
 def test_cancel_stops_a_running_grid_and_run_resumes_it(tmp_path):
     grid = write_grid(tmp_path / "g.yaml", "cancel", steps=400, width=64, depth=2, batch=32)
     results, db_url = tmp_path / "results", f"sqlite:///{tmp_path / 'c.db'}"
-    driver = start_run(grid, results, db_url)
-    try:
-        key, _ = poll_run(db_url, lambda r: r.status == "running" and (r.job_id or "").startswith("local:"))
+    with driving(start_run(grid, results, db_url)) as driver:
+        key, _ = poll_run(db_url, local_job_running)
         cancel = subprocess.run(cli("cancel", "cancel", "--db", db_url), capture_output=True, text=True, timeout=60)
         assert cancel.returncode == 0 and "1 cell(s) cancelled, 1 job(s) stopped" in cancel.stdout, cancel
-        out, _ = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+        driver.communicate(timeout=120)
     runs, db = runs_of(db_url, "cancel")
     assert runs["status"].tolist() == ["cancelled"] and "ablate cancel" in db.run(key).error
     db.close()

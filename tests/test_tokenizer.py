@@ -34,14 +34,6 @@ def tiny(**kw) -> TokenizerSpec:
     return TokenizerSpec(**{**TINY, **kw})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     return squares(512, seed=0), squares(64, seed=1)

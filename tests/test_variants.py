@@ -11,30 +11,13 @@ from ablate.registry import VariantContext, _check_variant, _walk
 from variants.mamba_prefix import MambaPrefix, pads_first, sequence_orders
 from variants.transformer import Transformer
 
-F64 = torch.float64
-CTX = VariantContext(width=16, depth=2, heads=2, grid=(3, 4), text_len=5)
-B, L, T, D = 2, 12, 5, 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def build(cls, ctx=CTX, seed=0, **params):
-    torch.manual_seed(seed)
-    return cls(ctx, cls.Config(**params)).double().eval()
+from variant_case import B, CTX, D, F64, L, T, build  # noqa: F401
+from variant_case import inputs as _inputs
 
 
 def inputs(seed=0, n_real=(3, 5)):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, L, D, generator=g, dtype=F64)
-    text = torch.randn(B, T, D, generator=g, dtype=F64)
-    mask = torch.arange(T).unsqueeze(0) < torch.tensor(n_real).unsqueeze(1)  # right-padded
-    return x, text, mask
+    """Padded caption states left random: these tests check that they never matter."""
+    return _inputs(seed, n_real, zero_pads=False)
 
 
 CASES = [(Transformer, {}), (Transformer, {"qk_norm": True, "mlp_ratio": 2.0})] + [

@@ -16,34 +16,16 @@ from variants.mamba_skip_e import MambaSkipE
 from variants.transformer import Transformer
 from variants.uvit import UViT
 
-F64 = torch.float64
-B, L, T, D = 2, 12, 5, 16
-GRID = (3, 4)
+import variant_case
+from variant_case import B, D, F64, GRID, L, T, inputs  # noqa: F401
 
 
 def ctx(depth=2, text_len=T):
     return VariantContext(width=D, depth=depth, heads=2, grid=GRID, text_len=text_len)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(cls, depth=2, text_len=T, seed=0, **params):
-    torch.manual_seed(seed)
-    return cls(ctx(depth, text_len), cls.Config(**params)).double().eval()
-
-
-def inputs(seed=0, n_real=(3, 5)):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, L, D, generator=g, dtype=F64)
-    text = torch.randn(B, T, D, generator=g, dtype=F64)
-    mask = torch.arange(T).unsqueeze(0) < torch.tensor(n_real).unsqueeze(1)  # right-padded
-    return x, text * mask.unsqueeze(-1), mask
+    return variant_case.build(cls, ctx(depth, text_len), seed, **params)
 
 
 def left_padded(text, mask):

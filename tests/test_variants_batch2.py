@@ -28,14 +28,6 @@ CTX = VariantContext(width=D, depth=2, heads=2, grid=GRID, text_len=T)
 TEXT = [MambaTextA, MambaTextB, MambaTextC, MambaTextD]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(cls, seed=0, ctx=CTX, **params):
     torch.manual_seed(seed)
     return cls(ctx, cls.Config(**params)).double().eval()

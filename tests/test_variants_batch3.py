@@ -14,32 +14,9 @@ from variants.m_mamba import MMamba
 from variants.mamba_prefix import pads_first
 from variants.mamba_xattn import MambaXattn, MambaXattnInterleave
 
-F64 = torch.float64
-GRID = (3, 4)
-B, L, T, D = 2, 12, 5, 16
-CTX = VariantContext(width=D, depth=2, heads=2, grid=GRID, text_len=T)
+from variant_case import B, CTX, D, F64, GRID, L, T, build, inputs  # noqa: F401
+
 ATOL = 1e-12
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def build(cls, ctx=CTX, seed=0, **params):
-    torch.manual_seed(seed)
-    return cls(ctx, cls.Config(**params)).double().eval()
-
-
-def inputs(seed=0, n_real=(3, 5)):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, L, D, generator=g, dtype=F64)
-    text = torch.randn(B, T, D, generator=g, dtype=F64)
-    mask = torch.arange(T).unsqueeze(0) < torch.tensor(n_real).unsqueeze(1)  # right-padded
-    return x, text * mask.unsqueeze(-1), mask
 
 
 def influence(m, x, text, mask):

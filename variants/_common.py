@@ -36,6 +36,13 @@ def masked_mean(v: Tensor, mask: Tensor) -> Tensor:
     return v.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(v.dtype)
 
 
+class MambaBackbone(nn.Module):
+    """Base of the Mamba variants: the contract attributes they share (family, scan orders)."""
+
+    family = "mamba"
+    scan_orders = SCAN_ORDERS
+
+
 class MambaLayer(nn.Module):
     """Pre-norm residual layer: ``s + sum_k unscan_k(Mamba_k(scan_k(LN(s))))``."""
 

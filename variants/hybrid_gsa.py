@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ablate.model.scan_order import scan_permutations
 from ablate.registry import VariantContext
-from variants._common import MambaLayer, MambaOptions
+from variants._common import MambaBackbone, MambaLayer, MambaOptions
 from variants.mamba_prefix import pads_first, sequence_orders
 from variants.transformer import Attention
 
@@ -78,12 +78,11 @@ class AttentionBlock(nn.Module):
         return s + self.drop(self.mlp(self.norm2(s)))
 
 
-class HybridGSA(nn.Module):
+class HybridGSA(MambaBackbone):
     name = "hybrid-gsa"
     description = "Mamba over [text; image] with one weight-shared self-attention+MLP block every N layers"
     family = "hybrid"
     Config = Config
-    scan_orders = ("forward", "bidirectional", "cross4")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()

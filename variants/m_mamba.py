@@ -50,7 +50,7 @@ from torch import Tensor
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import inverse, permute, scan_permutations
 from ablate.registry import VariantContext
-from variants._common import MambaOptions
+from variants._common import MambaBackbone, MambaOptions
 from variants.mamba_prefix import pads_first, sequence_orders
 
 
@@ -101,12 +101,10 @@ class Block(nn.Module):
         return t, x
 
 
-class MMamba(nn.Module):
+class MMamba(MambaBackbone):
     name = "m-mamba"
     description = "M-Mamba: per-direction Mamba over [text; image], image outputs summed, text outputs merged"
-    family = "mamba"
     Config = Config
-    scan_orders = ("forward", "bidirectional", "cross4")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()

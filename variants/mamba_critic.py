@@ -66,7 +66,7 @@ from torch import Tensor
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, inverse, permute, scan_permutations
 from ablate.registry import VariantContext
-from variants._common import MambaOptions
+from variants._common import MambaBackbone, MambaOptions
 
 from .mamba_prefix import pads_first, sequence_orders
 from .transformer import Attention
@@ -136,12 +136,10 @@ class Layer(nn.Module):
         return s + self.drop(out)
 
 
-class MambaCritic(nn.Module):
+class MambaCritic(MambaBackbone):
     name = "mamba-critic"
     description = "Mamba layers each followed by a text-aware token critic whose logit gates the next layer"
-    family = "mamba"
     Config = Config
-    scan_orders = ("forward", "bidirectional", "cross4")
     wants_targets = True
 
     def __init__(self, ctx: VariantContext, cfg: Config):

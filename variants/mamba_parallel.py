@@ -57,7 +57,7 @@ from torch import Tensor
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, scan_permutations
 from ablate.registry import VariantContext
-from variants._common import MambaOptions, masked_mean
+from variants._common import MambaBackbone, MambaOptions, masked_mean
 from variants.mamba_prefix import pads_first
 
 
@@ -117,12 +117,10 @@ class ImageLayer(nn.Module):
         return h + self.drop(self.proj(z))
 
 
-class MambaParallel(nn.Module):
+class MambaParallel(MambaBackbone):
     name = "mamba-parallel"
     description = "Parallel image and text Mambas per layer; outputs (text pooled) combined and projected"
-    family = "mamba"
     Config = Config
-    scan_orders = ("forward", "bidirectional", "cross4")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ablate.model.scan_order import scan_permutations
 from ablate.registry import VariantContext
-from variants._common import MambaLayer, MambaOptions
+from variants._common import MambaBackbone, MambaLayer, MambaOptions
 
 
 class Config(MambaOptions):
@@ -77,12 +77,10 @@ def pads_first(orders: Tensor, mask: Tensor) -> Tensor:
 Layer = MambaLayer  # the name other variants and the tests import
 
 
-class MambaPrefix(nn.Module):
+class MambaPrefix(MambaBackbone):
     name = "mamba-prefix"
     description = "Mamba over [text; image]: caption states as extra sequence positions"
-    family = "mamba"
     Config = Config
-    scan_orders = ("forward", "bidirectional", "cross4")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from ablate.model.scan_order import scan_permutations
 from ablate.registry import VariantContext
-from variants._common import MambaOptions
+from variants._common import MambaBackbone, MambaOptions
 from variants.mamba_prefix import Layer, pads_first, sequence_orders
 
 
@@ -93,12 +93,10 @@ def _check(name: str, text_len: int, length: int, text: Tensor, x: Tensor) -> No
                          f"and x [B, {x.shape[1]}, D] (the sequence map has fixed sizes)")
 
 
-class MambaSeqLinIn(nn.Module):
+class MambaSeqLinIn(MambaBackbone):
     name = "mamba-seqlin-in"
     description = "Linear map over positions [text; image] -> image at the input, then an image-only Mamba stack"
-    family = "mamba"
     Config = Config
-    scan_orders = ("forward", "bidirectional", "cross4")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()
@@ -118,12 +116,10 @@ class MambaSeqLinIn(nn.Module):
         return u
 
 
-class MambaSeqLinOut(nn.Module):
+class MambaSeqLinOut(MambaBackbone):
     name = "mamba-seqlin-out"
     description = "Mamba stack over [text; image] (text prefix), then a linear map over positions to the image"
-    family = "mamba"
     Config = Config
-    scan_orders = ("forward", "bidirectional", "cross4")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()

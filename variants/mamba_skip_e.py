@@ -49,7 +49,7 @@ from torch import Tensor
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, scan_permutations
 from ablate.registry import VariantContext
-from variants._common import MambaOptions, masked_mean
+from variants._common import MambaBackbone, MambaOptions, masked_mean
 
 
 class Config(MambaOptions):
@@ -98,12 +98,10 @@ class Layer(nn.Module):
         return h + self.drop(self.mix(n, perms) + self.skip(n, self.text_norm(p)) * gate)
 
 
-class MambaSkipE(nn.Module):
+class MambaSkipE(MambaBackbone):
     name = "mamba-skip-E"
     description = "Image-only Mamba; each layer adds the pooled caption through a token-dependent matrix E(x_t)"
-    family = "mamba"
     Config = Config
-    scan_orders = ("forward", "bidirectional", "cross4")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()

@@ -67,7 +67,7 @@ from torch import Tensor
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, inverse, permute, scan_permutations
 from ablate.registry import VariantContext
-from variants._common import MambaOptions
+from variants._common import MambaBackbone, MambaOptions
 
 _POOL_DESC = ("how the caption is summarised for the hook: mean of the real tokens, or one learned "
               "query per layer attending over them")
@@ -173,12 +173,10 @@ class Layer(nn.Module):
         return s + self.drop(out)
 
 
-class _MambaText(nn.Module):
+class _MambaText(MambaBackbone):
     """Shared implementation; subclasses set ``hook`` (``"A" | "B" | "C" | "D"``)."""
 
     hook: str = ""
-    family = "mamba"
-    scan_orders = ("forward", "bidirectional", "cross4")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()

@@ -64,7 +64,7 @@ from torch import Tensor
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, inverse, permute, scan_permutations
 from ablate.registry import VariantContext
-from variants._common import MambaOptions
+from variants._common import MambaBackbone, MambaOptions
 from variants.transformer import Attention
 
 ScanOrder = Literal["forward", "bidirectional", "cross4"]
@@ -176,9 +176,7 @@ class InterleaveBlock(nn.Module):
         return h
 
 
-class _ImageMambaBase(nn.Module):
-    family = "mamba"
-    scan_orders = ("forward", "bidirectional", "cross4")
+class _ImageMambaBase(MambaBackbone):
 
     def _setup(self, ctx: VariantContext, scan: str) -> int:
         if ctx.width % ctx.heads:

@@ -86,27 +86,36 @@ class Transformer(nn.Module):
         if ctx.width % ctx.heads:
             raise ValueError(f"model.width ({ctx.width}) must be divisible by model.heads ({ctx.heads})")
         self.blocks = nn.ModuleList(Block(ctx.width, ctx.heads, cfg, ctx.dropout) for _ in range(ctx.depth))
+        self._add_modules(ctx, cfg)
         self._init(3 * ctx.depth)
 
+    def _add_modules(self, ctx: VariantContext, cfg: Config) -> None:
+        """Where a subclass adds its modules (after the blocks, before initialisation)."""
+
     def _init(self, n_residuals: int) -> None:
-        """GPT-2 style: N(0, 0.02) weights, zero biases, residual projections scaled down so the
-        residual stream's variance does not grow with depth."""
-        for name, p in self.named_parameters():
+        """GPT-2 style for the blocks: N(0, 0.02) weights, zero biases, residual projections
+        scaled down so the residual stream's variance does not grow with depth."""
+        for name, p in self.blocks.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(n_residuals) if name.endswith(("out.weight", "mlp.2.weight")) else 0.02
                 nn.init.normal_(p, std=std)
             elif name.endswith(".bias") and "norm" not in name:
                 nn.init.zeros_(p)
 
-    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
-        """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
+    @staticmethod
+    def _text_inputs(x: Tensor, text: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(text, key_mask, gate)`` for the blocks' cross-attention: padded states zeroed (mask
+        alone would still let NaN/inf garbage into the matmul); an empty caption attends to its
+        zeroed pads and its output is then multiplied by ``gate = 0``."""
         text_mask = text_mask.bool()
         has_text = text_mask.any(dim=1)  # [B]
-        # padded keys are masked below; zeroing them as well keeps NaN/inf garbage out of the matmul
         text = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))
-        # an empty caption attends to its (zeroed) pads and its output is then multiplied by 0
         key_mask = text_mask | ~has_text.unsqueeze(1)
-        gate = has_text.to(x.dtype).view(-1, 1, 1)
+        return text, key_mask, has_text.to(x.dtype).view(-1, 1, 1)
+
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
+        text, key_mask, gate = self._text_inputs(x, text, text_mask)
         h = x
         for block in self.blocks:
             h = block(h, text, key_mask, gate)

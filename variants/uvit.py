@@ -36,7 +36,6 @@ Legend: B batch, L image tokens, T text tokens, D width, n = (depth - 1) // 2 sk
 """
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -45,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from ablate.registry import VariantContext
-from variants.transformer import Block
+from variants.transformer import Transformer
 
 
 class Config(BaseModel):
@@ -57,32 +56,20 @@ class Config(BaseModel):
         "concat", description="long-skip merge: concat then Linear(2D, D) (U-ViT), or plain addition")
 
 
-class UViT(nn.Module):
+class UViT(Transformer):
     name = "uvit"
     description = "U-ViT: Muse transformer blocks with long in->out skip connections (concat+linear or add)"
-    family = "transformer"
     Config = Config
-    scan_orders: tuple[str, ...] = ()
 
-    def __init__(self, ctx: VariantContext, cfg: Config):
-        super().__init__()
-        if ctx.width % ctx.heads:
-            raise ValueError(f"model.width ({ctx.width}) must be divisible by model.heads ({ctx.heads})")
+    def _add_modules(self, ctx: VariantContext, cfg: Config) -> None:
         d = ctx.width
         self.n_skips = (ctx.depth - 1) // 2  # at least one mid block: every skip bridges a block
         self.concat = cfg.skip == "concat"
-        self.blocks = nn.ModuleList(Block(d, ctx.heads, cfg, ctx.dropout) for _ in range(ctx.depth))
         self.skips = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(self.n_skips if self.concat else 0))
-        self._init(3 * ctx.depth)
 
     def _init(self, n_residuals: int) -> None:
-        """GPT-2 style for the blocks (as ``transformer``); ``[I | N(0, 0.02)]`` for the skips."""
-        for name, p in self.blocks.named_parameters():
-            if p.dim() == 2:
-                std = 0.02 / math.sqrt(n_residuals) if name.endswith(("out.weight", "mlp.2.weight")) else 0.02
-                nn.init.normal_(p, std=std)
-            elif name.endswith(".bias") and "norm" not in name:
-                nn.init.zeros_(p)
+        """The blocks as ``transformer``; ``[I | N(0, 0.02)]`` for the skips."""
+        super()._init(n_residuals)
         with torch.no_grad():
             for lin in self.skips:
                 d = lin.out_features
@@ -92,11 +79,7 @@ class UViT(nn.Module):
 
     def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
-        text_mask = text_mask.bool()
-        has_text = text_mask.any(dim=1)  # [B]
-        text = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))  # garbage-proof
-        key_mask = text_mask | ~has_text.unsqueeze(1)  # empty caption: attend to zeros, gated to 0
-        gate = has_text.to(x.dtype).view(-1, 1, 1)
+        text, key_mask, gate = self._text_inputs(x, text, text_mask)
         depth, n = len(self.blocks), self.n_skips
         saved: list[Tensor] = []
         h = x

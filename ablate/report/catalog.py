@@ -5,8 +5,8 @@ imports torch (about 2 s); reading their source with :mod:`ast` takes millisecon
 reading follows the registry's own rules (entry points of ``ablate.variants``; a module entry
 point registers every non-underscore submodule's ``VARIANT``/``VARIANTS``; a class entry point
 that class) and gives up, returning None, wherever a value is not a literal in the source (an
-inherited or computed ``name``, a class imported from elsewhere, a syntax error): the caller then
-loads the real registry. One thing it cannot see is a module that parses but fails to import;
+inherited or computed ``name`` or ``description``, a class imported from elsewhere, a syntax
+error): the caller then loads the real registry. One thing it cannot see is a module that parses but fails to import;
 it lists such a variant as implemented where ``ablate variants`` would report and skip it.
 """
 from __future__ import annotations
@@ -73,7 +73,9 @@ def _module_classes(path: Path, only: Optional[str] = None) -> Optional[list[dic
         if name not in classes:
             return None
         attrs = attrs_of(name)
-        if not {"name", "description", "family"} <= set(attrs) or attrs["family"] not in FAMILIES:
+        # the table needs name and description; a family written here must be valid (one
+        # inherited from a base in another module, e.g. variants._common, is the registry's call)
+        if not {"name", "description"} <= set(attrs) or attrs.get("family", FAMILIES[0]) not in FAMILIES:
             return None
         out.append(attrs)
     return out

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ..config import Closed, LauncherSpec, RunSpec, _model_at, format_validation_error
-from ..grid import GridError, _resolve, parse_override, set_dotted
+from ..grid import GridError, _resolve, parse_override, read_yaml_mapping, set_dotted
 from ..registry import Registry, UnknownVariant, load_registry
 
 
@@ -310,18 +309,8 @@ class StudyConfig:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise StudyError(f"study file {path} does not exist; pass a YAML file such as grids/study.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise StudyError(f"{path}:{at}: YAML syntax error: {problem}") from None
-    if not isinstance(raw, dict):
-        raise StudyError(f"{path}: a study file must be a mapping with keys base, search, objectives, sampler, ...")
-    return raw
+    return read_yaml_mapping(path, "study file", "grids/study.yaml",
+                             "base, search, objectives, sampler, ...", error=StudyError)
 
 
 def _apply_overrides(sf: StudyFile, overrides: tuple[str, ...]) -> StudyFile:
