@@ -85,6 +85,8 @@ done
 psql_() { su postgres -c "psql -v ON_ERROR_STOP=1 -qtAc \"$1\""; }
 [ "$(psql_ "SELECT 1 FROM pg_roles WHERE rolname='ablate'")" = 1 ] \
   || psql_ "CREATE ROLE ablate LOGIN PASSWORD 'ablate' CREATEDB"
+# the no-password-on-disk tests make a role of their own with a unique password
+psql_ "ALTER ROLE ablate CREATEDB CREATEROLE"
 [ "$(psql_ "SELECT 1 FROM pg_database WHERE datname='ablate_test'")" = 1 ] \
   || psql_ "CREATE DATABASE ablate_test OWNER ablate"
 echo "postgresql $ver: postgresql+psycopg://ablate:***@127.0.0.1:5432/ablate_test"

@@ -1,16 +1,19 @@
 """``ablate bench table``: how long ``ablate table`` takes on a large results database.
 
 :func:`build_db` writes a fresh SQLite database shaped like a real one (the resolved spec of each
-run, its grid link and overrides, 20 final metrics, a few loss curves, some failed and pending
-runs), in bulk. :func:`bench_table` then times (1) the table in process: load, summarise and
-render, best of ``repeats``, with the three parts broken down, and (2) the command a user types,
-``ablate table --db URL``, as a subprocess: wall time including Python's start and imports.
+run, its configuration key and code fingerprint, its grid link and overrides, 20 final metrics, a
+few loss curves, some failed and pending runs, some seeds made by older code), in bulk.
+:func:`bench_table` then times (1) the table in process: load, summarise and render, best of
+``repeats``, with the three parts broken down, and (2) the command a user types, ``ablate table
+--db URL``, as a subprocess: wall time including Python's start and imports.
 
 Default shape: 10,000 runs = 10 variants x 100 hyperparameter settings x 10 seeds, so the
-table has 1,000 rows (plus unregistered variants' rows) of 20 metric columns.
+table has 1,000 configuration rows, plus one row per configuration with seeds made by older
+code (an eighth of them: 125) and unregistered variants' rows, of 20 metric columns.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import statistics
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,11 +38,17 @@ def build_db(path: Path, runs: int = 10_000, n_metrics: int = 20, variants: int 
     """Write a fresh SQLite results database at ``path`` (replaced if present); return its URL.
 
     Runs cycle through ``variants`` x settings x ``seeds``; a setting varies ``model.width``,
-    ``train.lr`` and ``sample.guidance``. 2% of runs failed, 1% pending; the rest are done with
-    ``n_metrics`` final metrics each. ``curve_runs`` runs get train/val loss curves."""
+    ``train.lr`` and ``sample.guidance``. Each run carries its setting's configuration key
+    (:func:`ablate.config.stored_config_key`, as ``Database.register`` stores it) and its
+    variant's code fingerprint; 2.5% of the runs that started were made by the variant's older
+    code (the first two seeds of every eighth setting, finished a day earlier), so those
+    configurations' rows split as in a database that outlived a code change. 2% of runs failed,
+    1% pending (not started: no fingerprint); the rest are done with ``n_metrics`` final metrics
+    each. ``curve_runs`` runs get train/val loss curves."""
     from sqlalchemy import insert
 
-    from .config import RunSpec
+    from . import __version__
+    from .config import RunSpec, stored_config_key
     from .db import Database, GridRun, Metric, Run
 
     if n_metrics > len(METRICS):
@@ -55,18 +64,29 @@ def build_db(path: Path, runs: int = 10_000, n_metrics: int = 20, variants: int 
     base = RunSpec().model_dump(mode="json")
     widths, lrs, guidances = [64, 96, 128, 192, 256], [3e-4, 1e-3, 2e-3, 3e-3], [1.0, 2.0, 3.0, 4.0, 5.0]
     now = datetime(2025, 1, 1)
+
+    def code(variant: str, version: str) -> str:  # the shape of ablate.fingerprint's: <version>-<16 hex>
+        return f"{__version__}-{hashlib.sha256(f'{variant}/{version}'.encode()).hexdigest()[:16]}"
+
+    config_keys: dict[tuple[str, int], str] = {}  # (variant, setting): its key, hashed once per setting
     run_rows, link_rows = [], []
     for i in range(runs):
         v = VARIANTS[i % variants]
-        setting = (i // variants) // seeds
-        s = i % seeds
+        setting, s = divmod(i // variants, seeds)
         width, lr, g = widths[setting % 5], lrs[(setting // 5) % 4], guidances[(setting // 20) % 5]
         over = {"model.variant": v, "model.width": width, "train.lr": lr, "sample.guidance": g}
         spec = {**base, "seed": s, "model": {**base["model"], "variant": v, "width": width},
                 "train": {**base["train"], "lr": lr}, "sample": {**base["sample"], "guidance": g}}
+        if (v, setting) not in config_keys:
+            config_keys[v, setting] = stored_config_key(spec)
         status = "failed" if i % 50 == 7 else "pending" if i % 100 == 3 else "done"
+        older = s < 2 and (setting + i % variants) % 8 == 0
+        started = status != "pending"
         run_rows.append(dict(id=i + 1, key=f"{i:016x}", grid="bench", variant=v, seed=s, spec=spec,
-                             overrides=over, status=status, created_at=now, attempts=1,
+                             overrides=over, status=status, created_at=now, attempts=1 if started else 0,
+                             config_key=config_keys[v, setting],
+                             fingerprint=code(v, "old" if older else "new") if started else None,
+                             finished_at=now + timedelta(days=-1 if older else 0, seconds=i) if started else None,
                              error="RuntimeError: out of memory\nTraceback ..." if status == "failed" else None))
         link_rows.append(dict(grid="bench", run_id=i + 1, overrides=over))
     metric_rows = []
@@ -90,7 +110,8 @@ def build_db(path: Path, runs: int = 10_000, n_metrics: int = 20, variants: int 
 def _time_in_process(url: str, fmt: str) -> dict[str, float]:
     from .db import Database
     from .report.catalog import catalog
-    from .report.table import render, summarize
+    from .report.render import render
+    from .report.table import summarize
     from .results import load
 
     db = Database(url, create=False)

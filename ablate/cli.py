@@ -43,7 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     db = open_db(args.db, results)
     try:
         report = launch(grid, db, results, executor=args.executor, jobs=args.jobs,
-                        retry_failed=args.retry_failed, lost_after_s=args.lost_after)
+                        retry_failed=args.retry_failed, lost_after_s=args.lost_after,
+                        rerun_stale=args.rerun_stale)
         if not args.no_table:
             md = write_results(db, results / "RESULTS.md", grid.name)
             print()
@@ -80,7 +81,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     try:
         _check_grid(db, args.grid)
         options = dict(study=args.study, metrics=_names(args.metrics), group_by=_names(args.group_by),
-                       sort=args.sort)
+                       sort=args.sort, baseline=args.baseline, include_superseded=args.include_superseded)
         try:
             table = build_table(db, args.grid, **options)
         except ValueError as exc:
@@ -140,6 +141,7 @@ def cmd_variants(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .db import STATUSES, open_db
     from .report import load_runs
+    from .scheduler import stale_runs
 
     results = _results_dir(args.results)
     db = open_db(args.db, results, create=False)
@@ -156,6 +158,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{g}: {len(runs)} cells: {parts}")
             for r in runs[runs["status"] == "failed"].itertuples():
                 print(f"  failed {r.variant} seed={r.seed} {r.key[:12]}: {r.error}")
+            stale = stale_runs(db, runs.loc[runs["status"] == "done", "key"].tolist())
+            if stale:
+                print(f"  {len(stale)} stale (done by code other than the installed; "
+                      f"`ablate run GRID --rerun-stale` retrains them):")
+                by_key = runs.set_index("key")
+                for key, (was, now) in stale.items():
+                    r = by_key.loc[key]
+                    print(f"  stale {r['variant']} seed={r['seed']} {key[:12]}: {was or 'unknown code'} "
+                          f"(installed: {now})")
     finally:
         db.close()
     return EXIT_OK
@@ -423,21 +434,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.steps=50 (repeatable)")
     r.add_argument("--retry-failed", action="store_true", help="run cells that failed before again")
+    r.add_argument("--rerun-stale", action="store_true",
+                   help="retrain finished cells whose code fingerprint differs from the installed code's "
+                        "(the old runs stay in the database as history, status superseded)")
     r.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     common(r)
     r.set_defaults(fn=cmd_run)
 
     t = sub.add_parser("table", help="regenerate the results table from the database")
     t.add_argument("--format", choices=["markdown", "csv", "latex", "html", "json"], default="markdown",
-                   help="markdown also rewrites <results>/RESULTS.md; csv gives mean, std and n per metric")
+                   help="markdown also rewrites <results>/RESULTS.md; csv gives mean, std, n and the 95%% "
+                        "interval per metric")
     t.add_argument("--grid", help="only this grid's runs")
     t.add_argument("--study", help="only this study's runs")
     t.add_argument("--metrics", action="append", metavar="NAME[,NAME]",
                    help="metric columns, in order (default: the standard ones present)")
     t.add_argument("--group-by", action="append", metavar="KEY[,KEY]",
-                   help="row keys besides the variant: spec keys such as model.params.scan or scan, "
-                        "seed, hyper (default: hyper, the grid's overrides)")
+                   help="row keys besides the variant, pooling the configurations that share them: spec keys "
+                        "such as model.params.scan or scan, seed, hyper (default: one row per configuration "
+                        "and code version)")
     t.add_argument("--sort", metavar="KEY", help="a metric (best first) or a column; --sort=-KEY reverses")
+    t.add_argument("--baseline", metavar="VARIANT|CONFIG",
+                   help="add each row's difference to this row with its 95%% Welch interval (* where it "
+                        "excludes 0): a variant with one configuration in the table, or a config key prefix")
+    t.add_argument("--include-superseded", action="store_true",
+                   help="also show superseded runs (old results of cells retrained with newer code)")
     t.add_argument("--out", help="write here (markdown: instead of <results>/RESULTS.md)")
     common(t)
     t.set_defaults(fn=cmd_table)

@@ -39,6 +39,12 @@ class DataSpec(Closed):
     max_objects: int = Field(1, ge=1, le=2, description="shapes: objects per image (1 or 2)")
     path: Optional[str] = Field(None, description="folder: directory with images and captions.jsonl")
     seed: int = Field(0, description="data seed (independent of the run seed)")
+    # deliberately not LATER: the training data changed with it, so every older key must change
+    heldout: float = Field(
+        0.2, ge=0, le=0.5,
+        description="shapes: share of the colour x shape and of the shape x position pairs held out "
+                    "of training (chosen by data.seed); every third test caption names one "
+                    "(align_acc_heldout)")
     shuffle_captions: bool = Field(
         False, description="control: permute training captions so text carries no information")
 
@@ -264,6 +270,41 @@ def run_key(spec: RunSpec) -> str:
     ``json_schema_extra=LATER`` and a default that keeps the old behaviour; while it holds that
     default it is left out of the hash, so the runs already in a database keep their keys."""
     return content_hash(_drop_later_defaults(spec, spec.model_dump(mode="json")))
+
+
+def config_key(spec: RunSpec) -> str:
+    """The configuration's identity: :func:`run_key` without the seed. Runs that share it are
+    seeds of one configuration, the only runs the table may average together."""
+    return stored_config_key(spec.model_dump(mode="json"))
+
+
+def _drop_later_dict(model: type[BaseModel], d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (a stored dump of ``model``) without the ``LATER`` fields that hold their default."""
+    out = dict(d)
+    for name, field in model.model_fields.items():
+        if name not in out:
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        sub = field.annotation
+        if extra.get("later"):
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump(mode="json")
+            if out[name] == (list(default) if isinstance(default, tuple) else default):
+                out.pop(name)
+        elif isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(out[name], dict):
+            out[name] = _drop_later_dict(sub, out[name])
+    return out
+
+
+def stored_config_key(spec: dict[str, Any]) -> str:
+    """:func:`config_key` of a spec as stored with a run (its resolved JSON dump), computed on
+    the stored values as they are: a field the stored spec lacks (written before the field
+    existed) is not filled in, so a run made before a key-changing field was added never
+    shares a configuration with runs made after it; fields added as ``LATER`` are left out at
+    their default, as :func:`run_key` does."""
+    d = _drop_later_dict(RunSpec, {k: v for k, v in spec.items() if k != "seed"})
+    return content_hash(d)
 
 
 def format_validation_error(err: Exception, source: str = "") -> str:

@@ -1,17 +1,20 @@
 """The job: one grid cell from claim to committed result.
 
-``run_job`` claims the cell in the database (atomically: two launchers never train it twice),
-keeps a heartbeat, trains (resuming from the last atomic checkpoint), samples, evaluates, and
-commits final metrics + artifacts + ``done`` in one transaction. Any exception ends the run as
+``run_job`` claims the cell in the database (atomically: two launchers never train it twice) and
+gets the claim's token; keeps a heartbeat; trains (resuming from the furthest checkpoint),
+samples, evaluates, and commits final metrics + artifacts + ``done`` in one transaction. Every
+write is conditioned on the token: once the run was marked lost and claimed by another attempt,
+this one stops at its next step boundary and writes nothing more. Any exception ends the run as
 ``failed`` with its traceback; nothing half-written is ever marked done.
+
+The database URL comes from the job's environment (``$ABLATE_DB_URL``, set by the launcher),
+never from its pickled arguments: submitit's job files sit on a shared filesystem.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import resource
-import socket
 import subprocess
 import threading
 import time
@@ -22,12 +25,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .config import RunSpec, content_hash
+from .config import RunSpec
 from .db import Database
-from .utils import atomic_torch_save, pick_device, seed_everything, torch_load
+from .db.store import ENV_URL, DBError, NotOwner
+from .prepare import prepare
+from .utils import pick_device, seed_everything
 
 log = logging.getLogger("ablate.job")
-HEARTBEAT_S = 20.0
+# seconds between heartbeats; a run is lost after launcher.lost_after_s without one
+HEARTBEAT_S = float(os.environ.get("ABLATE_HEARTBEAT_S", "20"))
 
 
 def code_revision() -> str:
@@ -46,67 +52,6 @@ def code_revision() -> str:
     return f"v{__version__}"
 
 
-def images_key(spec: RunSpec) -> str:
-    """Key of the *images* of a dataset: the caption shuffle control shares images, tokenizer, judge."""
-    return content_hash(spec.data.model_dump(mode="json", exclude={"shuffle_captions"}))
-
-
-@dataclass
-class Prepared:
-    """What every cell on the same data and tokenizer shares (all of it cached on disk)."""
-
-    splits: Any  # DatasetSplits (captions possibly shuffled for the control)
-    vq: Any  # VQVAE
-    tok_key: str
-    codes: dict[str, torch.Tensor]  # split -> [n, L] long
-    judge: Any  # Judge | None
-    metrics: dict[str, float]  # tokenizer and judge quality
-
-
-PREP_PARTS = ("tokenizer", "judge")
-
-
-def prepare(spec: RunSpec, results_dir: Path, device: torch.device, say: Callable[[str], None] = print,
-            parts: tuple[str, ...] = PREP_PARTS) -> Prepared:
-    """Dataset -> VQ tokenizer -> token cache, and the dataset's judge; trained once, then cached.
-
-    ``parts`` limits the work to some of the pieces (the scheduler builds them as parallel jobs).
-    """
-    from .data import load_dataset
-    from .eval import get_judge, judge_report
-    from .tokenizer import get_tokenizer, tokenize_cached
-
-    splits = load_dataset(spec.data, results_dir)
-    vq, tok_key, codes, judge, metrics = None, "", {}, None, {}
-    if "tokenizer" in parts:
-        # keyed by the images alone: the shuffled-caption control shares the tokenizer
-        vq, tok_metrics, tok_key = get_tokenizer(spec.tokenizer, splits.image_key, splits.train.images,
-                                                 splits.val.images, results_dir, device, log=say)
-        codes = {name: tokenize_cached(vq, tok_key, name, getattr(splits, name).images, results_dir).flatten(1)
-                 for name in ("train", "val", "test")}
-        metrics.update(tok_metrics)
-    if "judge" in parts:
-        # the judge learns what the images show (``labels``), never the (maybe shuffled) captions
-        judge = get_judge(splits, spec.eval, results_dir, device, log=say)
-        if judge is not None and "tokenizer" in parts:
-            metrics.update(judge_report(splits, judge, spec.eval, device))
-            metrics.update(tokenizer_ceiling(spec, splits, vq, codes["test"], judge, device))
-    return Prepared(splits, vq, tok_key, codes, judge, metrics)
-
-
-def tokenizer_ceiling(spec: RunSpec, splits: Any, vq: Any, test_codes: torch.Tensor, judge: Any,
-                      device: torch.device) -> dict[str, float]:
-    """The judge's scores on the tokenizer's reconstructions of real test images: the best a
-    generator over these tokens can reach (``tok_align_acc``, ``tok_fid_domain``, ...)."""
-    from .eval import evaluate_images
-
-    n = min(spec.eval.n_images, len(splits.test))
-    recon = vq.decode(test_codes[:n].view(n, *vq.grid))
-    attrs = splits.test.attrs[:n] if splits.test.attrs is not None else None
-    scores = evaluate_images(recon, splits.test.captions[:n], attrs, splits.test, judge, spec.eval, device)
-    return {f"tok_{k}": v for k, v in scores.items() if k.startswith(("align_acc", "fid_domain"))}
-
-
 @dataclass
 class Result:
     final: dict[str, float] = field(default_factory=dict)
@@ -116,19 +61,30 @@ class Result:
 
 
 class Heartbeat:
-    """Background thread that touches the run's heartbeat so a dead job is seen as lost."""
+    """Background thread that touches the run's heartbeat so a dead job is seen as lost. When a
+    heartbeat finds the run no longer owned by this attempt, :attr:`taken` is set and beating stops."""
 
-    def __init__(self, db: Database, key: str, every_s: float = HEARTBEAT_S):
-        self.db, self.key, self.every = db, key, every_s
+    def __init__(self, db: Database, key: str, token: str, every_s: float = HEARTBEAT_S):
+        self.db, self.key, self.token, self.every = db, key, token, every_s
+        self.taken = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{key}")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             try:
-                self.db.heartbeat(self.key)
+                if not self.db.heartbeat(self.key, self.token):
+                    log.warning("run %s was taken by another attempt: this one stops", self.key)
+                    self.taken.set()
+                    return
             except Exception as exc:  # a transient DB error must not kill training
                 log.warning("heartbeat failed: %s", exc)
+
+    def check(self) -> None:
+        """Raise :class:`NotOwner` if a heartbeat found the run taken."""
+        if self.taken.is_set():
+            raise NotOwner(f"run {self.key}: taken by another attempt (this attempt's heartbeat "
+                           "matched no row); stopping without writing")
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()
@@ -180,24 +136,36 @@ class Pruned(Exception):
         self.step = step
 
 
-def run_job(key: str, db_url: str, results_dir: str, threads: int = 1,
+def job_db_url(db_url: Optional[str] = None) -> str:
+    """The database URL of a job: given (in-process callers), else ``$ABLATE_DB_URL``."""
+    url = db_url or os.environ.get(ENV_URL)
+    if not url:
+        raise DBError(f"job: no database URL (the launcher passes it in ${ENV_URL}; set it, or pass --db)")
+    return url
+
+
+def run_job(key: str, db_url: Optional[str], results_dir: str, threads: int = 1,
             submitted_at: Optional[float] = None,
             on_metrics: Optional[Callable[[list[tuple[str, Optional[int], float]]], None]] = None
             ) -> dict[str, Any]:
     """Entry point of a submitted job. Returns ``{"key", "status", ...}``; never raises for a
-    failure of the run itself (that is recorded in the database).
+    failure of the run itself (that is recorded in the database). ``db_url`` None: from the
+    environment (:func:`job_db_url`).
 
     ``on_metrics`` (a study's trial) sees every batch of curve rows once they are written; it may
     raise :class:`Pruned` to stop training there (status ``pruned``, ``{"step": ...}`` returned).
 
     A job that Slurm restarts after a requeue finds its run still ``running`` under its own job
-    id and takes it back; a preemption signal stops training at the next step boundary with a
-    checkpoint, marks the run ``pending`` and hands over to submitit, which requeues the job."""
+    id and takes it back; a preemption signal (during preparation, training, sampling or
+    evaluation) stops the job at the next safe point with a checkpoint, marks the run ``pending``
+    and hands over to submitit, which requeues the job. A job whose run was taken by another
+    attempt returns ``{"status": "taken"}`` having written nothing after it found out."""
     from . import preempt
+    from .fingerprint import variant_fingerprint
     from .train import Interrupted
 
     torch.set_num_threads(max(1, threads))
-    db = Database(db_url, create=False)
+    db = Database(job_db_url(db_url), create=False)
     try:
         run = db.run(key)
         if run is None:
@@ -205,47 +173,62 @@ def run_job(key: str, db_url: str, results_dir: str, threads: int = 1,
         if run.status == "done":
             return {"key": key, "status": "done", "skipped": True}
         job_id = job_id_here()
-        if not db.claim(key, job_id=job_id):
+        token = db.claim(key, job_id=job_id)
+        if token is None:
             return {"key": key, "status": db.run(key).status, "skipped": True}
         preempt.install()
-        db.set_code_rev(key, code_revision())
         spec = RunSpec.model_validate(run.spec)
         t0 = time.time()
         try:
-            with Heartbeat(db, key):
-                result = train_and_evaluate(spec, key, db, Path(results_dir), interrupt=preempt.requested,
+            db.set_provenance(key, token, code_revision(), variant_fingerprint(spec.model.variant))
+            with Heartbeat(db, key, token) as hb:
+                def interrupt() -> bool:  # asked at every safe point
+                    hb.check()
+                    return preempt.requested()
+
+                result = train_and_evaluate(spec, key, db, token, Path(results_dir), interrupt=interrupt,
                                             on_metrics=on_metrics)
+                hb.check()
             result.final["wall_s"] = time.time() - t0
             # the harness's own cost around the work: process start to the first training step
             # (interpreter, imports, claim, caches, model build), the wait before it (queue_s:
             # the slot pool or Slurm's queue), and after the last step (sampling, evaluation and
-            # the result commit, logged once committed)
+            # the result commit, up to the commit: written in the same transaction as ``done``)
             started = process_started_at()
             if started is not None and result.first_step_at is not None:
                 result.final["overhead_start_s"] = result.first_step_at - started
             if submitted_at is not None and started is not None:
                 result.final["queue_s"] = max(0.0, started - submitted_at)
             t_commit = time.time()
-            db.finish(key, result.final, result.artifacts)
-            now = time.time()
-            after = [("commit_s", None, now - t_commit)]
-            if result.last_step_at is not None:
-                after.append(("overhead_end_s", None, now - result.last_step_at))
-            if submitted_at is not None:
-                after.append(("job_span_s", None, now - submitted_at))  # submitted -> committed
-            db.log_metrics(key, after)
-            # only once the result is committed is the training checkpoint dispensable
-            (run_dir(Path(results_dir), key) / "ckpt.pt").unlink(missing_ok=True)
+
+            def late() -> dict[str, float]:
+                now = time.time()
+                out = {"commit_s": now - t_commit}  # writing the result rows (the COMMIT aside)
+                if result.last_step_at is not None:
+                    out["overhead_end_s"] = now - result.last_step_at
+                if submitted_at is not None:
+                    out["job_span_s"] = now - submitted_at  # submitted -> committed
+                return out
+
+            db.finish(key, result.final, result.artifacts, token=token, late=late)
+            # only once the result is committed are the training checkpoints dispensable
+            from .train import remove_checkpoints
+
+            remove_checkpoints(run_dir(Path(results_dir), key))
             return {"key": key, "status": "done", "wall_s": result.final["wall_s"]}
+        except NotOwner as exc:
+            log.warning("%s", exc)
+            return {"key": key, "status": "taken", "error": str(exc)}
         except Pruned as exc:
-            db.set_status(key, "pruned", str(exc))
+            db.release(key, token, "pruned", str(exc))
             return {"key": key, "status": "pruned", "step": exc.step, "error": str(exc)}
         except Interrupted as exc:
-            db.set_status(key, "pending", f"preempted at step {exc.step}: checkpoint saved, job requeued")
+            if not db.release(key, token, "pending", f"preempted at step {exc.step}: checkpoint saved, job requeued"):
+                return {"key": key, "status": "taken", "error": "preempted after the run was taken"}
             why = preempt.hand_over()  # submitit: checkpoint(), requeue, exit
             return {"key": key, "status": "pending", "error": f"interrupted ({why})"}
         except BaseException as exc:  # also KeyboardInterrupt / SystemExit from a timeout signal
-            db.fail(key, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            db.fail(key, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", token)
             if not isinstance(exc, Exception):
                 raise
             return {"key": key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -260,8 +243,9 @@ class CellJob:
     def __init__(self) -> None:
         self.submitted_at = time.time()  # pickled with the job: the driver's submission time
 
-    def __call__(self, key: str, db_url: str, results_dir: str, threads: int = 1) -> dict[str, Any]:
-        return run_job(key, db_url, results_dir, threads, submitted_at=self.submitted_at)
+    def __call__(self, key: str, results_dir: str, threads: int = 1) -> dict[str, Any]:
+        # the database URL comes from the environment, never from these (pickled) arguments
+        return run_job(key, None, results_dir, threads, submitted_at=self.submitted_at)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         from submitit.helpers import DelayedSubmission
@@ -269,40 +253,40 @@ class CellJob:
         return DelayedSubmission(self, *args, **kwargs)
 
 
-def peak_mem_mb(device: torch.device) -> float:
-    """Peak memory of this job: CUDA allocator peak on GPU, process peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def train_and_evaluate(spec: RunSpec, key: str, db: Database, results_dir: Path,
+def train_and_evaluate(spec: RunSpec, key: str, db: Database, token: str, results_dir: Path,
                        interrupt: Callable[[], bool] = lambda: False,
                        on_metrics: Optional[Callable[[list], None]] = None) -> Result:
     """Train the cell's generator, sample the test captions, evaluate; return final metrics.
     ``on_metrics`` sees each batch of curve rows after it is written (see :func:`run_job`)."""
-    from .train import Trainer
+    from .train import Interrupted, Trainer
 
     device = pick_device(spec.train.device)
     seed_everything(spec.seed)
     def say(msg: str) -> None:  # stdout is the job's log (submitit keeps it per job)
         print(f"{time.strftime('%H:%M:%S')} [{key[:8]}] {msg}", flush=True)
 
-    prep = prepare(spec, results_dir, device, say)
+    def safe_point() -> None:
+        if interrupt():
+            raise Interrupted(0)
+
+    prep = prepare(spec, results_dir, device, say, safe_point=safe_point)
+    safe_point()
+
     def log_metrics(rows: list) -> None:
-        db.log_metrics(key, rows)
+        db.log_metrics(key, rows, token)
         if on_metrics is not None:
             on_metrics(rows)
 
     trainer = Trainer(spec, prep, device, run_dir(results_dir, key),
-                      log_metrics=log_metrics, say=say, interrupt=interrupt)
+                      log_metrics=log_metrics, say=say, interrupt=interrupt, attempt=token[:12])
     if trainer.step == 0:
-        db.clear_curves(key)
+        db.clear_curves(key, token)
     trainer.train()
+    trainer.safe_point()
     final = dict(prep.metrics)
     final.update(trainer.final_metrics())
     final.update(trainer.evaluate())
-    final["peak_mem_mb"] = peak_mem_mb(device)
+    trainer.safe_point()
     bad = {k: v for k, v in final.items() if not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"non-finite final metrics: {bad}")

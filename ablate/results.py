@@ -20,15 +20,17 @@ from sqlalchemy import select
 
 from .db import Artifact, Database, DBError, GridRun, Metric, Run, open_db
 
-__all__ = ["RUN_COLUMNS", "artifacts", "curves", "flatten", "higher_is_better", "load"]
+__all__ = ["RUN_COLUMNS", "artifacts", "curves", "flatten", "higher_is_better", "load", "run_specs"]
 
 # the identity columns of ``load``; every other column is a spec key (dotted) or a metric
-RUN_COLUMNS = ["run_id", "key", "grid", "variant", "seed", "status", "error", "hyper", "host",
-               "code_rev", "created_at", "started_at", "finished_at"]
+# (``config_key``: runs sharing it are seeds of one configuration; ``fingerprint``: the code
+# that produced the run, None where unknown)
+RUN_COLUMNS = ["run_id", "key", "config_key", "grid", "variant", "seed", "status", "error", "hyper", "host",
+               "code_rev", "fingerprint", "created_at", "started_at", "finished_at"]
 
 # direction of a metric, decided by its name: the first rule that matches wins
-_LOWER = ("fid", "loss", "blank_rate", "fragment_rate", "peak_mem", "mse", "wall_s", "train_s")
-_HIGHER = ("align", "acc", "clip", "per_s", "throughput", "score")
+_LOWER = ("fid", "kid", "loss", "blank_rate", "fragment_rate", "peak_mem", "mse", "wall_s", "train_s")
+_HIGHER = ("align", "acc", "clip", "per_s", "throughput", "score", "precision", "recall")
 
 DbArg = Union[Database, str, None]
 
@@ -39,6 +41,8 @@ def higher_is_better(metric: str) -> Optional[bool]:
     name = metric.lower()
     if name.endswith("_real") or name.startswith("tok_"):
         return None  # ceilings and floors of the data, not results of the run
+    if name.endswith("_std"):
+        return None  # the spread of an estimate (kid_domain_std), not a result
     if any(p in name for p in _HIGHER):
         return True
     if any(p in name for p in _LOWER):
@@ -81,6 +85,48 @@ def _hyper(overrides: Optional[dict]) -> str:
     items = {k: v for k, v in (overrides or {}).items() if k not in ("model.variant", "seed")}
     return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
                      for k, v in sorted(items.items()))
+
+
+def _unkeyed_config_keys(conn: Any, ids: list[int]) -> dict[int, str]:
+    """Configuration keys of runs stored without one (written around ``Database.register``, as
+    ``ablate bench table`` does): a hash of the stored spec without its seed, taken as stored
+    (validating 10,000 specs into :func:`ablate.config.config_key` would take seconds). SQLite
+    and PostgreSQL drop the seed in SQL and hand back text, skipping JSON parsing in Python."""
+    import hashlib
+    import json
+
+    from sqlalchemy import Text, cast, func
+
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        expr = func.json_remove(Run.spec, "$.seed")
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import JSONB
+
+        expr = cast(cast(Run.spec, JSONB).op("-")("seed"), Text)
+    else:
+        expr = None
+    unkeyed = Run.config_key.is_(None)  # one query for all of them, not an IN list of ids
+    if expr is not None:
+        pairs = _raw(conn.execute(select(Run.id, expr).where(unkeyed)))
+    else:
+        pairs = [(rid, json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True))
+                 for rid, spec in conn.execute(select(Run.id, Run.spec).where(unkeyed))]
+    wanted = set(ids)
+    return {rid: "spec-" + hashlib.sha256(str(text).encode()).hexdigest()[:11] for rid, text in pairs
+            if rid in wanted}
+
+
+def run_specs(db: DbArg, run_ids: Sequence[int], results: Optional[Path] = None) -> dict[int, dict]:
+    """``{run_id: flattened spec without the seed}`` of the given runs only (the table asks for
+    one run per configuration, so it never loads every spec)."""
+    ids = [int(i) for i in dict.fromkeys(run_ids)]
+    out: dict[int, dict] = {}
+    with _opened(db, results) as d, d.engine.connect() as conn:
+        for i in range(0, len(ids), 500):  # bounded IN lists
+            for rid, spec in conn.execute(select(Run.id, Run.spec).where(Run.id.in_(ids[i:i + 500]))):
+                out[rid] = flatten({k: v for k, v in (spec or {}).items() if k != "seed"})
+    return out
 
 
 def _run_ids(grid: Optional[str], study: Optional[str]):
@@ -138,7 +184,10 @@ def load(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = No
     """One row per run (of ``grid`` / ``study`` when given), ordered by run id.
 
     Columns: :data:`RUN_COLUMNS` (``hyper``: the grid's overrides but variant and seed, as one
-    string; with ``grid`` the overrides are that grid's), then with ``spec`` the resolved spec
+    string; with ``grid`` the overrides are that grid's; ``config_key``: runs that share it are
+    seeds of one configuration (a run stored without one gets a hash of its stored spec without
+    the seed); ``fingerprint``: the code that produced the run, None where unknown; superseded
+    runs are included, with their status), then with ``spec`` the resolved spec
     flattened into dotted columns (``model.width``; lists stay values), then one column per final
     metric (NaN where a run lacks it; runs that did not finish usually have none).
     A run in two grids appears once; ``grid`` is then the first grid that registered it.
@@ -147,8 +196,9 @@ def load(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = No
         if study is not None:
             _check_study(d, study)
         ids = _run_ids(grid, study)
-        cols = [Run.id, Run.key, Run.grid, Run.variant, Run.seed, Run.status, Run.error,
-                Run.overrides, Run.host, Run.code_rev, Run.created_at, Run.started_at, Run.finished_at]
+        cols = [Run.id, Run.key, Run.config_key, Run.grid, Run.variant, Run.seed, Run.status, Run.error,
+                Run.overrides, Run.host, Run.code_rev, Run.fingerprint, Run.created_at, Run.started_at,
+                Run.finished_at]
         if spec:
             cols.append(Run.spec)
         q = select(*cols).order_by(Run.id)
@@ -160,14 +210,17 @@ def load(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = No
             overrides = dict(conn.execute(select(GridRun.run_id, GridRun.overrides).where(
                 GridRun.grid == grid)).all()) if grid is not None else {}
             metrics = _raw(conn.execute(mq))
+            missing, keys = [r[0] for r in rows if r[2] is None], {}
+            if missing:  # rows written around Database.register (none are, by ablate itself)
+                keys = _unkeyed_config_keys(conn, missing)
     base = pd.DataFrame(
-        [(r[0], r[1], grid or r[2], r[3], r[4], r[5],
-          r[6].strip().splitlines()[0] if r[6] and r[6].strip() else "",
-          _hyper(overrides.get(r[0], r[7])), r[8], r[9], r[10], r[11], r[12]) for r in rows],
+        [(r[0], r[1], r[2] if r[2] is not None else keys.get(r[0], f"spec-run{r[0]}"), grid or r[3], r[4], r[5], r[6],
+          r[7].strip().splitlines()[0] if r[7] and r[7].strip() else "",
+          _hyper(overrides.get(r[0], r[8])), r[9], r[10], r[11], r[12], r[13], r[14]) for r in rows],
         columns=RUN_COLUMNS)
     parts = [base]
     if spec and rows:
-        flat = pd.DataFrame.from_records([flatten({k: v for k, v in r[13].items() if k != "seed"})
+        flat = pd.DataFrame.from_records([flatten({k: v for k, v in r[15].items() if k != "seed"})
                                           for r in rows])
         parts.append(flat.drop(columns=[c for c in flat.columns if c in RUN_COLUMNS]))
     if metrics:

@@ -15,6 +15,7 @@ normal on small clusters, so a job's end is read from squeue and its result file
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -23,11 +24,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Iterator, Optional, TextIO
 
-from .config import LauncherSpec, RunSpec, content_hash
+from .config import LauncherSpec, RunSpec
 from .db import Database
+from .db.store import ENV_URL
 from .grid import Cell, Grid
+from .prepare import PREP_PARTS, prep_key
 
 EXECUTORS = ("local", "slurm", "debug", "auto")
 
@@ -49,20 +52,12 @@ class LaunchReport:
         return self.failed == 0 and self.lost == 0
 
 
-def prep_key(spec: RunSpec) -> str:
-    """Cells with equal data/tokenizer/text/eval-judge settings share one preparation job."""
-    from .jobs import images_key
-
-    return content_hash({"images": images_key(spec), "tok": spec.tokenizer.model_dump(mode="json"),
-                         "judge": spec.eval.judge_steps, "device": spec.train.device})
-
-
-def prepare_job(spec_json: dict, results_dir: str, threads: int, part: str) -> dict[str, Any]:
-    """Job body: build one cache the cells need, ``part`` of :data:`ablate.jobs.PREP_PARTS`
+def _prepare(spec_json: dict, results_dir: str, threads: int, part: str) -> dict[str, Any]:
+    """Job body: build one cache the cells need, ``part`` of :data:`ablate.prepare.PREP_PARTS`
     (never raises: DebugExecutor would open pdb)."""
     import torch
 
-    from .jobs import prepare
+    from .prepare import prepare
     from .utils import pick_device
 
     torch.set_num_threads(max(1, threads))
@@ -74,10 +69,43 @@ def prepare_job(spec_json: dict, results_dir: str, threads: int, part: str) -> d
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
 
 
+class PrepareJob:
+    """The submitted preparation callable, checkpointable: a preemption or time-limit signal
+    requeues it at once (submitit's own handler) and the requeued job redoes the part; every
+    cache it writes is atomic, so a part cut short leaves nothing half-written."""
+
+    def __call__(self, spec_json: dict, results_dir: str, threads: int, part: str) -> dict[str, Any]:
+        return _prepare(spec_json, results_dir, threads, part)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+prepare_job = PrepareJob()
+
+
 # glibc returns large freed blocks to the OS at once by default, so every training step of a
 # CPU job page-faults its big temporaries afresh (measured: 5k-40k faults and ~10% of a Mamba
 # step); raising the thresholds keeps them in the heap. Applied to local jobs unless set.
 LOCAL_JOB_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+@contextlib.contextmanager
+def job_env(db_url: str) -> Iterator[None]:
+    """Jobs submitted inside inherit ``$ABLATE_DB_URL = db_url`` (local processes copy this
+    environment; sbatch exports it; the debug executor runs here): the URL, password included,
+    never enters a pickled job file or a log. The previous value is restored afterwards."""
+    before = os.environ.get(ENV_URL)
+    os.environ[ENV_URL] = db_url
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_URL, None)
+        else:
+            os.environ[ENV_URL] = before
 
 
 def resolve_executor(kind: str) -> str:
@@ -98,6 +126,23 @@ def local_gpus() -> int:
         return 0
 
 
+def slurm_parameters(folder: Path, launcher: LauncherSpec) -> dict[str, Any]:
+    """submitit ``SlurmExecutor.update_parameters`` arguments from the grid's ``launcher.slurm``."""
+    sl = launcher.slurm
+    params: dict[str, Any] = {
+        "time": sl.time_min, "cpus_per_task": sl.cpus_per_job, "mem": f"{sl.mem_gb}GB",
+        "array_parallelism": sl.array_parallelism, "job_name": f"ablate-{folder.name}",
+        "signal_delay_s": 120, "setup": [f"export {k}={v}" for k, v in LOCAL_JOB_ENV.items()]}
+    if sl.gpus_per_job:
+        params["gpus_per_node"] = sl.gpus_per_job
+    for name in ("partition", "account", "qos", "constraint"):
+        if getattr(sl, name):
+            params[name] = getattr(sl, name)
+    if sl.extra:
+        params["additional_parameters"] = dict(sl.extra)
+    return params
+
+
 def make_executor(kind: str, folder: Path, launcher: LauncherSpec, gpu: Optional[int] = None):
     """A submitit executor for ``kind`` with the launcher's settings. ``gpu``: the one device a
     local job may see (one job per GPU)."""
@@ -115,19 +160,8 @@ def make_executor(kind: str, folder: Path, launcher: LauncherSpec, gpu: Optional
         ex = submitit.DebugExecutor(folder=str(folder / "%j"))
         ex.update_parameters(timeout_min=launcher.timeout_min)
     elif kind == "slurm":
-        sl = launcher.slurm
         ex = submitit.SlurmExecutor(folder=str(folder / "%j"))
-        params = {"time": sl.time_min, "cpus_per_task": sl.cpus_per_job, "mem": f"{sl.mem_gb}GB",
-                  "array_parallelism": sl.array_parallelism, "job_name": f"ablate-{folder.name}",
-                  "signal_delay_s": 120, "setup": [f"export {k}={v}" for k, v in LOCAL_JOB_ENV.items()]}
-        if sl.gpus_per_job:
-            params["gpus_per_node"] = sl.gpus_per_job
-        for name in ("partition", "account", "qos", "constraint"):
-            if getattr(sl, name):
-                params[name] = getattr(sl, name)
-        if sl.extra:
-            params["additional_parameters"] = dict(sl.extra)
-        ex.update_parameters(**params)
+        ex.update_parameters(**slurm_parameters(folder, launcher))
     else:
         raise ValueError(f"--executor: unknown executor {kind!r}; accepted: {', '.join(EXECUTORS)}")
     return ex
@@ -279,10 +313,57 @@ class _Runner:
         _wait_slurm(jobs, on_done)
 
 
+def stale_runs(db: Database, keys: list[str]) -> dict[str, tuple[Optional[str], str]]:
+    """The finished runs among ``keys`` whose code fingerprint differs from the installed code's
+    for their variant: ``{key: (their fingerprint or None if unknown, the installed one)}``."""
+    from .fingerprint import variant_fingerprint
+    from .registry import UnknownVariant
+
+    current: dict[str, Optional[str]] = {}
+    out = {}
+    for key, (variant, fp) in db.done_fingerprints(keys).items():
+        if variant not in current:
+            try:
+                current[variant] = variant_fingerprint(variant)
+            except UnknownVariant:  # no longer registered: nothing installed can rerun it
+                current[variant] = None
+        if current[variant] is not None and fp != current[variant]:
+            out[key] = (fp, current[variant])
+    return out
+
+
+def supersede_stale(db: Database, keys: list[str], results_dir: Path, out: TextIO) -> int:
+    """Keep each stale finished run as history (``superseded``, its files moved to
+    ``runs/<key>@<id>``) and make its cell pending again; returns how many."""
+    from .jobs import run_dir
+
+    stale = stale_runs(db, keys)
+    for key, (was, now) in stale.items():
+        def move(history: str, key: str = key) -> Optional[tuple[str, str]]:
+            src, dst = run_dir(results_dir, key), run_dir(results_dir, history)
+            if not src.exists():
+                return None
+            src.rename(dst)
+            return str(src), str(dst)
+
+        try:
+            history = db.supersede(key, move)
+        except BaseException:
+            moved = [p for p in run_dir(results_dir, key).parent.glob(f"{key}@*")
+                     if not run_dir(results_dir, key).exists()]
+            for p in moved[:1]:  # the transaction failed after the move: put the files back
+                p.rename(run_dir(results_dir, key))
+            raise
+        out.write(f"cell {key[:12]}: code changed ({(was or 'unknown')} -> {now}); "
+                  f"the old run is kept as {history}, retraining\n")
+    return len(stale)
+
+
 def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] = None,
            jobs: Optional[int] = None, retry_failed: bool = False, out: Optional[TextIO] = None,
-           lost_after_s: Optional[float] = None) -> LaunchReport:
-    """Register the grid's cells and run every one that is not done. Returns a summary."""
+           lost_after_s: Optional[float] = None, rerun_stale: bool = False) -> LaunchReport:
+    """Register the grid's cells and run every one that is not done (with ``rerun_stale``, also
+    those done by code whose fingerprint differs from the installed code's). Returns a summary."""
     out = out or sys.stdout
     t_start = time.time()
     kind = resolve_executor(executor or grid.launcher.executor)
@@ -292,8 +373,10 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
     report = LaunchReport(grid=grid.name, total=len(grid.cells))
     for key in db.mark_lost(lost_after):
         out.write(f"cell {key[:12]} was running with no heartbeat for {lost_after:.0f}s: marked lost, will resume\n")
-    statuses = db.register(grid.name, [(c.key, c.variant, c.seed, c.spec.model_dump(mode="json"), c.overrides)
-                                       for c in grid.cells])
+    cells = [(c.key, c.variant, c.seed, c.spec.model_dump(mode="json"), c.overrides) for c in grid.cells]
+    statuses = db.register(grid.name, cells)
+    if rerun_stale and supersede_stale(db, [c.key for c in grid.cells], results_dir, out):
+        statuses = db.register(grid.name, cells)
     todo: list[Cell] = []
     for c in grid.cells:
         st = statuses[c.key]
@@ -330,8 +413,6 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
         else:
             out.write(f"preparation {name} ready in {secs:.0f}s\n")
 
-    from .jobs import PREP_PARTS
-
     out.write(f"preparing {len(preps)} dataset setting(s): {', '.join(PREP_PARTS)}\n")
     runner.run([(f"{k}/{part}", prepare_job, (c.spec.model_dump(mode="json"), str(results_dir), cpus, part))
                 for k, c in preps.items() for part in PREP_PARTS], prep_done)
@@ -346,8 +427,9 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
         if reason is None:
             runnable.append(c)
             continue
-        if db.claim(c.key):
-            db.fail(c.key, f"preparation failed: {reason}")
+        token = db.claim(c.key)
+        if token is not None:
+            db.fail(c.key, f"preparation failed: {reason}", token)
         counts["failed"] += 1
         report.errors[c.key] = f"preparation failed: {reason}"
     by_key = {c.key: c for c in runnable}
@@ -363,8 +445,7 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
             # `lost` (not `failed`): nothing says the cell itself is broken, the next run resumes it
             first = str(res).strip().splitlines()[-1] if str(res).strip() else type(res).__name__
             reason = f"job ended without a result: {first}"
-            if db.statuses([key]).get(key) in ("running", "pending"):
-                db.set_status(key, "lost", reason)
+            db.set_status(key, "lost", reason, only_from=("running", "pending"))
             res = {"status": "lost", "error": reason}
         status = res.get("status")
         if status == "done":
@@ -372,6 +453,11 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
             if not res.get("skipped"):
                 progress.durations.append(secs)
             note = f"done {label} in {secs:.0f}s"
+        elif status == "taken":  # marked lost while it ran, then claimed by another attempt
+            counts["elsewhere"] += 1
+            report.skipped += 1
+            report.errors[key] = "taken over by another attempt"
+            note = f"{label} was taken over by another attempt; this job stopped without writing"
         elif res.get("skipped") and status == "running":
             counts["elsewhere"] += 1
             report.skipped += 1
@@ -390,8 +476,9 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
     from .jobs import CellJob
 
     progress.show(0, 0, counts["failed"])
-    runner.run([(c.key, CellJob(), (c.key, db.url, str(results_dir), cpus)) for c in runnable],
-               cell_done, cell_submitted, record_ids=True)
+    with job_env(db.url):  # the jobs read the URL from their environment: no password in job files
+        runner.run([(c.key, CellJob(), (c.key, str(results_dir), cpus)) for c in runnable],
+                   cell_done, cell_submitted, record_ids=True)
     progress.close()
     report.done = counts["done"]
     report.failed = counts["failed"]

@@ -6,12 +6,13 @@ uninterrupted, and the data position is a pure function of the step.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ import torch.nn as nn
 from .config import RunSpec
 from .model import Generator, aux_losses, drop_text, masked_loss, random_mask, sample_tokens
 from .registry import load_registry
-from .utils import atomic_torch_save, torch_load
+from .utils import atomic_torch_save, peak_memory, torch_load
 
 VAL_IMAGES = 512
 
@@ -56,17 +57,39 @@ class Interrupted(Exception):
         self.step = step
 
 
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    """The checkpoint furthest in training among the attempts' files (``ckpt*.pt``) in ``folder``."""
+    best, best_step = None, -1
+    for f in sorted(Path(folder).glob("ckpt*.pt")):
+        try:
+            step = int(torch.load(f, map_location="cpu", weights_only=True, mmap=True)["step"])
+        except Exception:  # a file being replaced right now, or damaged: not a resume point
+            continue
+        if step > best_step:
+            best, best_step = f, step
+    return best
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Delete every attempt's checkpoint (once the run's result is committed)."""
+    for f in Path(folder).glob("ckpt*.pt"):
+        f.unlink(missing_ok=True)
+
+
 class Trainer:
     """Builds the generator for ``spec`` on prepared data and trains it, resumable."""
 
     def __init__(self, spec: RunSpec, prep: Any, device: torch.device, out_dir: Path,
                  log_metrics: Callable[[list[tuple[str, Optional[int], float]]], None] = lambda rows: None,
-                 say: Callable[[str], None] = print, interrupt: Callable[[], bool] = lambda: False):
+                 say: Callable[[str], None] = print, interrupt: Callable[[], bool] = lambda: False,
+                 attempt: Optional[str] = None):
         from .text import build_text_encoder
 
         self.spec, self.prep, self.device, self.out_dir = spec, prep, device, Path(out_dir)
         self.log_metrics, self.say = log_metrics, say
-        self.interrupt = interrupt  # asked at every step boundary: stop there (preemption)?
+        # asked at every step boundary and between sampling batches: stop there (preemption)?
+        # It may also raise (the job lost its claim), which ends the attempt without a write.
+        self.interrupt = interrupt
         results_dir = self.out_dir.parent.parent
         splits = prep.splits
         torch.manual_seed(spec.seed)  # every parameter, the learned text encoder's too, from the seed
@@ -96,10 +119,15 @@ class Trainer:
         self.last_step_at: Optional[float] = None  # when its latest step ended
         self.sheet_s = 0.0  # seconds of sample-sheet snapshots in this attempt (not in train_s)
         self._perms: dict[int, torch.Tensor] = {}
-        self.ckpt_path = self.out_dir / "ckpt.pt"
-        if self.ckpt_path.exists():
-            self._load(self.ckpt_path)
-            self.say(f"resumed from step {self.step}")
+        self.peak_mem_mb = float("nan")  # the model's training memory (max over attempts)
+        # each attempt writes its own checkpoint file, so two attempts of one run (one of them
+        # stale, about to find out) never overwrite each other's live file; a new attempt
+        # resumes from the furthest checkpoint any attempt left
+        self.ckpt_path = self.out_dir / (f"ckpt-{attempt}.pt" if attempt else "ckpt.pt")
+        latest = latest_checkpoint(self.out_dir)
+        if latest is not None:
+            self._load(latest)
+            self.say(f"resumed from step {self.step} ({latest.name})")
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -107,7 +135,7 @@ class Trainer:
                 "sched": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else {},
                 "train_s": self.train_s, "timed_steps": self.timed_steps,
                 "last_train_loss": self.last_train_loss, "last_val_loss": self.last_val_loss,
-                "loss_acc": self.loss_acc, "loss_n": self.loss_n}
+                "loss_acc": self.loss_acc, "loss_n": self.loss_n, "peak_mem_mb": self.peak_mem_mb}
 
     def _load(self, path: Path) -> None:
         st = torch_load(path)
@@ -119,6 +147,7 @@ class Trainer:
         self.step, self.train_s, self.timed_steps = st["step"], st["train_s"], st["timed_steps"]
         self.last_train_loss, self.last_val_loss = st["last_train_loss"], st["last_val_loss"]
         self.loss_acc, self.loss_n = st.get("loss_acc", 0.0), st.get("loss_n", 0)
+        self.peak_mem_mb = float(st.get("peak_mem_mb", float("nan")))
 
     def save_checkpoint(self) -> None:
         atomic_torch_save(self._state(), self.ckpt_path)
@@ -139,6 +168,26 @@ class Trainer:
         return out.to(self.device)
 
     # -- training ------------------------------------------------------------------------------
+    def _loss(self, codes: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor,
+              g: Optional[torch.Generator]) -> torch.Tensor:
+        """The training loss of codes ``[B, L]`` under captions ``feats [B, T, F]``/``mask``:
+        mask a random share of tokens, predict them, plus the backbone's auxiliary losses."""
+        inputs, masked = random_mask(codes, self.model.mask_id, generator=g)
+        logits, aux = self.model(inputs, feats, mask, targets=codes, masked=masked)
+        loss = masked_loss(logits, codes, masked, self.spec.train.label_smoothing)
+        for v in aux_losses(aux).values():
+            loss = loss + v
+        return loss
+
+    def _warm_up(self) -> None:
+        """One forward and backward pass on two training examples, before memory is measured, so
+        that what any first call loads (compiled scan kernels, lazy buffers) is not counted as
+        the model's memory. Changes nothing: RNG state restored, gradients dropped, no step."""
+        with torch.random.fork_rng(devices=[]):
+            feats, mask = (x[:2] for x in self.feats["train"])
+            self._loss(self.codes["train"][:2], feats, mask, None).backward()
+        self.model.zero_grad(set_to_none=True)
+
     def train_step(self, step: int) -> float:
         t = self.spec.train
         g = torch.Generator().manual_seed(_step_seed(self.spec.seed, step))
@@ -147,12 +196,8 @@ class Trainer:
         codes = self.codes["train"][idx]  # [B, L]
         feats, mask = (x[idx] for x in self.feats["train"])
         feats, mask = drop_text(feats, mask, *self.null, t.cond_dropout, generator=g)
-        inputs, masked = random_mask(codes, self.model.mask_id, generator=g)
         self.model.train()
-        logits, aux = self.model(inputs, feats, mask, targets=codes)
-        loss = masked_loss(logits, codes, masked, t.label_smoothing)
-        for v in aux_losses(aux).values():
-            loss = loss + v
+        loss = self._loss(codes, feats, mask, g)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         self.opt.zero_grad(set_to_none=True)
@@ -187,6 +232,35 @@ class Trainer:
         return total / max(1, count)
 
     def train(self) -> None:
+        """Train to ``train.steps`` (from wherever the checkpoint left off), measuring the memory
+        the training steps take (:meth:`_measure_memory`)."""
+        if self.step >= self.spec.train.steps:
+            return
+        with self._measure_memory():
+            self._train()
+
+    @contextlib.contextmanager
+    def _measure_memory(self) -> Iterator[None]:
+        """``peak_mem_mb``: the model's training memory, measured over this attempt's training
+        steps only (data, judge, tokenizer and compiled kernels were loaded before): the CUDA
+        allocator's peak on a GPU; on a CPU the growth of this process's resident set from
+        before the first step to its high-water mark during the steps (Linux; NaN elsewhere).
+        The largest value over a run's attempts is kept."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            yield
+            mb = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+        else:
+            self._warm_up()
+            with peak_memory(collect=True) as m:
+                yield
+            mb = m["mb"] if m["mb"] is not None else float("nan")
+        if math.isfinite(mb):
+            self.peak_mem_mb = mb if not math.isfinite(self.peak_mem_mb) else max(self.peak_mem_mb, mb)
+
+    def _train(self) -> None:
         t = self.spec.train
         rows: list[tuple[str, Optional[int], float]] = []
         while self.step < t.steps:
@@ -239,6 +313,8 @@ class Trainer:
             out["train_s"] = self.train_s
         if self.sheet_s:
             out["sheet_s"] = self.sheet_s
+        if math.isfinite(self.peak_mem_mb):
+            out["peak_mem_mb"] = self.peak_mem_mb
         return out
 
     @torch.no_grad()
@@ -250,10 +326,17 @@ class Trainer:
         bs = self.spec.sample.batch_size
         codes = []
         for i in range(0, n, bs):
+            self.safe_point()
             feats, mask = (x[i:min(n, i + bs)] for x in self.feats[split])
             codes.append(sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g))
         h, w = self.prep.vq.grid
         return self.prep.vq.decode(torch.cat(codes).view(-1, h, w))
+
+    def safe_point(self) -> None:
+        """Outside training (sampling, evaluation), where stopping loses nothing: the checkpoint
+        of the last step is on disk, and a resumed job redoes the evaluation (deterministic)."""
+        if self.interrupt():
+            raise Interrupted(self.step)
 
     def evaluate(self) -> dict[str, float]:
         from .eval import evaluate_images
@@ -269,6 +352,7 @@ class Trainer:
         save_sheet(images[:64].cpu(), self.samples_path)
         (self.out_dir / "samples.txt").write_text("\n".join(test.captions[:64]) + "\n")
         attrs = test.attrs[:n] if test.attrs is not None else None
+        self.safe_point()
         metrics = evaluate_images(images, test.captions[:n], attrs, test, self.prep.judge,
                                   self.spec.eval, self.device)
         metrics["sample_images_per_s"] = n / sample_s

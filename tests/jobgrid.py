@@ -94,7 +94,8 @@ def poll_run(db_url: str, predicate: Callable, timeout: float = 300) -> tuple[st
 
 
 def wait_for(path: Path, timeout: float = 300) -> None:
+    """Wait until ``path`` exists (a glob pattern in its last part: until one file matches)."""
     t0 = time.time()
-    while not path.exists():
+    while not (any(path.parent.glob(path.name)) if "*" in path.name else path.exists()):
         assert time.time() - t0 < timeout, f"{path} never appeared"
         time.sleep(0.05)

@@ -20,14 +20,16 @@ def _writer(url: str, w: int) -> dict:
         own = [(f"w{w}-r{i}", "fake", i, {"w": w, "i": i}, {}) for i in range(OWN_RUNS)]
         shared = [(f"shared-{i}", "fake", i, {"i": i}, {}) for i in range(4)]
         db.register(f"grid-{w % 4}", own + shared)  # shared keys: concurrent inserts of one row
-        won = [key for key, *_ in shared if db.claim(key, job_id=f"w{w}")]
-        for key in [k for k, *_ in own] + won:
-            if key in won or db.claim(key, job_id=f"w{w}"):
-                for step in range(1, STEPS + 1):
-                    db.log_metrics(key, [("train_loss", step, 1.0 / step), ("lr", step, 0.1)])
-                    if step % 5 == 0:
-                        db.heartbeat(key)
-                db.finish(key, {"fid_domain": float(w), "align_acc": 0.5}, [("model", f"/m/{key}")])
+        tokens = {key: tok for key, *_ in shared if (tok := db.claim(key, job_id=f"w{w}"))}
+        won = list(tokens)
+        for key, *_ in own:
+            tokens[key] = db.claim(key, job_id=f"w{w}")
+        for key, tok in tokens.items():
+            for step in range(1, STEPS + 1):
+                db.log_metrics(key, [("train_loss", step, 1.0 / step), ("lr", step, 0.1)], tok)
+                if step % 5 == 0:
+                    assert db.heartbeat(key, tok)
+            db.finish(key, {"fid_domain": float(w), "align_acc": 0.5}, [("model", f"/m/{key}")], token=tok)
         return {"won": won}
     finally:
         db.close()

@@ -40,10 +40,19 @@ def readout_head(seed: int = 7) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(D), nn.Linear(D, K)).double()
 
 
+def token_embedding(seed: int = 9) -> nn.Module:
+    """Stands in for the generator's ``embed``: tokens ``[B, L]`` (K codes and [MASK]) -> ``[B, L, D]``."""
+    torch.manual_seed(seed)
+    return nn.Embedding(K + 1, D).double()
+
+
 def call(m: nn.Module, x, text, mask, targets=None, readout=None):
-    """The generator's calling convention; returns ``(h, aux)``."""
+    """The generator's calling convention; returns ``(h, aux)``. With ``targets``, the even
+    positions stand for the masked ones."""
     if getattr(m, "wants_targets", False):
-        out = m(x, text, mask, targets=targets, readout=readout or readout_head())
+        masked = None if targets is None else (torch.arange(L) % 2 == 0).expand(targets.shape[0], L)
+        out = m(x, text, mask, targets=targets, readout=readout or readout_head(), masked=masked,
+                embed=token_embedding().to(x.dtype))
     else:
         out = m(x, text, mask)
     return out if isinstance(out, tuple) else (out, {})

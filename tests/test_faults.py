@@ -28,7 +28,7 @@ def test_sigkill_mid_training_is_lost_then_resumed(tmp_path):
     results, db_url = tmp_path / "results", f"sqlite:///{tmp_path / 'k.db'}"
     with driving(start_run(grid, results, db_url)) as driver:
         key, job_id = poll_run(db_url, local_job_running)
-        wait_for(results / "runs" / key / "ckpt.pt")
+        wait_for(results / "runs" / key / "ckpt*.pt")
         os.kill(int(job_id.split(":")[1]), signal.SIGKILL)
         out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 1, out[-3000:]

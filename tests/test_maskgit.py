@@ -150,3 +150,49 @@ def test_sampler_critic_remask_uses_the_backbones_confidence():
     with pytest.raises(ValueError, match="remask"):
         sample_tokens(Toy(), torch.tensor([[1]]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([[-1]]),
                       torch.ones(1, 1, dtype=torch.bool), spec)
+
+
+class TokenCriticToy(nn.Module):
+    """The head samples code 1 at even positions and code 2 at odd ones (by a wide margin); the
+    critic trusts code 1 (+10), distrusts code 2 (-10), and, where it is shown [MASK], says the
+    opposite of the truth (+20 at odd positions, -20 at even ones): a sampler that scores the
+    tokens before filling in re-masks the wrong half. Records every input."""
+    codebook_size, mask_id, seq_len = 4, 4, 8
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, tokens, feats, mask):
+        self.seen.append(tokens.clone())
+        b, length = tokens.shape
+        pos = torch.arange(length).expand(b, length)
+        logits = torch.zeros(b, length, 4)
+        logits[..., 1] = torch.where(pos % 2 == 0, 50.0, 0.0)
+        logits[..., 2] = torch.where(pos % 2 == 1, 50.0, 0.0)
+        conf = torch.where(tokens == 1, 10.0, -10.0)
+        conf = torch.where(tokens == self.mask_id, torch.where(pos % 2 == 1, 20.0, -20.0), conf)
+        return logits, {"confidence": conf}
+
+
+def test_sampler_critic_scores_the_filled_in_tokens():
+    spec = SampleSpec(steps=2, guidance=0.0, choice_temperature=0.0, remask="critic")
+    toy = TokenCriticToy()
+    feats, mask = torch.ones(2, 1), torch.ones(2, 1, dtype=torch.bool)
+    nf, nm = torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)
+    out = sample_tokens(toy, feats, mask, nf, nm, spec, torch.Generator().manual_seed(0))
+    guided, critic_in, second = toy.seen[0], toy.seen[1], toy.seen[2]
+    assert (guided == toy.mask_id).all()
+    # the critic's call: every position just sampled is filled in, with the sampled token
+    assert not (critic_in == toy.mask_id).any()
+    assert torch.equal(critic_in[:, ::2], torch.ones_like(critic_in[:, ::2]))
+    assert torch.equal(critic_in[:, 1::2], torch.full_like(critic_in[:, 1::2], 2))
+    # after step 1 of 2, floor(8 cos(pi/4)) = 5 stay masked: the 4 distrusted odd tokens and
+    # one even one; the 3 decided tokens are the critic-trusted code 1
+    still = second == toy.mask_id
+    assert still[:, 1::2].all() and int(still.sum(1)[0]) == 5
+    assert (second[~still] == 1).all()
+    # step 2 fills in again before scoring: decided tokens as they were, the rest sampled
+    critic_in2 = toy.seen[3]
+    assert not (critic_in2 == toy.mask_id).any() and torch.equal(critic_in2[~still], second[~still])
+    assert torch.equal(out, critic_in2)

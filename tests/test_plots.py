@@ -21,8 +21,8 @@ def _runs() -> pd.DataFrame:
                                    ("b", "", 0, 8.0, 50.0, 0.2), ("b", "", 1, 8.0, 50.0, 0.4),
                                    ("c", "", 0, 20.0, 200.0, 0.9),
                                    ("d", "", 0, 30.0, 90.0, 0.1)]:  # d: beaten by a on both axes
-        rows.append(dict(run_id=len(rows) + 1, variant=v, hyper=h, seed=s, status="done",
-                         fid_domain=fid, train_tokens_per_s=tok, align_acc=acc))
+        rows.append(dict(run_id=len(rows) + 1, variant=v, hyper=h, seed=s, status="done", config_key=f"cfg-{v}",
+                         fingerprint="f" * 40, fid_domain=fid, train_tokens_per_s=tok, align_acc=acc))
     df = pd.DataFrame(rows)
     df["label"] = plots.group_labels(df)
     return df
@@ -45,6 +45,62 @@ def test_loss_curves_mean_line_and_band_per_variant():
     bands = [c for c in train_ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 2  # a and b have two seeds; c and d one (no band)
     assert [t.get_text() for t in train_ax.get_legend().get_texts()] == ["a", "b", "c", "d"]
+
+
+def test_group_labels_follow_the_configuration_and_the_code_not_the_hyper_text():
+    runs = pd.DataFrame(dict(run_id=[1, 2, 3, 4, 5, 6], variant=["a", "a", "a", "a", "b", "a"], hyper="",
+                             config_key=["c1", "c1", "c2", "c2", "c3", "c1"], seed=[0, 1, 0, 1, 0, 2],
+                             status=["done"] * 5 + ["pending"], fingerprint=["f" * 40] * 5 + [None]))
+    labels = plots.group_labels(runs)  # no specs: the config key tells the two settings of a apart
+    assert labels[0] == labels[1] != labels[2] == labels[3] and labels[4] == "b" and labels[5] == labels[0]
+    assert labels[0].startswith("a (") and "c1" in labels[0] and "c2" in labels[2]
+    named = plots.group_labels(runs, specs={"c1": {"model.width": 48}, "c2": {"model.width": 64}})
+    assert list(named) == ["a (model.width=48)"] * 2 + ["a (model.width=64)"] * 2 + ["b", "a (model.width=48)"]
+    runs.loc[1, "fingerprint"] = "e" * 40  # seed 1 of c1 by other code: a group of its own
+    split = plots.group_labels(runs, specs={"c1": {"model.width": 48}, "c2": {"model.width": 64}})
+    assert split[0] == "a (model.width=48) [code ffffffff]" and split[1] == "a (model.width=48) [code eeeeeeee]"
+    assert split[2] == "a (model.width=64)" and split[5] == "a (model.width=48) [code unknown]"
+
+
+def test_plot_all_never_pools_two_configs_with_equal_overrides_or_two_code_versions(tmp_path, monkeypatch):
+    # the same variant at two widths in two grids, each with overrides {model.variant} only: the
+    # same hyper text; and one more seed of the first width by other code
+    from ablate.config import RunSpec
+    from ablate.db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'ablate.db'}")
+    cells = {}  # key: (grid, width, seed, fingerprint, train loss)
+    for width, grid, loss in ((48, "g48", 2.0), (64, "g64", 1.0)):
+        for seed in (0, 1):
+            cells[f"w{width}s{seed}"] = (grid, width, seed, "a" * 40, loss + seed)
+    cells["w48s2"] = ("g48", 48, 2, "b" * 40, 7.0)
+    for key, (grid, width, seed, _, _) in cells.items():
+        spec = RunSpec.model_validate({"model": {"variant": "transformer", "width": width}, "seed": seed})
+        db.register(grid, [(key, "transformer", seed, spec.model_dump(mode="json"), {"model.variant": "transformer"})])
+    for key, (_, _, seed, fp, loss) in cells.items():
+        tok = db.claim(key)
+        db.set_provenance(key, tok, "rev", fp)
+        db.log_metrics(key, [("train_loss", 5, loss), ("train_loss", 10, loss / 2), ("val_loss", 10, loss)], tok)
+        db.finish(key, {"fid_domain": loss, "train_tokens_per_s": 100.0}, token=tok)
+    figures = {}
+
+    def keep(fig, out, name):  # the figures themselves, not files
+        figures[name] = fig
+        return []
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_all(db, tmp_path / "plots")  # the whole database: both grids
+    db.close()
+    ax = figures["loss_curves"].axes[0]
+    lines = {line.get_label(): line.get_ydata() for line in ax.lines}
+    assert set(lines) == {"transformer (model.width=48) [code aaaaaaaa]",
+                          "transformer (model.width=48) [code bbbbbbbb]", "transformer (model.width=64)"}
+    np.testing.assert_allclose(lines["transformer (model.width=48) [code aaaaaaaa]"], [2.5, 1.25])  # seeds 0, 1
+    np.testing.assert_allclose(lines["transformer (model.width=48) [code bbbbbbbb]"], [7.0, 3.5])
+    np.testing.assert_allclose(lines["transformer (model.width=64)"], [1.5, 0.75])
+    assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 2  # a band per two-seed group
+    bars = figures["metrics"].axes[0]
+    assert sorted(t.get_text() for t in bars.get_xticklabels()) == sorted(lines)
 
 
 def test_pareto_front_marks_the_non_dominated_points():
@@ -104,12 +160,13 @@ def test_plot_all_writes_every_figure(tmp_path):
              enumerate([("transformer", 0), ("transformer", 1), ("mamba-prefix", 0)])]
     db.register("g", cells)
     for key, v, s, _, _ in cells:
-        assert db.claim(key)
-        db.log_metrics(key, [("train_loss", 5, 2.0), ("train_loss", 10, 1.0), ("val_loss", 10, 1.2)])
+        tok = db.claim(key)
+        assert tok
+        db.log_metrics(key, [("train_loss", 5, 2.0), ("train_loss", 10, 1.0), ("val_loss", 10, 1.2)], tok)
         folder = tmp_path / "runs" / key / "sheet"
         _snapshots(folder, prompts, [5, 10], seed=s)
         db.finish(key, {"fid_domain": 10.0 + s, "train_tokens_per_s": 100.0 * (1 + s), "align_acc": 0.5},
-                  [("sheet", str(folder))])
+                  [("sheet", str(folder))], token=tok)
     written = plots.plot_all(db, tmp_path / "plots", grid="g")
     names = sorted({p.name for p in written})
     assert names == sorted(f"{n}.{e}" for n in ("loss_curves", "pareto_fid_domain_vs_train_tokens_per_s", "metrics",

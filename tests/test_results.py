@@ -2,6 +2,7 @@
 transactions, numbers checked against hand computation, every format parsed back."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -38,6 +39,13 @@ def _spec(variant: str, overrides: dict, seed: int) -> dict:
     return spec.model_dump(mode="json")
 
 
+def _owned(write, token, *args):
+    """``write(*args)`` by the claiming attempt: with ``token=`` where the store takes one."""
+    if "token" in inspect.signature(write).parameters:
+        return write(*args, token=token)
+    return write(*args)
+
+
 @pytest.fixture(scope="module")
 def fixture_db(tmp_path_factory):
     root = tmp_path_factory.mktemp("results")
@@ -50,12 +58,13 @@ def fixture_db(tmp_path_factory):
     for (key, *_), (_, _, _, status, final) in zip(cells, RUNS):
         if status == "pending":
             continue
-        assert db.claim(key)
-        db.log_metrics(key, [("train_loss", 10, 2.0), ("train_loss", 20, 1.5), ("val_loss", 20, 1.7)])
+        tok = db.claim(key)
+        assert tok
+        _owned(db.log_metrics, tok, key, [("train_loss", 10, 2.0), ("train_loss", 20, 1.5), ("val_loss", 20, 1.7)])
         if status == "done":
-            db.finish(key, final, [("model", f"/nowhere/{key}.pt")])
+            _owned(db.finish, tok, key, final, [("model", f"/nowhere/{key}.pt")])
         else:
-            db.fail(key, "RuntimeError: boom\nTraceback (most recent call last): ...")
+            _owned(db.fail, tok, key, "RuntimeError: boom\nTraceback (most recent call last): ...")
     yield db, url, root
     db.close()
 
@@ -101,9 +110,11 @@ def test_mean_std_n_match_hand_computation(fixture_db):
     w32 = t[(t["Method"] == "mamba-prefix") & (t["Hyperparameters"] == "model.width=32")].iloc[0]
     assert w32["n"] == 1 and math.isnan(w32["fid_domain_std"])
     shown = display_table(t).set_index(["Method", "Hyperparameters"])
-    assert shown.loc[("transformer", "base"), "FID (domain) ↓"] == "13.0 ± 3.6"
+    # mean ± the 95% t half-width (t_{0.975,2} * 3.606 / sqrt(3) = 8.96) and n
+    assert shown.loc[("transformer", "base"), "FID (domain) ↓"] == "13.0 ± 9.0 (n=3)"
     assert shown.loc[("mamba-prefix", "model.width=64"), "Train tok/s ↑"] == "500 (n=1)"
-    assert shown.loc[("mamba-prefix", "model.width=32"), "Align acc ↑"] == "0.900"
+    assert shown.loc[("mamba-prefix", "model.width=32"), "Align acc ↑"] == "0.900 (n=1)"
+    assert "n=1: no interval" in w32["Notes"] and "n=1" not in tr["Notes"]
     # a grid's table lists what the grid ran; the whole-database table also lists the
     # registered variants that never ran, after the ones that did
     assert list(t["Method"]) == ["mamba-prefix", "mamba-prefix", "transformer"]
@@ -120,7 +131,7 @@ def _row(md: str, method: str, hyper: str) -> list[str]:
     raise AssertionError(f"no row {method} {hyper}")
 
 
-def test_best_value_marked_on_the_right_cell(fixture_db):
+def test_no_bold_on_noise_ties_marked_on_the_right_cells(fixture_db):
     db, _, _ = fixture_db
     t = build_table(db, "g")
     md = render(t, "markdown")
@@ -129,14 +140,16 @@ def test_best_value_marked_on_the_right_cell(fixture_db):
            [("fid", "FID (domain) ↓"), ("align", "Align acc ↑"), ("tok", "Train tok/s ↑"), ("params", "Params")]}
     w64, w32, tr = (_row(md, "mamba-prefix", "model.width=64"), _row(md, "mamba-prefix", "model.width=32"),
                     _row(md, "transformer", "base"))
-    assert w64[col["fid"]].startswith("**8.5")  # lower is better
-    assert w32[col["align"]] == "**0.900**"  # higher is better
-    assert w32[col["tok"]] == "**2000**"
-    assert sum("**" in r[col["fid"]] for r in (w64, w32, tr)) == 1
-    assert not any("**" in r[col["params"]] for r in (w64, w32, tr))  # no direction, no mark
-    assert t.attrs["best"]["fid_domain"] == [int(t.index[(t["Method"] == "mamba-prefix")
-                                                         & (t["Hyperparameters"] == "model.width=64")][0])]
-    assert r"\textbf{8.5" in render(t, "latex") and "<strong>0.900</strong>" in render(t, "html")
+    # every column has an n=1 row (w32), so nothing can be significantly best: no bold at all
+    assert t.attrs["best"] == {} and "**" not in md.split("\n\n")[0]
+    # lower FID is better: w64 (8.5) is the best, and tied with the rest (none significantly worse)
+    pos = int(t.index[(t["Method"] == "mamba-prefix") & (t["Hyperparameters"] == "model.width=64")][0])
+    assert t.attrs["tied"]["fid_domain"][0] == pos
+    assert w64[col["fid"]] == "_8.5 ± 6.4 (n=2)_" and tr[col["fid"]].startswith("_13.0")
+    assert w32[col["align"]] == "_0.900 (n=1)_"  # higher is better: the n=1 best is only tied
+    assert not any("_" in r[col["params"]] for r in (w64, w32, tr))  # no direction, no mark
+    assert "n=1: a single run" in md
+    assert r"\textit{8.5" in render(t, "latex") and "<em>0.900 (n=1)</em>" in render(t, "html")
 
 
 def test_markdown_has_one_row_per_variant_setting(fixture_db):
@@ -146,18 +159,21 @@ def test_markdown_has_one_row_per_variant_setting(fixture_db):
     methods = [r.split(" | ")[0].lstrip("| ") for r in rows]
     assert len(methods) == len(set(methods)) and {"transformer", "mamba-prefix"} <= set(methods)
     prefix = _row(md, "mamba-prefix", "Yes (3)")
-    assert "pooled over 2 settings" in prefix[-2]
+    assert "pooled over 2 configs" in prefix[-2]
 
 
 def test_csv_round_trips(fixture_db):
     db, _, _ = fixture_db
     t = build_table(db, "g")
     back = pd.read_csv(StringIO(render(t, "csv")))
-    pd.testing.assert_frame_equal(back, t.reset_index(drop=True), check_dtype=False)
+    expected = t.reset_index(drop=True).astype(object).where(t.notna(), float("nan")).infer_objects()
+    pd.testing.assert_frame_equal(back, expected, check_dtype=False)  # (csv has no None: NaN)
+    assert {"fid_domain_ci95_low", "fid_domain_ci95_high", "fid_domain_std", "fid_domain_n",
+            "config_key", "fingerprint", "older_code"} <= set(back.columns)
 
 
 def test_latex_and_html_contain_every_value(fixture_db):
-    from ablate.report.table import latex_escape
+    from ablate.report.render import latex_escape
     import html
 
     db, _, _ = fixture_db
@@ -177,14 +193,20 @@ def test_json_loads_with_best_flags(fixture_db):
     assert doc["metrics"] == ["fid_domain", "align_acc"] and len(doc["rows"]) == len(t)
     tr = next(r for r in doc["rows"] if r["Method"] == "transformer")
     assert tr["metrics"]["fid_domain"]["mean"] == pytest.approx(13.0) and tr["n"] == 3
-    assert sum(r["metrics"]["fid_domain"]["best"] for r in doc["rows"]) == 1
+    assert not any(r["metrics"]["fid_domain"]["best"] for r in doc["rows"])  # noise: no best
+    assert sum(r["metrics"]["fid_domain"]["tied"] for r in doc["rows"]) == 3
+    cell = tr["metrics"]["fid_domain"]
+    assert cell["std"] == pytest.approx(statistics.stdev([10.0, 12.0, 17.0])) and cell["n"] == 3
+    assert (cell["ci95_high"] - cell["ci95_low"]) / 2 == pytest.approx(4.302653 * cell["std"] / math.sqrt(3))
+    w32 = next(r for r in doc["rows"] if r["Hyperparameters"] == "model.width=32")
+    assert w32["metrics"]["fid_domain"]["ci95_low"] is None and w32["config_key"]
 
 
 def test_group_by_sort_and_metrics(fixture_db):
     db, _, _ = fixture_db
     t = build_table(db, "g", metrics=["align_acc"], group_by=["model.width"], sort="align_acc")
     assert "model.width" in t.columns and [c for c in t.columns if c.startswith("align")] == \
-        ["align_acc", "align_acc_std", "align_acc_n"]
+        ["align_acc", "align_acc_std", "align_acc_n", "align_acc_ci95_low", "align_acc_ci95_high"]
     ran = t[t["n"] > 0]
     assert list(ran["align_acc"]) == sorted(ran["align_acc"], reverse=True)  # best (highest) first
     fid_sorted = build_table(db, "g", metrics=["fid_domain"], sort="fid_domain")

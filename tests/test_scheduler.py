@@ -20,16 +20,25 @@ def test_auto_executor_follows_sbatch_on_path(tmp_path, monkeypatch):
         scheduler.resolve_executor("kubernetes")
 
 
+SLURM_LAUNCHER = {"slurm": {
+    "partition": "gpu", "gpus_per_job": 2, "cpus_per_job": 6, "mem_gb": 40, "time_min": 90,
+    "account": "lab", "qos": "high", "constraint": "a100", "array_parallelism": 8,
+    "extra": {"exclude": "node3"}}}
+
+
 def test_slurm_parameters_come_from_the_launcher(tmp_path):
-    launcher = LauncherSpec.model_validate({"slurm": {
-        "partition": "gpu", "gpus_per_job": 2, "cpus_per_job": 6, "mem_gb": 40, "time_min": 90,
-        "account": "lab", "qos": "high", "constraint": "a100", "array_parallelism": 8,
-        "extra": {"exclude": "node3"}}})
-    ex = scheduler.make_executor("slurm", tmp_path / "grid", launcher)
-    p = ex.parameters
+    """Our part, on any machine: the sbatch parameters computed from launcher.slurm."""
+    p = scheduler.slurm_parameters(tmp_path / "grid", LauncherSpec.model_validate(SLURM_LAUNCHER))
     assert (p["partition"], p["gpus_per_node"], p["cpus_per_task"], p["mem"], p["time"]) == ("gpu", 2, 6, "40GB", 90)
     assert (p["account"], p["qos"], p["constraint"], p["array_parallelism"]) == ("lab", "high", "a100", 8)
-    assert p["additional_parameters"] == {"exclude": "node3"}
+    assert p["additional_parameters"] == {"exclude": "node3"} and p["signal_delay_s"] == 120
+    assert "gpus_per_node" not in scheduler.slurm_parameters(
+        tmp_path, LauncherSpec.model_validate({"slurm": {"gpus_per_job": 0}})), "CPU-only jobs ask for no GPU"
+
+
+def test_slurm_executor_writes_them_into_sbatch(tmp_path, slurm):
+    """submitit's real Slurm executor (it needs srun on PATH) renders them as sbatch flags."""
+    ex = scheduler.make_executor("slurm", tmp_path / "grid", LauncherSpec.model_validate(SLURM_LAUNCHER))
     sbatch = ex._make_submission_file_text("python -c pass", "uid")
     for flag in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=6", "--mem=40GB", "--time=90",
                  "--account=lab", "--qos=high", "--constraint=a100", "--exclude=node3", "--signal=USR2@120"):

@@ -44,6 +44,10 @@ def test_fresh_database_is_at_head_and_matches_the_models(any_db_url):
     assert ScriptDirectory.from_config(cfg).get_current_head() == schema.HEAD
 
 
+# a spec as session 1 stored it: no data.heldout (the field came later and changes keys)
+OLD_SPEC = '{"model": {"variant": "transformer", "width": 48}, "data": {"name": "shapes"}, "seed": 0}'
+
+
 def _old_database(url, versioned: bool):
     """A database as session 1 made it: revision 0001 tables, one finished run with metrics."""
     from alembic import command
@@ -56,7 +60,8 @@ def _old_database(url, versioned: bool):
             conn.execute(text(f"DROP TABLE {schema.VERSION_TABLE}"))
         conn.execute(text(
             "INSERT INTO runs (id, key, grid, variant, seed, spec, overrides, status, created_at, attempts) "
-            "VALUES (1, 'k1', 'g', 'transformer', 0, '{}', '{}', 'done', CURRENT_TIMESTAMP, 1)"))
+            "VALUES (1, 'k1', 'g', 'transformer', 0, :spec, '{}', 'done', CURRENT_TIMESTAMP, 1)"),
+            {"spec": OLD_SPEC})
         conn.execute(text("INSERT INTO metrics (run_id, name, step, value) VALUES (1, 'fid_domain', NULL, 12.5)"))
         conn.execute(text("INSERT INTO grid_runs (grid, run_id, overrides) VALUES ('g', 1, '{}')"))
         conn.commit()
@@ -70,7 +75,12 @@ def test_old_database_is_upgraded_in_place(any_db_url, versioned):
     db = Database(any_db_url)
     try:
         assert db.final_metrics("k1") == {"fid_domain": 12.5} and db.grids() == ["g"]
-        assert db.run("k1").status == "done"
+        run = db.run("k1")
+        assert run.status == "done" and run.fingerprint is None, "the code of an old run is unknown"
+        # 0004 backfills the configuration key from the stored spec, as stored (not filled in)
+        import json
+        from ablate.config import RunSpec, config_key, stored_config_key
+        assert run.config_key == stored_config_key(json.loads(OLD_SPEC)) != config_key(RunSpec())
         db.record_bench("ops", [{"x": 1}])  # the table 0002 added
         assert inspect(db.engine).has_table(schema.VERSION_TABLE)
     finally:

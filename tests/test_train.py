@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ablate.config import RunSpec
-from ablate.jobs import prepare
+from ablate.prepare import prepare
 from ablate.train import Trainer, lr_factor
 
 TINY = {

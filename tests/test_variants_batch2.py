@@ -212,14 +212,35 @@ def test_token_hook_is_each_tokens_own_text_read_in_each_directions_order(cls):
 
 # ------------------------------------------------------------------------------ mamba-critic
 
-def fixed_readout(argmax: torch.Tensor):
-    """A readout that ignores h: logits whose argmax is ``argmax [B, L]``; records its inputs."""
+def fixed_readout(argmax: torch.Tensor, scale: float = 3.0):
+    """A readout that ignores h: logits whose argmax is ``argmax [B, L]``; records its inputs.
+    With a large ``scale`` a sample from its softmax is the argmax."""
     calls = []
 
     def readout(h):
         calls.append(h)
-        return F.one_hot(argmax, K).to(h.dtype) * 3.0 - 1.0
+        return F.one_hot(argmax, K).to(h.dtype) * scale - 1.0
     return readout, calls
+
+
+def recording_embed(seed=11):
+    """A token embedding ``[B, L] -> [B, L, D]`` (K codes and [MASK]) that records its inputs."""
+    torch.manual_seed(seed)
+    table = nn.Embedding(K + 1, D).double()
+    calls = []
+
+    def embed(tokens):
+        calls.append(tokens.clone())
+        return table(tokens)
+    return embed, calls
+
+
+def some_masked(seed=1):
+    """``[B, L]`` bool: a random half of each row, never empty."""
+    g = torch.Generator().manual_seed(seed)
+    masked = torch.rand(B, L, generator=g) < 0.5
+    masked[:, 0] = True
+    return masked
 
 
 def test_critic_config_validation_and_registration():
@@ -232,8 +253,9 @@ def test_critic_config_validation_and_registration():
 
 
 @pytest.mark.parametrize("text_mode", ["hooks", "prefix"])
-def test_critic_loss_labels_on_a_hand_example(text_mode):
-    """Predictions are position % K everywhere; targets agree except at hand-picked places."""
+def test_critic_judges_the_filled_in_sequence_at_masked_positions_on_a_hand_example(text_mode):
+    """The head predicts position % K everywhere (sharply: its sample is its argmax); the truth
+    agrees except at hand-picked places, some masked, some not."""
     m = build(MambaCritic, text=text_mode, critic_weight=0.25)
     x, text, mask = inputs()
     pred = (torch.arange(L) % K).expand(B, L)
@@ -241,35 +263,67 @@ def test_critic_loss_labels_on_a_hand_example(text_mode):
     targets[0, [1, 4, 7]] = (targets[0, [1, 4, 7]] + 1) % K  # sample 0: three wrong
     targets[1, 0] = (targets[1, 0] + 3) % K  # sample 1: one wrong
     targets[2] = (targets[2] + 1) % K  # sample 2: all wrong
-    labels = torch.ones(B, L, dtype=F64)
-    labels[0, [1, 4, 7]] = 0
-    labels[1, 0] = 0
-    labels[2] = 0
-    readout, calls = fixed_readout(pred)
-    h, aux = m(x, text, mask, targets=targets, readout=readout)
-    _, states, logits = m.run(x, text, mask)
-    assert len(calls) == 2 and all(c.shape == (B, L, D) and not c.requires_grad for c in calls)
-    for c, s in zip(calls, states):  # each layer's pre-gate state is what gets read out
-        torch.testing.assert_close(c, s, atol=0, rtol=0)
-    torch.testing.assert_close(calls[-1], h, atol=0, rtol=0)  # the last layer is not gated
-    bce = [-(labels * F.logsigmoid(z) + (1 - labels) * F.logsigmoid(-z)).mean() for z in logits]
+    masked = torch.zeros(B, L, dtype=torch.bool)
+    masked[0, [1, 2, 4]] = True  # two of sample 0's wrong predictions masked, one right one
+    masked[1, [0, 5]] = True
+    masked[2, :] = True
+    readout, r_calls = fixed_readout(pred, scale=1e3)
+    embed, e_calls = recording_embed()
+    h, aux = m(x, text, mask, targets=targets, readout=readout, masked=masked, embed=embed)
+    h_ref, _, logits_ref = m.run(x, text, mask)
+    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+    torch.testing.assert_close(aux["confidence"], logits_ref[-1], atol=0, rtol=0)
+    # the head is read once, on the training pass's final state, without gradient
+    assert len(r_calls) == 1 and not r_calls[0].requires_grad
+    torch.testing.assert_close(r_calls[0], h, atol=0, rtol=0)
+    # the critic pass embeds the filled-in sequence: the head's sample where masked, truth elsewhere
+    fill = torch.where(masked, pred, targets)
+    assert len(e_calls) == 1 and torch.equal(e_calls[0], fill)
+    labels = torch.zeros(B, L, dtype=F64)  # 1 = the token is the true one; read at masked places only
+    labels[0, 2] = 1
+    labels[1, 5] = 1
+    assert torch.equal(labels.bool() & masked, (fill == targets) & masked)
+    _, _, logits = m.run(embed(fill), text, mask)
+    bce = [-(labels * F.logsigmoid(z) + (1 - labels) * F.logsigmoid(-z))[masked].mean() for z in logits]
     torch.testing.assert_close(aux["loss/critic"], 0.25 * (bce[0] + bce[1]) / 2, atol=1e-14, rtol=0)
-    torch.testing.assert_close(aux["confidence"], logits[-1], atol=0, rtol=0)
-    # the real head: labels from each layer's own prediction (layer 1's branch enlarged so that
-    # its prediction differs from layer 0's)
-    with torch.no_grad():
-        for mixer in m.layers[1].mix.mixers:
-            mixer.out_proj.weight.mul_(100)
-    _, states, logits = m.run(x, text, mask)
-    torch.manual_seed(3)
-    head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, K)).double()
-    targets = head(states[0]).argmax(-1)  # layer 0 right everywhere
-    _, aux = m(x, text, mask, targets=targets, readout=head)
-    y1 = (head(states[1]).argmax(-1) == targets).to(F64)
-    assert 0 < y1.mean() < 1  # layer 1 disagrees somewhere, so the two layers' labels differ
-    want = (F.binary_cross_entropy_with_logits(logits[0], torch.ones_like(y1))
-            + F.binary_cross_entropy_with_logits(logits[1], y1)) / 2 * 0.25
-    torch.testing.assert_close(aux["loss/critic"], want, atol=1e-14, rtol=0)
+    # the critic at the unmasked positions is not what the loss reads: their labels are 1 by
+    # construction, and a loss over every position is a different number
+    every = [-(((fill == targets).to(F64)) * F.logsigmoid(z) + (fill != targets) * F.logsigmoid(-z)).mean()
+             for z in logits]
+    assert abs(aux["loss/critic"] - 0.25 * (every[0] + every[1]) / 2) > 1e-6
+
+
+def test_critic_loss_ignores_unmasked_positions():
+    m = build(MambaCritic, critic_weight=0.5)
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(B, L, generator=g, dtype=F64) for _ in range(2)]
+    label = torch.rand(B, L, generator=g) < 0.5
+    masked = some_masked()
+    loss = m.critic_loss(logits, label, masked)
+    want = 0.5 * sum(F.binary_cross_entropy_with_logits(z[masked], label[masked].to(F64)) for z in logits) / 2
+    torch.testing.assert_close(loss, want, atol=1e-14, rtol=0)
+    # anything at unmasked positions: same loss, bit for bit
+    other = [torch.where(masked, z, torch.randn(B, L, generator=g, dtype=F64) * 100) for z in logits]
+    assert torch.equal(m.critic_loss(other, torch.where(masked, label, ~label), masked), loss)
+    # at a masked position it counts
+    flipped = label.clone()
+    flipped[0, 0] = ~flipped[0, 0]
+    assert m.critic_loss(logits, flipped, masked) != loss
+    # no masked position at all: 0, not NaN
+    assert m.critic_loss(logits, label, torch.zeros(B, L, dtype=torch.bool)) == 0
+    # end to end: the head's prediction at unmasked positions is never used
+    x, text, mask = inputs()
+    targets = torch.randint(0, K, (B, L), generator=g)
+    pred = torch.randint(0, K, (B, L), generator=g)
+    pred2 = torch.where(masked, pred, (pred + 1) % K)
+    embed, e_calls = recording_embed()
+    losses = []
+    for p in (pred, pred2):
+        torch.manual_seed(5)
+        _, aux = m(x, text, mask, targets=targets, readout=fixed_readout(p)[0], masked=masked, embed=embed)
+        losses.append(aux["loss/critic"])
+    assert torch.equal(e_calls[0], e_calls[1]) and torch.equal(losses[0], losses[1])
+    assert torch.equal(e_calls[0][~masked], targets[~masked])
 
 
 def test_critic_no_loss_without_targets_and_confidence_shape():
@@ -277,17 +331,43 @@ def test_critic_no_loss_without_targets_and_confidence_shape():
     x, text, mask = inputs()
     h, aux = m(x, text, mask)
     assert set(aux) == {"confidence"} and aux["confidence"].shape == (B, L)
-    h2, aux2 = m(x, text, mask, targets=torch.zeros(B, L, dtype=torch.long), readout=fixed_readout(
-        torch.zeros(B, L, dtype=torch.long))[0])
+    zeros = torch.zeros(B, L, dtype=torch.long)
+    embed, _ = recording_embed()
+    h2, aux2 = m(x, text, mask, targets=zeros, readout=fixed_readout(zeros)[0], masked=some_masked(),
+                 embed=embed)
     assert set(aux2) == {"confidence", "loss/critic"} and aux2["loss/critic"].dim() == 0
     torch.testing.assert_close(h2, h, atol=0, rtol=0)
+    torch.testing.assert_close(aux2["confidence"], aux["confidence"], atol=0, rtol=0)
     with pytest.raises(ValueError, match="readout"):
-        m(x, text, mask, targets=torch.zeros(B, L, dtype=torch.long))
+        m(x, text, mask, targets=zeros, masked=some_masked(), embed=embed)
+    with pytest.raises(ValueError, match="masked, embed"):
+        m(x, text, mask, targets=zeros, readout=fixed_readout(zeros)[0])
     m0 = build(MambaCritic, critic_weight=0.0)
-    _, aux0 = m0(x, text, mask, targets=torch.zeros(B, L, dtype=torch.long), readout=fixed_readout(
-        torch.zeros(B, L, dtype=torch.long))[0])
+    _, aux0 = m0(x, text, mask, targets=zeros, readout=fixed_readout(zeros)[0], masked=some_masked(),
+                 embed=embed)
     assert aux0["loss/critic"] == 0
 
+
+@pytest.mark.parametrize("gate", ["none", "sigmoid"])
+def test_critic_loss_trains_the_critics_not_the_layers(gate):
+    """The critic pass runs the layers without gradient: the critic loss reaches every critic
+    and the caption, never a Mamba layer, the token embedding or the image states."""
+    m = build(MambaCritic, gate=gate).train()
+    x, text, mask = inputs(n_real=(5, 5, 5), garbage=False)
+    x.requires_grad_()
+    text.requires_grad_()
+    torch.manual_seed(7)
+    table = nn.Embedding(K + 1, D).double()
+    targets = torch.randint(0, K, (B, L))
+    head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, K)).double()
+    _, aux = m(x, text, mask, targets=targets, readout=head, masked=some_masked(), embed=table)
+    aux["loss/critic"].backward()
+    assert all(p.grad is None for p in m.layers.parameters())
+    assert table.weight.grad is None and x.grad is None
+    assert all(p.grad is None for p in head.parameters())
+    for c in m.critics:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in c.parameters())
+    assert text.grad.abs().sum() > 0
 
 @pytest.mark.parametrize("scan", ["forward", "cross4"])
 def test_gate_none_with_prefix_text_is_mamba_prefix(scan):
@@ -364,8 +444,10 @@ def test_sampling_with_critic_remasking_runs_through_a_generator(text_mode):
     enc = build_text_encoder(TextSpec(encoder="learned", max_len=T, width=D), captions, None)
     gen = Generator(MambaCritic, MambaCritic.Config(text=text_mode), enc, codebook_size=K, grid=GRID,
                     width=D, depth=2, heads=2, text_len=T).eval()
-    calls = []
+    calls, seen = [], []
     gen.backbone.register_forward_hook(lambda mod, args, out: calls.append(out[1]["confidence"].shape))
+    forward = gen.forward
+    gen.forward = lambda tokens, *a, **k: (seen.append(tokens.clone()), forward(tokens, *a, **k))[1]
     feats, tmask = enc.featurize(captions)
     null = enc.null_features(1)
     spec = SampleSpec(steps=3, guidance=1.0, remask="critic")
@@ -374,6 +456,53 @@ def test_sampling_with_critic_remasking_runs_through_a_generator(text_mode):
     assert ((out >= 0) & (out < K)).all()
     # per step: the guided pass (conditional + null stacked) and the critic's own pass
     assert calls[:2] == [(6, L), (3, L)] and len(calls) == 2 * 3
-    # training call: the critic loss is there, finite
-    logits, aux = gen(out, feats, tmask, targets=out)
-    assert torch.isfinite(aux["loss/critic"]) and logits.shape == (3, L, K)
+    # the critic's pass reads the filled-in sequence: no [MASK] left, the decided tokens kept,
+    # and every token the step keeps decided is the one the critic saw
+    for step in range(3):
+        before, critic_in = seen[2 * step][:3], seen[2 * step + 1]
+        after = seen[2 * step + 2][:3] if step < 2 else out
+        assert (before == gen.mask_id).any() and not (critic_in == gen.mask_id).any()
+        kept = before != gen.mask_id
+        assert torch.equal(critic_in[kept], before[kept])
+        decided = after != gen.mask_id
+        assert torch.equal(after[decided], critic_in[decided])
+    # training call: the critic loss is there, finite, and counts only the masked positions
+    inputs_ = out.clone()
+    inputs_[:, ::2] = gen.mask_id
+    logits, aux = gen(inputs_, feats, tmask, targets=out)
+    assert torch.isfinite(aux["loss/critic"]) and aux["loss/critic"] > 0 and logits.shape == (3, L, K)
+    assert gen(out, feats, tmask, targets=out)[1]["loss/critic"] == 0  # nothing masked, nothing judged
+
+
+def test_critic_training_resumes_exactly(tmp_path):
+    """The fill-in samples from the global RNG, which the trainer seeds per step: a run resumed
+    from a checkpoint ends with the same weights as the uninterrupted run."""
+    from ablate.config import RunSpec
+    from ablate.jobs import prepare
+    from ablate.train import Trainer
+
+    spec = RunSpec.model_validate({
+        "data": {"name": "shapes", "image_size": 16, "n_train": 64, "n_val": 16, "n_test": 16},
+        "tokenizer": {"codebook_size": 16, "code_dim": 8, "hidden": 16, "downsample": 4, "steps": 5,
+                      "batch_size": 16},
+        "text": {"max_len": 10, "width": 16, "heads": 2, "layers": 1},
+        "model": {"variant": "mamba-critic", "width": 16, "depth": 2, "heads": 2},
+        "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "log_every": 2, "eval_every": 2,
+                  "checkpoint_every": 2, "throughput_warmup": 0, "ema_decay": 0.9},
+        "eval": {"n_images": 8, "judge_steps": 5},
+    })
+    prep = prepare(spec, tmp_path, torch.device("cpu"), lambda m: None)
+    full = Trainer(spec, prep, torch.device("cpu"), tmp_path / "runs" / "full")
+    full.train()
+    part = Trainer(spec, prep, torch.device("cpu"), tmp_path / "runs" / "resumed")
+    for _ in range(2):
+        part.train_step(part.step)
+        part.step += 1
+    part.save_checkpoint()
+    del part
+    resumed = Trainer(spec, prep, torch.device("cpu"), tmp_path / "runs" / "resumed")
+    assert resumed.step == 2
+    resumed.train()
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), name

@@ -9,12 +9,17 @@ N images, shuffled by ``data.seed`` and cut as test = min(n_test, N // 5), val =
 N // 10), train = min(n_train, the rest); a warning names any split that was capped, and a pool
 too small for non-empty splits is an error.
 
+``shapes`` holds a seeded set of attribute combinations out of train and val (``data.heldout``;
+see :mod:`ablate.data.shapes`); every third test image names one. Each split carries the set as
+``ImageTextSet.heldout`` so that alignment can score seen and held-out captions apart.
+
 ``shuffle_captions`` permutes the *train* captions (and their attrs) among train images; val and
 test keep true captions. The images' true attributes stay in ``ImageTextSet.true_attrs`` so a
 classifier trained on the shuffled split can still learn what the images show.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -37,6 +42,7 @@ __all__ = ["ImageTextSet", "DatasetSplits", "load_dataset", "parse_caption", "da
 
 SPLITS = ("train", "val", "test")
 _SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
+_EXTRA_SEED = {"judge": 3, "reference": 4}  # shapes: seed streams of the evaluation-only sets
 _MIN_POOL = 10  # fixed pools need at least 1 val and 2 test images (FID needs two)
 
 
@@ -45,12 +51,14 @@ class ImageTextSet:
     """One split. ``images``: uint8 [n, 3, H, W]; ``captions``: n strings; ``attrs``: per image,
     what its caption describes (shapes: list of object dicts; digits: ``[{"digit": d}]``;
     folder: None). ``true_attrs`` is set only where the captions were shuffled: it then holds what
-    each image really shows (use :attr:`labels` to get that in every case)."""
+    each image really shows (use :attr:`labels` to get that in every case). ``heldout``: the
+    combinations the dataset keeps out of training (shapes; None elsewhere or when none is)."""
 
     images: torch.Tensor
     captions: list[str]
     attrs: Optional[list[list[dict]]]
     true_attrs: Optional[list[list[dict]]] = field(default=None, repr=False)
+    heldout: Optional[_shapes.HeldOut] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -72,7 +80,7 @@ class ImageTextSet:
         ids = list(range(len(self)))[idx] if isinstance(idx, slice) else [int(i) for i in idx]
         pick = (lambda xs: None if xs is None else [xs[i] for i in ids])  # noqa: E731
         return ImageTextSet(self.images[ids], [self.captions[i] for i in ids], pick(self.attrs),
-                            pick(self.true_attrs))
+                            pick(self.true_attrs), self.heldout)
 
 
 @dataclass
@@ -80,7 +88,10 @@ class DatasetSplits:
     """Train/val/test of one dataset. ``key`` hashes every DataSpec field that determines the
     splits (shuffle included); ``image_key`` leaves ``shuffle_captions`` out, so caches of things
     that depend only on images and their true labels (tokens, the judge) are shared by a run and
-    its shuffled-caption control."""
+    its shuffled-caption control.
+
+    Two more real sets, made on first use (never cached: shapes renders them in well under a
+    second) and for evaluation only: :attr:`judge_train` and :attr:`reference`."""
 
     name: str
     train: ImageTextSet
@@ -90,6 +101,34 @@ class DatasetSplits:
     image_key: str
     image_size: int
     max_objects: int
+    spec: Optional[DataSpec] = field(default=None, repr=False)
+
+    def _shapes_split(self, n: int, stream: int, heldout_every: int) -> ImageTextSet:
+        spec = self.spec
+        held = _shapes.heldout_combos(spec.seed, spec.heldout) if heldout_every else None
+        images, captions, attrs = _shapes.generate(n, spec.image_size, spec.max_objects, [spec.seed, stream],
+                                                   held, heldout_every)
+        return ImageTextSet(torch.from_numpy(images), captions, attrs, heldout=self.test.heldout)
+
+    @functools.cached_property
+    def judge_train(self) -> ImageTextSet:
+        """The real images (and true labels) the judge learns from. shapes: ``n_train`` images
+        of *every* attribute combination, from their own seed stream: the judge must read the
+        held-out combinations the generator never saw. Other datasets: ``train``."""
+        if self.name != "shapes" or self.spec is None:
+            return self.train
+        return self._shapes_split(self.spec.n_train, _EXTRA_SEED["judge"], 0)
+
+    @functools.cached_property
+    def reference(self) -> ImageTextSet:
+        """A second real sample of the *test* distribution, test's counterpart in the floors of
+        the distribution metrics (FID, KID, precision/recall of real vs real). shapes: ``n_test``
+        images with test's mix of held-out captions, from their own seed stream (val shows no
+        held-out combination, so val vs test would measure that shift too). Other datasets:
+        ``val``."""
+        if self.name != "shapes" or self.spec is None:
+            return self.val
+        return self._shapes_split(self.spec.n_test, _EXTRA_SEED["reference"], _shapes.HELDOUT_EVERY)
 
 
 def parse_caption(name: str, caption: str) -> Optional[dict]:
@@ -108,7 +147,7 @@ def _image_fields(spec: DataSpec) -> dict[str, Any]:
     f: dict[str, Any] = {"name": spec.name, "image_size": spec.image_size, "n_train": spec.n_train,
                          "n_val": spec.n_val, "n_test": spec.n_test, "seed": spec.seed}
     if spec.name == "shapes":
-        f.update(max_objects=spec.max_objects, version=_shapes.GENERATOR_VERSION)
+        f.update(max_objects=spec.max_objects, heldout=spec.heldout, version=_shapes.GENERATOR_VERSION)
     elif spec.name == "digits":
         f.update(version=_digits.GENERATOR_VERSION)
     return f
@@ -140,7 +179,9 @@ def _build(spec: DataSpec, entries: Optional[list[tuple[str, str]]]) -> dict[str
     S = spec.image_size
     if spec.name == "shapes":
         sizes = {"train": spec.n_train, "val": spec.n_val, "test": spec.n_test}
-        return {s: _shapes.generate(sizes[s], S, spec.max_objects, [spec.seed, _SPLIT_SEED[s]]) for s in SPLITS}
+        held = _shapes.heldout_combos(spec.seed, spec.heldout)
+        return {s: _shapes.generate(sizes[s], S, spec.max_objects, [spec.seed, _SPLIT_SEED[s]], held,
+                                    _shapes.HELDOUT_EVERY if s == "test" else 0) for s in SPLITS}
     rng = np.random.default_rng([spec.seed, 7])
     if spec.name == "digits":
         images, labels = _digits.load_all(S)
@@ -201,13 +242,15 @@ def load_dataset(spec: DataSpec, cache_root: Optional[Path] = None) -> DatasetSp
         parts = _build(spec, entries)
         if file is not None:
             _save(file, parts)
-    sets = {s: ImageTextSet(torch.from_numpy(np.ascontiguousarray(parts[s][0])), parts[s][1], parts[s][2])
-            for s in SPLITS}
+    held = _shapes.heldout_combos(spec.seed, spec.heldout) if spec.name == "shapes" else None
+    held = held or None  # nothing held out: no set to carry
+    sets = {s: ImageTextSet(torch.from_numpy(np.ascontiguousarray(parts[s][0])), parts[s][1], parts[s][2],
+                            heldout=held) for s in SPLITS}
     if spec.shuffle_captions:
         tr = sets["train"]
         perm = np.random.default_rng([spec.seed, 99]).permutation(len(tr))
         sets["train"] = ImageTextSet(tr.images, [tr.captions[i] for i in perm],
                                      None if tr.attrs is None else [tr.attrs[i] for i in perm],
-                                     true_attrs=tr.attrs)
+                                     true_attrs=tr.attrs, heldout=held)
     return DatasetSplits(spec.name, sets["train"], sets["val"], sets["test"], key, image_key,
-                         spec.image_size, spec.max_objects if spec.name == "shapes" else 1)
+                         spec.image_size, spec.max_objects if spec.name == "shapes" else 1, spec)

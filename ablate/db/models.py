@@ -19,7 +19,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # ``pruned``: stopped early by an Optuna study's pruner (its checkpoint stays; a grid that wants
 # the full result resumes it)
-STATUSES = ("pending", "running", "done", "failed", "lost", "cancelled", "pruned")
+# ``superseded``: a finished run kept as history after `ablate run --rerun-stale` retrained its
+# cell with newer code (its key carries ``@<id>``; the cell's key belongs to the new run)
+STATUSES = ("pending", "running", "done", "failed", "lost", "cancelled", "pruned", "superseded")
 
 
 def utcnow() -> datetime:
@@ -44,6 +46,13 @@ class Run(Base):
     host: Mapped[Optional[str]] = mapped_column(String(200))
     job_id: Mapped[Optional[str]] = mapped_column(String(100))
     code_rev: Mapped[Optional[str]] = mapped_column(String(64))
+    # the spec's hash without the seed: runs with one config_key are seeds of one configuration
+    config_key: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    # hash of the code that decides the numbers (ablate.fingerprint), set by the job that ran it;
+    # NULL for runs recorded before fingerprints existed (unknown code)
+    fingerprint: Mapped[Optional[str]] = mapped_column(String(64))
+    # the claim token of the attempt that owns the run now: only it may write the run's rows
+    attempt: Mapped[Optional[str]] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime)
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime)

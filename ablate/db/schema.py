@@ -21,7 +21,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 VERSION_TABLE = "ablate_schema_version"
-HEAD = "0003"
+HEAD = "0004"
 MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_LOCK = 0x61626C6174  # "ablat": the advisory lock id of schema migrations
 

@@ -16,12 +16,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
-from sqlalchemy import and_, create_engine, delete, event, or_, select, update
+from sqlalchemy import and_, create_engine, delete, event, func, literal, or_, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import (ArgumentError, IntegrityError, NoSuchModuleError, OperationalError,
                             SQLAlchemyError)
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..config import stored_config_key
 from . import schema
 from .models import Artifact, BenchResult, GridRun, Metric, Run, StudyRun, utcnow
 
@@ -62,6 +63,24 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
 
 class DBError(RuntimeError):
     """The database cannot be used; the message is one line and never contains a password."""
+
+
+class NotOwner(RuntimeError):
+    """The run was taken by another attempt (marked lost, then claimed again): this attempt must
+    stop and write nothing more. Raised by the owner-only writes."""
+
+
+def server_now(dialect: str, seconds_ago: float = 0.0) -> Any:
+    """The database server's clock (naive UTC, as the DateTime columns store it), optionally
+    ``seconds_ago`` earlier: heartbeats and the lost cutoff never compare two machines' clocks."""
+    if dialect == "sqlite":
+        # six fractional digits, like SQLAlchemy's own SQLite DateTime text, so values compare as text
+        mods = [f"-{seconds_ago:.3f} seconds"] if seconds_ago else []
+        return func.strftime("%Y-%m-%d %H:%M:%f000", "now", *mods)
+    if dialect == "postgresql":
+        now = func.timezone("UTC", func.clock_timestamp())
+        return now - literal(timedelta(seconds=seconds_ago)) if seconds_ago else now
+    return literal(utcnow() - timedelta(seconds=seconds_ago))  # other servers: this machine's clock
 
 
 def safe_url(url: str) -> str:
@@ -173,7 +192,7 @@ class Database:
                 run = existing.get(key)
                 if run is None:
                     run = Run(key=key, grid=grid, variant=variant, seed=seed, spec=spec,
-                              overrides=overrides, status="pending")
+                              overrides=overrides, status="pending", config_key=stored_config_key(spec))
                     s.add(run)
                     s.flush()
                     existing[key] = run
@@ -184,22 +203,51 @@ class Database:
         return out
 
     # -- the run lifecycle -------------------------------------------------------------------
+    # A claim hands its attempt a token; every write of the run's own rows (heartbeat, curves,
+    # provenance, status, result) is conditioned on it, so an attempt whose run was marked lost
+    # and claimed again writes nothing more: its writes match no row and raise NotOwner.
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def _owned(self, key: str, token: str):
+        return and_(Run.key == key, Run.attempt == token, Run.status == "running")
+
     @retrying
     def claim(self, key: str, job_id: Optional[str] = None,
-              allow: tuple[str, ...] = ("pending", "lost", "failed", "cancelled", "pruned")) -> bool:
-        """Atomically move a run from one of ``allow`` to ``running``; False if it was not there.
-        (A ``pruned`` run, stopped early by a study, resumes from its checkpoint.)
-        A run ``running`` under this very ``job_id`` is taken back too: Slurm restarted the job
-        after a requeue (the killed attempt could not say so)."""
+              allow: tuple[str, ...] = ("pending", "lost", "failed", "cancelled", "pruned")) -> Optional[str]:
+        """Atomically move a run from one of ``allow`` to ``running``; returns the new attempt's
+        token, or None if the run was not claimable. (A ``pruned`` run, stopped early by a study,
+        resumes from its checkpoint.) A run ``running`` under this very ``job_id`` is taken back
+        too: Slurm restarted the job after a requeue (the killed attempt could not say so); the
+        killed attempt's token is void from then on."""
+        import uuid
+
         cond = Run.status.in_(allow)
         if job_id is not None:
             cond = or_(cond, and_(Run.status == "running", Run.job_id == job_id))
+        token = uuid.uuid4().hex
+        now = server_now(self.dialect)
         with self.tx() as s:
             res = s.execute(
                 update(Run).where(Run.key == key, cond).values(
-                    status="running", host=socket.gethostname(), job_id=job_id, started_at=utcnow(),
-                    heartbeat_at=utcnow(), finished_at=None, error=None, attempts=Run.attempts + 1))
-            return res.rowcount == 1
+                    status="running", host=socket.gethostname(), job_id=job_id, started_at=now,
+                    heartbeat_at=now, finished_at=None, error=None, attempts=Run.attempts + 1,
+                    attempt=token))
+            return token if res.rowcount == 1 else None
+
+    def owns(self, key: str, token: str) -> bool:
+        """Whether the attempt ``token`` still owns the running run ``key``."""
+        with self._sessions() as s:
+            return s.scalar(select(Run.id).where(self._owned(key, token))) is not None
+
+    def _check(self, s: Session, key: str, token: str) -> Run:
+        run = s.scalar(select(Run).where(self._owned(key, token)))
+        if run is None:
+            raise NotOwner(f"run {key}: attempt {token[:8]} no longer owns it (marked lost and taken "
+                           "by another attempt, or cancelled); this attempt stops without writing")
+        return run
 
     @retrying
     def set_job_ids(self, job_ids: dict[str, str]) -> None:
@@ -222,42 +270,49 @@ class Database:
             return [tuple(r) for r in rows]
 
     @retrying
-    def set_code_rev(self, key: str, rev: str) -> None:
+    def set_provenance(self, key: str, token: str, code_rev: str, fingerprint: str) -> None:
+        """The code that runs this attempt: its revision (git) and fingerprint (what decides the numbers)."""
         with self.tx() as s:
-            s.execute(update(Run).where(Run.key == key).values(code_rev=rev))
+            run = self._check(s, key, token)
+            run.code_rev, run.fingerprint = code_rev, fingerprint
 
     @retrying
-    def heartbeat(self, key: str) -> None:
+    def heartbeat(self, key: str, token: str) -> bool:
+        """Touch the run's heartbeat (the server's clock); False when this attempt no longer owns it."""
         with self.tx() as s:
-            s.execute(update(Run).where(Run.key == key, Run.status == "running").values(heartbeat_at=utcnow()))
+            res = s.execute(update(Run).where(self._owned(key, token)).values(
+                heartbeat_at=server_now(self.dialect)))
+            return res.rowcount == 1
 
     @retrying
     def mark_lost(self, older_than_s: float) -> list[str]:
-        """Runs ``running`` whose heartbeat is older than ``older_than_s`` become ``lost``."""
-        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        """Runs ``running`` whose heartbeat is older than ``older_than_s`` by the database server's
+        clock become ``lost`` (their attempt's token stays, but no longer owns a running run)."""
+        cutoff = server_now(self.dialect, older_than_s)
         with self.tx() as s:
             keys = list(s.scalars(select(Run.key).where(Run.status == "running", Run.heartbeat_at < cutoff)))
             if keys:
-                s.execute(update(Run).where(Run.key.in_(keys)).values(
+                s.execute(update(Run).where(Run.key.in_(keys), Run.status == "running").values(
                     status="lost", error=f"heartbeat older than {older_than_s:.0f} s"))
         return keys
 
     @retrying
-    def clear_curves(self, key: str) -> None:
+    def clear_curves(self, key: str, token: str) -> None:
         """Drop step-wise metrics of a run that starts from scratch (a previous attempt's curves)."""
         with self.tx() as s:
-            rid = s.scalar(select(Run.id).where(Run.key == key))
-            s.execute(delete(Metric).where(Metric.run_id == rid))
+            run = self._check(s, key, token)
+            s.execute(delete(Metric).where(Metric.run_id == run.id))
 
     @retrying
-    def log_metrics(self, key: str, rows: Iterable[tuple[str, Optional[int], float]]) -> None:
-        """Write (name, step, value) rows; a row already present for (name, step) is replaced."""
+    def log_metrics(self, key: str, rows: Iterable[tuple[str, Optional[int], float]], token: str) -> None:
+        """Write (name, step, value) rows; a row already present for (name, step) is replaced.
+        Raises :class:`NotOwner` when ``token`` no longer owns the run (nothing is written)."""
         rows = list(rows)
         if not rows:
             return
         with self.tx() as s:
-            rid = s.scalar(select(Run.id).where(Run.key == key))
-            self._put_metrics(s, rid, rows)
+            run = self._check(s, key, token)
+            self._put_metrics(s, run.id, rows)
 
     @staticmethod
     def _put_metrics(s: Session, rid: int, rows: list[tuple[str, Optional[int], float]]) -> None:
@@ -267,27 +322,92 @@ class Database:
             s.add(Metric(run_id=rid, name=name, step=step, value=float(value)))
 
     @retrying
-    def finish(self, key: str, final: dict[str, float], artifacts: Iterable[tuple[str, str]] = ()) -> None:
-        """Final metrics (step NULL), artifacts and status ``done``, in one transaction."""
+    def finish(self, key: str, final: dict[str, float], artifacts: Iterable[tuple[str, str]] = (),
+               token: str = "", late: Optional[Callable[[], dict[str, float]]] = None) -> None:
+        """Final metrics (step NULL), artifacts and status ``done``, in one transaction, only by
+        the owning attempt (else :class:`NotOwner`, nothing written). ``late()`` is called inside
+        the transaction, after the other rows are written: metrics that time the work up to the
+        commit (they commit with ``done``, never after it)."""
         with self.tx() as s:
-            run = s.scalar(select(Run).where(Run.key == key))
+            run = self._check(s, key, token)
             self._put_metrics(s, run.id, [(k, None, v) for k, v in final.items()])
             for kind, path in artifacts:
                 s.execute(delete(Artifact).where(Artifact.run_id == run.id, Artifact.kind == kind))
                 s.add(Artifact(run_id=run.id, kind=kind, path=str(path)))
+            if late is not None:
+                s.flush()
+                self._put_metrics(s, run.id, [(k, None, v) for k, v in late().items()])
             run.status, run.finished_at, run.error = "done", utcnow(), None
 
     @retrying
-    def fail(self, key: str, error: str) -> None:
-        """A ``running`` run failed (a run cancelled meanwhile stays cancelled)."""
+    def fail(self, key: str, error: str, token: str) -> bool:
+        """The attempt ``token`` failed; False if it no longer owned the run (a run cancelled or
+        taken meanwhile keeps its status)."""
         with self.tx() as s:
-            s.execute(update(Run).where(Run.key == key, Run.status == "running").values(
+            res = s.execute(update(Run).where(self._owned(key, token)).values(
                 status="failed", finished_at=utcnow(), error=error))
+            return res.rowcount == 1
 
     @retrying
-    def set_status(self, key: str, status: str, error: Optional[str] = None) -> None:
+    def release(self, key: str, token: str, status: str, error: Optional[str] = None) -> bool:
+        """The owning attempt hands its run back as ``status`` (``pending`` after a preemption,
+        ``pruned``); False if it no longer owned it."""
         with self.tx() as s:
-            s.execute(update(Run).where(Run.key == key).values(status=status, error=error))
+            res = s.execute(update(Run).where(self._owned(key, token)).values(status=status, error=error))
+            return res.rowcount == 1
+
+    @retrying
+    def set_status(self, key: str, status: str, error: Optional[str] = None,
+                   only_from: Optional[tuple[str, ...]] = None, job_id: Optional[str] = None) -> bool:
+        """The launcher's verdict on a run it does not own (a job that died without a result):
+        applied only while the run is in one of ``only_from`` and, with ``job_id``, still held by
+        that job. Returns whether it applied."""
+        with self.tx() as s:
+            q = update(Run).where(Run.key == key)
+            if only_from is not None:
+                q = q.where(Run.status.in_(only_from))
+            if job_id is not None:
+                q = q.where(Run.job_id == job_id)
+            return s.execute(q.values(status=status, error=error)).rowcount == 1
+
+    @retrying
+    def supersede(self, key: str, on_rename: Callable[[str], Optional[tuple[str, str]]] = lambda k: None
+                  ) -> Optional[str]:
+        """Keep the finished run ``key`` as history and make its cell ``pending`` again (for
+        newer code to retrain): in one transaction the old run is renamed ``<key>@<id>`` with
+        status ``superseded`` (metrics, curves and artifacts stay with it), and a new pending run
+        takes the key, in every grid the old one was in. ``on_rename(old_key)`` runs inside the
+        transaction: it moves the run's files and returns (old folder, new folder) so that the
+        artifact paths follow (if it raises, nothing changes). Returns the old run's new key, or
+        None if ``key`` was not a finished run."""
+        with self.tx() as s:
+            old = s.scalar(select(Run).where(Run.key == key, Run.status == "done"))
+            if old is None:
+                return None
+            history = f"{key}@{old.id}"
+            old.key, old.status = history, "superseded"
+            s.flush()
+            new = Run(key=key, grid=old.grid, variant=old.variant, seed=old.seed, spec=old.spec,
+                      overrides=old.overrides, status="pending", config_key=old.config_key)
+            s.add(new)
+            s.flush()
+            for link in s.scalars(select(GridRun).where(GridRun.run_id == old.id)).all():
+                s.add(GridRun(grid=link.grid, run_id=new.id, overrides=link.overrides))
+            moved = on_rename(history)
+            if moved is not None:  # the run's files moved: its artifacts point there
+                src, dst = moved
+                for art in s.scalars(select(Artifact).where(Artifact.run_id == old.id)).all():
+                    if art.path.startswith(src):
+                        art.path = dst + art.path[len(src):]
+            return history
+
+    def done_fingerprints(self, keys: Iterable[str]) -> dict[str, tuple[str, Optional[str]]]:
+        """``{key: (variant, fingerprint)}`` of the finished runs among ``keys``."""
+        keys = list(keys)
+        with self._sessions() as s:
+            rows = s.execute(select(Run.key, Run.variant, Run.fingerprint).where(
+                Run.key.in_(keys), Run.status == "done")).all()
+            return {k: (v, f) for k, v, f in rows}
 
     # -- reads -------------------------------------------------------------------------------
     def statuses(self, keys: Iterable[str]) -> dict[str, str]:
@@ -327,7 +447,7 @@ class Database:
             run = s.scalar(select(Run).where(Run.key == key))
             if run is None:
                 run = Run(key=key, grid=grid, variant=variant, seed=seed, spec=spec, overrides=params,
-                          status="pending")
+                          status="pending", config_key=stored_config_key(spec))
                 s.add(run)
                 s.flush()
             if s.scalar(select(GridRun.id).where(GridRun.grid == grid, GridRun.run_id == run.id)) is None:

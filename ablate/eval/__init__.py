@@ -1,13 +1,13 @@
 """Evaluation: the dataset's judge (an attribute classifier trained on real images) and the
-metrics of generated images (``fid_domain``, ``fid``, ``clip_score``, ``align_*``,
-``blank_rate``, ``fragment_rate``)."""
+metrics of generated images (``fid_domain``, ``kid_domain``, ``precision_domain``,
+``recall_domain``, ``fid``, ``clip_score``, ``align_*``, ``blank_rate``, ``fragment_rate``)."""
 from __future__ import annotations
 
 from ablate.eval.judge import Judge, get_judge, judge_key, train_judge
 from ablate.eval.metrics import (alignment, blank_mask, check_eval_spec, clip_score, count_components,
-                                 evaluate_images, fid_domain, fragment_mask, inception_fid, judge_report,
-                                 pixel_std)
+                                 domain_metrics, evaluate_images, fid_domain, fragment_mask, inception_fid,
+                                 judge_report, kid_domain, pixel_std, precision_recall)
 
 __all__ = ["Judge", "get_judge", "judge_key", "train_judge", "alignment", "blank_mask", "check_eval_spec",
-           "clip_score", "count_components", "evaluate_images", "fid_domain", "fragment_mask",
-           "inception_fid", "judge_report", "pixel_std"]
+           "clip_score", "count_components", "domain_metrics", "evaluate_images", "fid_domain", "fragment_mask",
+           "inception_fid", "judge_report", "kid_domain", "pixel_std", "precision_recall"]

@@ -1,4 +1,4 @@
-"""The judge: a small CNN trained on a dataset's *real* train images that reads generated ones.
+"""The judge: a small CNN trained on a dataset's *real* images that reads generated ones.
 
 ``shapes``: the image is resized to 36x36 (three cells of 12 px) and a conv trunk is max
 pooled to the 3x3 grid; per cell, shared 1x1 heads predict colour (6 + none), shape (3 + none)
@@ -11,6 +11,11 @@ CPU, and the shapes judge reads every real test image right from about step 300 
 augmented with blur, noise and colour gain so that the slightly soft images of a VQ decoder
 are read as their real counterparts. The trained judge is cached per (data image key, judge
 config): a run and its shuffled-caption control share one judge.
+
+It learns from ``DatasetSplits.judge_train``: on shapes a set of its own that shows every
+attribute combination, held-out ones included (trained on the generator's train split alone,
+it read only about 60% of the one-object and 36% of the two-object held-out test images
+right, so ``align_acc_heldout`` would have measured the judge), elsewhere the train split.
 """
 from __future__ import annotations
 
@@ -185,9 +190,10 @@ def _augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
 
 def train_judge(splits: DatasetSplits, spec: EvalSpec, device: torch.device,
                 log: Callable[[str], None] = print) -> Judge:
-    """Train a judge on ``splits.train``'s images and their *true* labels (never the shuffled
-    captions). Deterministic on CPU for a given dataset and spec."""
-    labels = splits.train.labels
+    """Train a judge on ``splits.judge_train``'s images and their *true* labels (never the
+    shuffled captions). Deterministic on CPU for a given dataset and spec."""
+    data = splits.judge_train
+    labels = data.labels
     if labels is None:
         raise ValueError(f"no judge for data.name={splits.name!r}: its images have no attribute labels")
     with torch.random.fork_rng(devices=[]):
@@ -196,8 +202,8 @@ def train_judge(splits: DatasetSplits, spec: EvalSpec, device: torch.device,
     gen = torch.Generator().manual_seed(0)
     # the train set at the judge's input size, kept as uint8 to bound memory: [n, 3, s, s]
     with judge._inference():
-        xs = torch.cat([(judge.prepare(splits.train.images[i:i + _CHUNK]) * 0.25 + 0.5).mul(255).round()
-                        .clamp(0, 255).to(torch.uint8) for i in range(0, len(splits.train), _CHUNK)])
+        xs = torch.cat([(judge.prepare(data.images[i:i + _CHUNK]) * 0.25 + 0.5).mul(255).round()
+                        .clamp(0, 255).to(torch.uint8) for i in range(0, len(data), _CHUNK)])
     ys = _targets(splits.name, labels).to(device)
     opt = torch.optim.AdamW(judge.parameters(), lr=spec.judge_lr, weight_decay=1e-4)
     steps, warm = spec.judge_steps, min(50, spec.judge_steps // 10)
@@ -222,7 +228,17 @@ def train_judge(splits: DatasetSplits, spec: EvalSpec, device: torch.device,
 
 def judge_key(splits: DatasetSplits, spec: EvalSpec) -> str:
     """Cache key of a judge: the data's image key and every setting that changes its weights."""
-    return content_hash({"image_key": splits.image_key, "kind": splits.name, "version": JUDGE_VERSION,
+    return judge_cache_key(splits.image_key, splits.name, spec)
+
+
+def judge_kind(data_name: str) -> Optional[str]:
+    """The judge a dataset gets (None: no labels to train one on)."""
+    return data_name if data_name in _INPUT else None
+
+
+def judge_cache_key(image_key: str, kind: str, spec: EvalSpec) -> str:
+    """:func:`judge_key` from the data's image key and kind alone (no images loaded)."""
+    return content_hash({"image_key": image_key, "kind": kind, "version": JUDGE_VERSION,
                          "steps": spec.judge_steps, "batch": spec.judge_batch_size, "lr": spec.judge_lr,
                          "width": spec.judge_width})
 

@@ -3,13 +3,22 @@
 Every metric is computed or absent, never a placeholder:
 
 - ``fid_domain``: Frechet distance in the judge's penultimate feature space (torchmetrics
-  ``FrechetInceptionDistance`` with the judge as its feature module), generated vs the real test
-  images. Needs a judge (shapes, digits).
+  ``FrechetInceptionDistance`` with the judge as its feature module), the n generated images vs
+  the first n real test images (the images of their captions). Needs a judge (shapes, digits).
+- ``kid_domain`` / ``kid_domain_std``: torchmetrics ``KernelInceptionDistance`` on the same
+  features, unbiased at small n, with its spread over random subsets (:func:`kid_domain`).
+- ``precision_domain`` / ``recall_domain``: improved precision and recall (k-NN manifolds,
+  k=3) on the same features: quality vs coverage, so mode collapse shows as low recall.
+- The four depend on n (FID is biased upwards at small n): compare them with their floors from
+  :func:`judge_report` (``fid_domain_real`` ...: two real samples at the same n) and across runs
+  of the same n only.
 - ``fid``: the standard Inception FID, only when ``eval.inception_weights`` names a local weights
   file (torchmetrics + torch-fidelity; nothing is downloaded).
 - ``clip_score``: torchmetrics ``CLIPScore``, only when ``eval.clip_model`` is a local directory
   with a transformers CLIP model and processor (loaded with ``local_files_only``).
-- ``align_*``: does the judge see what the caption asks for (see :func:`alignment`).
+- ``align_*``: does the judge see exactly what the caption asks for (see :func:`alignment`);
+  ``align_acc`` over captions of seen attribute combinations, ``align_acc_heldout`` over those
+  naming a combination held out of training (shapes), GenEval-style task scores with two objects.
 - ``blank_rate``: share of images whose spatial pixel standard deviation (:func:`pixel_std`,
   on [0, 1]) is below ``eval.blank_threshold``; a flat image of any colour has 0, the least busy
   real shapes image (one small object at 32x32) about 0.033.
@@ -33,7 +42,7 @@ import torch.nn as nn
 
 from ablate.config import EvalSpec
 from ablate.data import DatasetSplits, ImageTextSet, parse_caption
-from ablate.data.shapes import relation_holds
+from ablate.data.shapes import HeldOut, relation_holds
 from ablate.eval.judge import Judge, grid_targets
 
 FOREGROUND_DELTA = 0.15  # colour distance from the background that counts as foreground
@@ -106,17 +115,35 @@ def _targets(name: str, captions: list[str], attrs: Optional[list]) -> list[dict
     return out
 
 
-def alignment(name: str, seen: list[list[dict]], captions: list[str],
-              attrs: Optional[list] = None) -> dict[str, float]:
+def _pair(seen: list[dict], want: list[dict], keys: tuple[str, ...], relation: Optional[str] = None) -> bool:
+    """Two distinct seen objects match the two named ones on ``keys`` (and stand in ``relation``)."""
+    return any(all(a[k] == want[0][k] for k in keys) and all(b[k] == want[1][k] for k in keys)
+               and (relation is None or relation_holds(relation, (a["row"], a["col"]), (b["row"], b["col"])))
+               for a in seen for b in seen if a is not b)
+
+
+def alignment(name: str, seen: list[list[dict]], captions: list[str], attrs: Optional[list] = None,
+              heldout: Optional[HeldOut] = None) -> dict[str, float]:
     """Caption alignment of images the judge read as ``seen`` (``Judge.read`` output).
 
     digits: ``align_acc`` = the judge's class is the caption's digit.
-    shapes, one-object caption: the judge's most confident object is compared with the caption;
-    ``align_colour/shape/size/position`` score each attribute (over one-object captions only) and
-    ``align_acc`` needs all four (no object seen = all wrong; extra objects are not penalised).
-    shapes, two-object caption: correct when two distinct seen objects match the two named
-    objects in colour, shape and size and their cells satisfy the relation; ``align_acc`` covers
-    all captions, ``align_acc_two`` only two-object ones.
+
+    shapes: an image is right (``align_acc``) only when the judge sees *exactly* what the caption
+    names, extra objects included: a one-object caption needs exactly one object seen, matching
+    it in colour, shape, size and position; a two-object caption needs exactly two objects
+    seen, matching the two named ones in colour, shape and size, with the relation holding
+    between their cells. With ``heldout`` (the combinations kept out of training,
+    ``ImageTextSet.heldout``), captions naming a held-out combination are scored apart, as
+    ``align_acc_heldout``; every other score covers only captions of seen combinations (all
+    captions when ``heldout`` is None). Scores are present only when some caption counts in them.
+
+    - ``align_colour/shape/size/position`` (one-object captions): the judge's *most confident*
+      object has the named attribute (extra objects are not counted here: ``align_acc`` does).
+    - Two-object captions, the GenEval tasks: ``align_two_objects`` (two distinct seen objects
+      have the named shapes; others may be there too), ``align_colour_binding`` (... with the
+      named colours: each colour on the right shape), ``align_relation`` (... fully matching,
+      size included, and in the named relation), ``align_counting`` (exactly two objects seen,
+      none extra), and ``align_acc_two`` = counting and relation (``align_acc`` on these captions).
     """
     if len(seen) != len(captions) or not captions:
         raise ValueError(f"alignment: {len(seen)} read images for {len(captions)} captions (need as many, >= 1)")
@@ -124,51 +151,51 @@ def alignment(name: str, seen: list[list[dict]], captions: list[str],
     if name == "digits":
         ok = [bool(s) and s[0]["digit"] == t["digit"] for s, t in zip(seen, targets)]
         return {"align_acc": float(np.mean(ok))}
-    per: dict[str, list[bool]] = {"colour": [], "shape": [], "size": [], "position": []}
-    all_ok: list[bool] = []
-    two_ok: list[bool] = []
+    hits: dict[str, list[bool]] = {k: [] for k in (
+        "acc", "acc_heldout", "colour", "shape", "size", "position",
+        "acc_two", "two_objects", "colour_binding", "relation", "counting")}
     for s, t in zip(seen, targets):
         objs = t["objects"]
         if len(objs) == 1:
             want, top = objs[0], (s[0] if s else None)
-            hits = {k: top is not None and top[k] == want[k] for k in _ATTRS}
-            hits["position"] = top is not None and (top["row"], top["col"]) == (want["row"], want["col"])
-            for k, v in hits.items():
-                per[k].append(v)
-            all_ok.append(all(hits.values()))
+            one = {k: top is not None and top[k] == want[k] for k in _ATTRS}
+            one["position"] = top is not None and (top["row"], top["col"]) == (want["row"], want["col"])
+            right = len(s) == 1 and all(one.values())
         else:
-            match = lambda o, w: all(o[k] == w[k] for k in _ATTRS)  # noqa: E731
-            ok = any(match(a, objs[0]) and match(b, objs[1])
-                     and relation_holds(t["relation"], (a["row"], a["col"]), (b["row"], b["col"]))
-                     for a in s for b in s if a is not b)
-            two_ok.append(ok)
-            all_ok.append(ok)
-    out = {"align_acc": float(np.mean(all_ok))}
-    if per["colour"]:
-        out.update({f"align_{k}": float(np.mean(v)) for k, v in per.items()})
-    if two_ok:
-        out["align_acc_two"] = float(np.mean(two_ok))
-    return out
+            one = {"two_objects": _pair(s, objs, ("shape",)),
+                   "colour_binding": _pair(s, objs, ("colour", "shape")),
+                   "relation": _pair(s, objs, _ATTRS, t["relation"]),
+                   "counting": len(s) == 2}
+            right = one["acc_two"] = one["counting"] and one["relation"]
+        if heldout is not None and heldout.names_heldout(t):
+            hits["acc_heldout"].append(right)
+            continue
+        hits["acc"].append(right)
+        for k, v in one.items():
+            hits[k].append(v)
+    return {f"align_{k}": float(np.mean(v)) for k, v in hits.items() if v}
 
 
 class JudgeFeatures(nn.Module):
-    """The judge as a torchmetrics FID feature extractor: uint8 [B, 3, H, W] -> float [B, F].
+    """The judge as a torchmetrics feature extractor: uint8 [B, 3, H, W] -> float [B, F]
+    (``dtype``: float32, or float64 where a metric sums many kernel values in its own dtype).
     ``num_features`` spares torchmetrics its probe forward pass."""
 
-    def __init__(self, judge: Judge) -> None:
+    def __init__(self, judge: Judge, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.judge = judge
         self.num_features = judge.num_features
+        self.out_dtype = dtype
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.judge.features(images)
+        return self.judge.features(images).to(self.out_dtype)
 
 
-def _fid(metric, fake: torch.Tensor, real: torch.Tensor, device: torch.device) -> float:
+def _feed(metric, fake: torch.Tensor, real: torch.Tensor, device: torch.device):
     for imgs, is_real in ((real, True), (fake, False)):
         for i in range(0, imgs.shape[0], _CHUNK):
             metric.update(imgs[i:i + _CHUNK].to(device), real=is_real)
-    return float(metric.compute())
+    return metric.compute()
 
 
 def fid_domain(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device: torch.device) -> float:
@@ -176,7 +203,74 @@ def fid_domain(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device: tor
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     metric = FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=False).to(device)
-    return _fid(metric, fake, real, device)
+    return float(_feed(metric, fake, real, device))
+
+
+def kid_subset_size(n_fake: int, n_real: int) -> int:
+    """Images per side in each KID subset: half the smaller set (at least 2, at most 1000), so
+    that the 100 subsets differ and their spread means something."""
+    return min(n_fake, n_real, 1000, max(2, min(n_fake, n_real) // 2))
+
+
+def kid_domain(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device: torch.device,
+               subsets: int = 100) -> tuple[float, float]:
+    """``(mean, std)`` of torchmetrics ``KernelInceptionDistance`` (cubic polynomial kernel MMD,
+    unbiased at any n) in the judge's feature space, over ``subsets`` random subsets of
+    :func:`kid_subset_size` images per side (>= 2 images each). The std is the spread over
+    subsets of half the images: about sqrt(2) times the standard error of the mean or more, a
+    conservative error bar. Subsets are drawn from a fixed seed, without moving the caller's RNG."""
+    import warnings
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=JudgeFeatures(judge, torch.float64), subsets=subsets,
+                                         subset_size=kid_subset_size(len(fake), len(real)),
+                                         normalize=False).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        mean, std = _feed(metric, fake, real, device)
+    return float(mean), float(std)
+
+
+def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """float [n]: each point's distance to its k-th nearest other point of ``x`` [n, F]."""
+    return torch.cat([torch.cdist(x[i:i + _CHUNK], x, compute_mode="donot_use_mm_for_euclid_dist")
+                      .kthvalue(k + 1, dim=1).values for i in range(0, x.shape[0], _CHUNK)])
+
+
+def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """bool [n]: each ``query`` point lies in some ball around a ``ref`` point of its radius."""
+    return torch.cat([(torch.cdist(query[i:i + _CHUNK], ref, compute_mode="donot_use_mm_for_euclid_dist")
+                       <= radii[None]).any(1) for i in range(0, query.shape[0], _CHUNK)])
+
+
+def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of feature sets ``fake`` [n, F]
+    and ``real`` [m, F] (n, m >= 2). A set's manifold is the union of balls around its points,
+    each of radius the distance to its k-th nearest neighbour in the set (k capped at size - 1).
+    precision: share of fake points inside the real manifold (quality); recall: share of real
+    points inside the fake manifold (coverage). A mode-collapsed fake set keeps its precision
+    and loses its recall. Both depend on n: compare values at the same n only."""
+    if fake.shape[0] < 2 or real.shape[0] < 2:
+        raise ValueError(f"precision_recall: need >= 2 points per set, got {fake.shape[0]} and {real.shape[0]}")
+    fake, real = fake.double(), real.double()
+    r_real = _knn_radii(real, min(k, real.shape[0] - 1))
+    r_fake = _knn_radii(fake, min(k, fake.shape[0] - 1))
+    return float(_inside(fake, real, r_real).double().mean()), float(_inside(real, fake, r_fake).double().mean())
+
+
+def domain_metrics(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device: torch.device,
+                   k: int = 3) -> dict[str, float]:
+    """The distribution metrics in the judge's feature space, two uint8 image sets (>= 2 each):
+    ``fid_domain``, ``kid_domain`` with ``kid_domain_std``, ``precision_domain`` and
+    ``recall_domain`` (k-NN, ``k``). All of them depend on the set sizes: compare values
+    computed at the same sizes (the floors of :func:`judge_report` are)."""
+    kid, kid_std = kid_domain(judge, fake, real, device)
+    precision, recall = precision_recall(judge.features(fake), judge.features(real), k)
+    return {"fid_domain": fid_domain(judge, fake, real, device), "kid_domain": kid, "kid_domain_std": kid_std,
+            "precision_domain": precision, "recall_domain": recall}
 
 
 def check_eval_spec(spec: EvalSpec) -> None:
@@ -201,7 +295,7 @@ def inception_fid(weights: str, fake: torch.Tensor, real: torch.Tensor, device: 
 
     metric = FrechetInceptionDistance(feature=2048, normalize=False,
                                       feature_extractor_weights_path=str(weights)).to(device)
-    return _fid(metric, fake, real, device)
+    return float(_feed(metric, fake, real, device))
 
 
 class _ClipEmbeddings(nn.Module):
@@ -246,7 +340,13 @@ def evaluate_images(images: torch.Tensor, captions: list[str], attrs: Optional[l
                     judge: Optional[Judge], spec: EvalSpec, device: torch.device) -> dict[str, float]:
     """Score generated ``images`` (uint8 [n, 3, H, W]) made for ``captions`` against ``real``
     (held-out real test images). ``attrs`` (the captions' ground truth, or None) is checked
-    against the parsed captions. Returns only the metrics that could be computed."""
+    against the parsed captions; ``real.heldout`` splits alignment into seen and held-out.
+
+    The distribution metrics (``fid_domain``, ``kid_domain``, ``precision_domain``,
+    ``recall_domain``, ``fid``) compare the n images with the *first n* real images, the images
+    of the captions when they are ``real.captions[:n]`` (as the caller's are): the same n as the
+    floors of :func:`judge_report`, since all of them depend on n. Returns only the metrics
+    that could be computed."""
     _check_images(images, "evaluate_images")
     if len(captions) != images.shape[0] or not captions:
         raise ValueError(f"evaluate_images: {images.shape[0]} images and {len(captions)} captions "
@@ -257,12 +357,13 @@ def evaluate_images(images: torch.Tensor, captions: list[str], attrs: Optional[l
         "fragment_rate": float(fragment_mask(images, spec).float().mean()),
     }
     if judge is not None:
-        out.update(alignment(judge.kind, judge.read(images), captions, attrs))
-    enough = images.shape[0] >= 2 and len(real) >= 2  # a covariance needs two samples
+        out.update(alignment(judge.kind, judge.read(images), captions, attrs, real.heldout))
+    ref = real.images[:images.shape[0]]
+    enough = images.shape[0] >= 2 and len(ref) >= 2  # a covariance needs two samples
     if judge is not None and spec.fid_domain and enough:
-        out["fid_domain"] = fid_domain(judge, images, real.images, device)
+        out.update(domain_metrics(judge, images, ref, device))
     if spec.inception_weights is not None and enough:
-        out["fid"] = inception_fid(spec.inception_weights, images, real.images, device)
+        out["fid"] = inception_fid(spec.inception_weights, images, ref, device)
     if spec.clip_model is not None:
         out["clip_score"] = clip_score(spec.clip_model, images, captions, device)
     return out
@@ -270,11 +371,16 @@ def evaluate_images(images: torch.Tensor, captions: list[str], attrs: Optional[l
 
 def judge_report(splits: DatasetSplits, judge: Optional[Judge], spec: EvalSpec,
                  device: torch.device) -> dict[str, float]:
-    """Reference values on *real* test images, the ceiling and floor a reader compares with:
+    """Reference values on *real* images, the ceilings and floors a reader compares with:
     ``judge_acc`` (shapes: every cell's colour/shape/size-or-empty right; digits: class right),
-    ``align_acc_real`` (alignment of real test images with their true captions), ``fid_domain_real``
-    (real val vs real test: the FID of two real samples of these sizes), ``blank_rate_real`` and
-    ``fragment_rate_real``."""
+    ``align_acc_real`` and ``align_acc_heldout_real`` (alignment of real test images with their
+    true captions, seen and held-out), ``blank_rate_real``, ``fragment_rate_real``, and the
+    floors of the distribution metrics, two real samples of the test distribution at the
+    generated set's size (``splits.reference`` standing for the generated set; it is val except
+    on shapes): ``fid_domain_real``, ``kid_domain_real`` (``kid_domain_std_real``),
+    ``precision_domain_real``, ``recall_domain_real`` on the first ``n_domain_real`` images of
+    each, n = min(eval.n_images, test size), fewer where the reference is smaller (then the
+    floors are of that smaller n)."""
     test = splits.test
     out = {"blank_rate_real": float(blank_mask(test.images, spec.blank_threshold).float().mean()),
            "fragment_rate_real": float(fragment_mask(test.images, spec).float().mean())}
@@ -288,7 +394,12 @@ def judge_report(splits: DatasetSplits, judge: Optional[Judge], spec: EvalSpec,
     else:
         seen = judge.read(test.images)
         out["judge_acc"] = float(np.mean([s[0]["digit"] == t[0]["digit"] for s, t in zip(seen, labels)]))
-    out["align_acc_real"] = alignment(judge.kind, judge.read(test.images), test.captions, test.attrs)["align_acc"]
-    if spec.fid_domain and len(splits.val) >= 2 and len(test) >= 2:
-        out["fid_domain_real"] = fid_domain(judge, splits.val.images, test.images, device)
+    align = alignment(judge.kind, judge.read(test.images), test.captions, test.attrs, test.heldout)
+    out.update({f"{k}_real": align[k] for k in ("align_acc", "align_acc_heldout") if k in align})
+    ref = splits.reference
+    n = min(spec.n_images, len(test), len(ref))  # the generated set's size, or ref's if smaller
+    if spec.fid_domain and n >= 2:
+        floors = domain_metrics(judge, ref.images[:n], test.images[:n], device)
+        out.update({f"{k}_real": v for k, v in floors.items()})
+        out["n_domain_real"] = float(n)
     return out

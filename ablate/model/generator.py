@@ -57,16 +57,26 @@ class Generator(nn.Module):
         """Backbone states ``[B, L, D]`` -> logits ``[B, L, K]`` (final norm and head)."""
         return self.head(self.out_norm(h))
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, L]`` (codes or ``[MASK]``) -> the backbone's input ``x [B, L, D]``."""
+        return self.emb_drop(self.emb_norm(self.tok_emb(tokens) + self.pos_emb))
+
     def forward(self, tokens: torch.Tensor, text_feats: torch.Tensor, text_mask: torch.Tensor,
-                targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                targets: Optional[torch.Tensor] = None, masked: Optional[torch.Tensor] = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``targets [B, L]`` (the true codes, training only) reach a backbone only if it sets
-        ``wants_targets``; it then also gets ``readout`` to score intermediate states, and must
-        use ``targets`` for auxiliary losses only (a contract test checks that the logits do
-        not depend on them)."""
-        x = self.emb_drop(self.emb_norm(self.tok_emb(tokens) + self.pos_emb))  # [B, L, D]
+        ``wants_targets``; it then also gets ``readout`` to score states, ``masked [B, L]`` bool
+        (where ``tokens`` is ``[MASK]``: the positions the generator's loss counts; derived from
+        ``tokens`` when not given) and ``embed`` to build inputs of its own (mamba-critic embeds
+        a filled-in sequence), and must use them for auxiliary losses only (a contract test
+        checks that the logits do not depend on ``targets``)."""
+        x = self.embed(tokens)  # [B, L, D]
         text = self.encode_text(text_feats, text_mask)  # [B, T, D]
         if getattr(self.backbone, "wants_targets", False):
-            out = self.backbone(x, text, text_mask, targets=targets, readout=self.readout)
+            if targets is not None and masked is None:
+                masked = tokens == self.mask_id
+            out = self.backbone(x, text, text_mask, targets=targets, readout=self.readout,
+                                masked=masked, embed=self.embed)
         else:
             out = self.backbone(x, text, text_mask)
         h, aux = (out if isinstance(out, tuple) else (out, {}))

@@ -5,9 +5,15 @@ At step s of S (ratio r = (s+1)/S) every still-masked token is sampled; the leas
 probability of the sampled token plus Gumbel noise scaled by ``choice_temperature * (1 - r)``,
 so early steps explore and the last step is greedy. Tokens once decided never change.
 Guidance: ``l_g = (1 + t) l_c - t l_u`` with ``t`` rising over the steps (Muse).
-With ``remask: critic`` the confidence is instead the backbone's own critic: ``aux["confidence"]``,
-its logit that the prediction at each position is right, from a conditional pass on the current
-tokens (one extra forward per step), plus the same annealed Gumbel noise.
+With ``remask: critic`` the confidence is instead the backbone's own critic, scored after
+filling in: every masked position gets its sampled token, the model runs (conditional pass, one
+extra forward per step) on that filled-in sequence, and ``aux["confidence"]``, the critic's logit
+that the token at each position is the true one, ranks the new tokens, plus the same annealed
+Gumbel noise. This is Token-Critic's premise (Lezama et al. 2022: the critic reads the sampled
+sequence and tells real tokens from generated ones), and what mamba-critic's critic is trained
+on: a token judged in its context, the sampled token itself visible. Scoring the partially
+masked input instead would ask the critic about a token it cannot see (the input there is
+``[MASK]``) and that is not the one sampled.
 """
 from __future__ import annotations
 
@@ -51,8 +57,9 @@ def guided_logits(model, tokens: torch.Tensor, feats: torch.Tensor, mask: torch.
 
 @torch.no_grad()
 def critic_confidence(model, tokens: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The backbone's logit that its prediction at each position is right, given the current
-    ``tokens`` and the caption: ``[B, L]``."""
+    """The backbone's logit that each token of ``tokens [B, L]`` is the true one, given the
+    others and the caption: ``[B, L]``. Pass the filled-in sequence (no ``[MASK]`` where the
+    tokens to rank are): the critic judges the token it sees."""
     _, aux = model(tokens, feats, mask)
     if "confidence" not in aux:
         raise ValueError("sample.remask: 'critic' needs a variant whose backbone returns "
@@ -82,8 +89,8 @@ def sample_tokens(model, feats: torch.Tensor, mask: torch.Tensor, null_feats: to
         logits = logits / spec.temperature
         sampled = (logits + gumbel(logits.shape, generator, device)).argmax(-1)  # [B, L] Gumbel-max sample
         sampled = torch.where(is_masked, sampled, tokens)
-        if spec.remask == "critic":
-            logp = critic_confidence(model, tokens, feats, mask)
+        if spec.remask == "critic":  # scored after filling in: the critic sees the sampled tokens
+            logp = critic_confidence(model, sampled, feats, mask)
         else:
             logp = torch.log_softmax(logits, -1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
         conf = logp + spec.choice_temperature * (1 - r) * gumbel(logp.shape, generator, device)

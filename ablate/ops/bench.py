@@ -22,10 +22,8 @@ Legend: b batch, d inner width (E), n state size, L sequence length.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import math
-import re
 import statistics
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..utils import peak_memory  # noqa: F401  (re-exported: the bench's memory figure)
 from .selective_scan import IMPLS, numba_available, selective_scan
 
 MEM_METHOD = "rss high-water mark (/proc/self/clear_refs), after malloc_trim"
@@ -49,35 +48,6 @@ CASES = {
 
 
 # ----------------------------------------------------------------------------------- memory
-
-def _rss_kb(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-@contextlib.contextmanager
-def peak_memory(collect: bool = True) -> Iterator[dict[str, Optional[float]]]:
-    """``with peak_memory() as m: ...`` leaves ``m["mb"]``: MiB of resident memory the block
-    added at its peak, or None where the platform cannot say. ``collect``: run the cyclic
-    garbage collector first (0.1-0.2 s with torch and numba loaded)."""
-    out: dict[str, Optional[float]] = {"mb": None}
-    if collect:
-        gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: reuse is not free
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        base = _rss_kb("VmRSS")
-    except OSError:
-        base = None
-    yield out
-    peak = _rss_kb("VmHWM")
-    if base is not None and peak is not None:
-        out["mb"] = max(0, peak - base) / 1024
 
 
 # ----------------------------------------------------------------------------------- inputs

@@ -1,9 +1,12 @@
 """Tables and plots regenerated from the results database alone (pandas via ablate.results).
 
-Plots live in :mod:`ablate.report.plots` (imported on demand: matplotlib is not needed for a table).
+:mod:`ablate.report.table` builds the numeric table, :mod:`ablate.report.render` turns it into
+text. Plots live in :mod:`ablate.report.plots` (imported on demand: matplotlib is not needed for
+a table). Note that ``ablate.report.render`` is the function; the module is
+``sys.modules["ablate.report.render"]`` (``from ablate.report.render import ...`` works).
 """
-from .table import (FORMATS, METRIC_COLUMNS, build_table, display_table, load_runs, metric_column, render,
-                    summarize, write_results)
+from .table import FORMATS, METRIC_COLUMNS, build_table, load_runs, metric_column, summarize
+from .render import display_table, render, write_results
 
 __all__ = ["FORMATS", "METRIC_COLUMNS", "build_table", "display_table", "load_runs", "metric_column", "render",
            "summarize", "write_results"]

@@ -3,17 +3,21 @@
 Each figure function returns a :class:`matplotlib.figure.Figure` (what the tests inspect);
 :func:`plot_all` draws them all for a grid and writes ``<name>.png`` and ``<name>.svg``:
 
-``loss_curves``   training and validation loss by step, one line per variant (and setting):
-                  the mean over seeds, with a band of ± one std where there are several seeds
-``pareto``        a quality metric against throughput, one point per variant (mean over seeds,
+``loss_curves``   training and validation loss by step, one line per group: the mean over
+                  seeds, with a band of ± one std where there are several seeds
+``pareto``        a quality metric against throughput, one point per group (mean over seeds,
                   error bars ± std), the Pareto-optimal points joined and ringed
-``metric_bars``   one panel per metric: a bar per variant (mean), error bars ± std over seeds
+``metric_bars``   one panel per metric: a bar per group (mean), error bars ± std over seeds
 ``sample_sheet``  a grid of decoded samples: rows are the fixed prompts, columns the training
-                  steps of one run (``sheet_<variant>``), or the variants at the final step
+                  steps of one run per group (``sheet_<label>``), or the groups at the final step
                   (``sheet_final``); from the snapshots the jobs saved (``eval.sheet_prompts``)
 
-A "group" is a variant with one hyperparameter setting, as in the table; its label is the
-variant's name, followed by the setting when the variant has several.
+A "group" is a row of the table: the seeds of one configuration (``config_key``) made by one
+code version (``fingerprint``); runs of different configurations or code are never pooled in a
+line, band, bar or point. Its label is the variant's name, followed by what sets the
+configuration apart (the table's Hyperparameters text) when the variant has several, and by
+the code when the configuration has several (:func:`group_labels`). Superseded runs (history of
+retrained cells) are left out, as the table leaves them out.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import pandas as pd
 
 from ..db import Database
 from ..results import artifacts, curves, higher_is_better, load
-from .table import METRIC_COLUMNS, metric_column
+from .table import FINISHED, METRIC_COLUMNS, config_hypers, config_specs, metric_column
 
 __all__ = ["group_labels", "loss_curves", "metric_bars", "pareto", "pareto_front", "plot_all",
            "read_snapshots", "sample_sheet"]
@@ -40,10 +44,28 @@ def _figure(w: float, h: float):
     return Figure(figsize=(w, h), layout="constrained")
 
 
-def group_labels(runs: pd.DataFrame) -> pd.Series:
-    """A label per run: the variant, plus ``(hyper)`` when the variant has several settings."""
-    several = runs.groupby("variant")["hyper"].transform("nunique") > 1
-    return runs["variant"].where(~several | (runs["hyper"] == ""), runs["variant"] + " (" + runs["hyper"] + ")")
+def group_labels(runs: pd.DataFrame, specs: Optional[dict[str, dict]] = None, overrides: bool = False) -> pd.Series:
+    """A label per run of :func:`ablate.results.load`'s frame, one per group (configuration and
+    code version): the variant; ``variant (Hyperparameters)`` when the variant has several
+    configurations here, named as the table names them (:func:`ablate.report.table.config_hypers`:
+    the spec keys that differ, from ``specs`` ({config_key: flat spec}); with ``overrides`` also
+    the ``hyper`` column; the config key's first digits wherever two texts would coincide); then
+    `` [code abcd1234]`` (the fingerprint's first digits, ``unknown`` without one) when the
+    configuration's runs come from several code versions. Equal ``hyper`` texts never merge two
+    configurations: the label follows ``config_key``, not ``hyper``."""
+    if runs.empty:
+        return pd.Series([], index=runs.index, dtype=object)
+    hypers = config_hypers(runs, specs, overrides)
+    several = (runs.groupby("variant")["config_key"].transform("nunique") > 1).to_numpy()
+    labels = pd.Series([f"{v} ({hypers[ck][0]})" if sev else v for v, ck, sev in
+                        zip(runs["variant"], runs["config_key"], several)], index=runs.index, dtype=object)
+    # code versions per configuration: of the runs that have a fingerprint or finished without one
+    # (older code than fingerprints); a run not yet started has none and splits nothing
+    code = runs["fingerprint"].astype(object).where(runs["fingerprint"].notna(), "unknown").str[:8]
+    counted = runs["fingerprint"].notna() | runs["status"].isin(FINISHED)
+    versions = code[counted].groupby(runs["config_key"][counted]).nunique()
+    split = (runs["config_key"].map(versions).fillna(0) > 1).to_numpy()
+    return labels.where(~split, labels + " [code " + code + "]")
 
 
 def loss_curves(curve: pd.DataFrame, names: Sequence[str] = ("train_loss", "val_loss")):
@@ -202,9 +224,10 @@ def plot_all(db: Database, out: Path, grid: Optional[str] = None, study: Optiona
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = load(db, grid, study, spec=False)
+    runs = runs[runs["status"] != "superseded"].reset_index(drop=True)
     if not (runs["status"] == "done").any():
         return []
-    runs["label"] = group_labels(runs)
+    runs["label"] = group_labels(runs, config_specs(db, runs), overrides=grid is not None or study is not None)
     written: list[Path] = []
     curve = curves(db, grid, study, names=["train_loss", "val_loss"])
     if len(curve):
@@ -250,5 +273,5 @@ def _sheets(db: Database, runs: pd.DataFrame, out: Path, grid: Optional[str], st
             last = max(steps)
             finals.append((f"{label}\nstep {last}", steps[last]))
     if finals:
-        written += _save(sample_sheet(first_prompts, finals, "final step, per variant"), out, "sheet_final")
+        written += _save(sample_sheet(first_prompts, finals, "final step, per group"), out, "sheet_final")
     return written

@@ -1,37 +1,54 @@
 """The results table in the seed notes' spirit, built on :func:`ablate.results.load`.
 
-One row per variant and hyperparameter setting (or per ``group_by`` key), the seed-style columns
-Method, Implemented, Trained, the metrics as mean ± std over seeds (sample std, ddof=1) with n,
-Hyperparameters (the grid's overrides of its base) and Notes; variants registered but never
-trained are listed as such. The best mean of each metric column with a direction
-(:func:`ablate.results.higher_is_better`) is marked when at least two rows have a value: bold in
-markdown and LaTeX, ``<strong>`` in HTML, ``"best": true`` in JSON; CSV carries the numbers
-(mean, std and n per metric) for machines.
+**Rows are configurations.** Runs are pooled only when they are seeds of one configuration (same
+``config_key``, the resolved spec without the seed) and were produced by the same code
+(``fingerprint``): runs of one configuration made by different code are separate rows, and the
+rows whose code is not the newest of their configuration (newest = the latest finished run's)
+carry ``older_code`` (a ``†`` after the Method, and a note). ``group_by`` replaces the
+configuration by other keys (the variant always stays one); rows that then pool several
+configurations say so, and older-code runs are still kept apart from current ones.
 
-``build_table`` returns the numeric summary (one row per group); ``render`` turns it into text.
+Columns: Method, Implemented, Trained, the metrics as mean ± the half-width of the 95% Student-t
+interval with n (csv and json also carry the sample std and the interval's ends), Hyperparameters
+(the spec keys whose values differ between the rows of one variant, plus the grid's overrides of
+its base), Notes. Variants registered but never trained are listed as such.
+
+Marks, for metrics with a direction (:func:`ablate.results.higher_is_better`) only: the best mean
+is marked *best* (bold; ``<strong>``; ``"best": true``) only where it is significantly better than
+every other row (95% Welch interval of the difference excluding 0; a row with n < 2 can be told
+apart from nothing); otherwise the best and every row not significantly different from it are
+marked *tied* (markdown ``_italic_``, LaTeX ``\textit``, ``<em>``, ``"tied": true``). With a
+``baseline`` row, every row also gets its difference to the baseline with a 95% Welch interval
+(``*`` where it excludes 0).
+
+``build_table`` returns the numeric summary (one row per group); :mod:`ablate.report.render`
+turns it into text (``render``, ``display_table``, ``write_results``).
 """
 from __future__ import annotations
 
-import html as htmllib
 import json
 import math
-from datetime import datetime, timezone
-from pathlib import Path
+import re
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
-from ..db import Database, safe_url
+from .. import stats
+from ..db import Database
 from ..registry import Registry
-from ..utils import atomic_write_bytes
-from ..results import higher_is_better, load
+from ..results import higher_is_better, load, run_specs
 from .catalog import catalog
 
 # (metric, column title, higher is better (None: no direction), format); the default columns
 METRIC_COLUMNS: list[tuple[str, str, Optional[bool], str]] = [
     ("fid_domain", "FID (domain) ↓", False, "{:.1f}"),
+    ("kid_domain", "KID (domain) ↓", False, "{:.4f}"),
+    ("precision_domain", "Precision (domain) ↑", True, "{:.3f}"),
+    ("recall_domain", "Recall (domain) ↑", True, "{:.3f}"),
     ("fid", "FID ↓", False, "{:.1f}"),
     ("align_acc", "Align acc ↑", True, "{:.3f}"),
+    ("align_acc_heldout", "Align acc held-out ↑", True, "{:.3f}"),
     ("clip_score", "CLIP score ↑", True, "{:.3f}"),
     ("blank_rate", "Blank ↓", False, "{:.3f}"),
     ("fragment_rate", "Fragments ↓", False, "{:.3f}"),
@@ -41,8 +58,11 @@ METRIC_COLUMNS: list[tuple[str, str, Optional[bool], str]] = [
     ("params", "Params", None, "{:,.0f}"),
 ]
 FORMATS = ("markdown", "csv", "latex", "html", "json")
-DEFAULT_GROUP_BY = ("variant", "hyper")
+# the row keys without --group-by: one configuration, one code version
+CONFIG_GROUP = ("variant", "config_key", "fingerprint")
+FINISHED = ("done", "superseded")  # statuses whose metrics count (superseded: only when asked for)
 _KNOWN = {m: (title, hib, fmt) for m, title, hib, fmt in METRIC_COLUMNS}
+_UNKNOWN_CODE = "-"  # the fingerprint of runs recorded before fingerprints existed
 
 
 def metric_column(metric: str) -> tuple[str, Optional[bool], str]:
@@ -60,10 +80,13 @@ def load_runs(db: Database, grid: Optional[str] = None, study: Optional[str] = N
 
 
 def _resolve(runs: pd.DataFrame, key: str, what: str) -> str:
-    """A column of ``runs`` named by ``key``: itself, ``variant`` for method/model.variant, or
-    the one spec column ending with ``.key`` (``scan`` -> ``model.params.scan``)."""
+    """A column of ``runs`` named by ``key``: itself, ``variant`` for method/model.variant,
+    ``config_key`` for config, or the one spec column ending with ``.key`` (``scan`` ->
+    ``model.params.scan``)."""
     if key in ("variant", "method", "Method", "model.variant"):
         return "variant"
+    if key == "config":
+        return "config_key"
     if key in runs.columns:
         return key
     ends = [c for c in runs.columns if c.endswith("." + key)]
@@ -71,7 +94,8 @@ def _resolve(runs: pd.DataFrame, key: str, what: str) -> str:
         return ends[0]
     spec_cols = sorted(c for c in runs.columns if "." in c)
     hint = f"several match: {', '.join(ends)}" if ends else \
-        f"accepted: variant, hyper, seed or a spec key such as {', '.join(spec_cols[:4]) or 'model.width'}"
+        ("accepted: variant, config, fingerprint, hyper, seed or a spec key such as "
+         f"{', '.join(spec_cols[:4]) or 'model.width'}")
     raise ValueError(f"{what}: unknown key {key!r} ({hint})")
 
 
@@ -86,23 +110,86 @@ def _sort_value(v: Any) -> tuple:
     return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
 
 
+def _text(v: Any) -> str:
+    """A spec value as the Hyperparameters column writes it (as the grid's overrides are)."""
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+_UNSET = object()  # a spec key some configurations lack (written by an older schema)
+_ITEM = re.compile(r", (?=[A-Za-z_][\w.-]*=)")  # splits "a.b=1, c=[1, 2]" between items only
+
+
+def config_hypers(data: pd.DataFrame, specs: Optional[dict[str, dict]], overrides: bool) -> dict[str, tuple]:
+    """``{config_key: (Hyperparameters text, sort key)}``: per variant, the spec keys whose values
+    differ between its configurations here (from ``specs``, ``{config_key: flat spec}``), plus
+    with ``overrides`` the grid's overrides of its base (the ``hyper`` column); "base" when
+    nothing is left. A configuration without a spec falls back to its ``hyper`` text. Texts that
+    would still coincide within a variant get the configuration key appended."""
+    specs = specs or {}
+    firsts = data.drop_duplicates("config_key")[["variant", "config_key", "hyper"]]
+    out: dict[str, tuple] = {}
+    for variant, part in firsts.groupby("variant", sort=False):
+        cks, hypers = list(part["config_key"]), list(part["hyper"])
+        differ: list[str] = []
+        if len(cks) > 1 and all(c in specs for c in cks):
+            names = sorted(set().union(*(specs[c] for c in cks)))
+            ref, rest = specs[cks[0]], [specs[c] for c in cks[1:]]
+            differ = [k for k in names if any(sp.get(k, _UNSET) != ref.get(k, _UNSET) for sp in rest)]
+        texts = {}
+        for ck, hyper in zip(cks, hypers):
+            items: dict[str, str] = {}
+            if overrides or (len(cks) > 1 and ck not in specs):
+                items = dict(x.split("=", 1) for x in _ITEM.split(hyper) if "=" in x) if hyper else {}
+            spec = specs.get(ck, {})
+            for k in differ:
+                items.setdefault(k, _text(spec[k]) if k in spec else "(unset)")
+            text = ", ".join(f"{k}={v}" for k, v in sorted(items.items())) or "base"
+            texts[ck] = (text, tuple(_sort_value(spec.get(k)) for k in differ))
+        seen: dict[str, int] = {}
+        for text, _ in texts.values():
+            seen[text] = seen.get(text, 0) + 1
+        for ck, (text, order) in texts.items():
+            out[ck] = (text + (f" [config {ck[:8]}]" if seen[text] > 1 else ""), order + (text,))
+    return out
+
+
 def summarize(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Optional[Sequence[str]] = None,
               group_by: Optional[Sequence[str]] = None, sort: Optional[str] = None,
-              all_variants: bool = True) -> pd.DataFrame:
+              all_variants: bool = True, specs: Optional[dict[str, dict]] = None, overrides: bool = False,
+              baseline: Optional[str] = None) -> pd.DataFrame:
     """The numeric table from :func:`ablate.results.load`'s frame.
+
+    Without ``group_by`` one row per configuration and code version (``config_key`` and
+    ``fingerprint``); with it, one row per ``group_by`` key (the variant always is one), which
+    may pool configurations (said in Hyperparameters), never older code with current code.
+    Runs that are not finished (``done``; ``superseded`` ones count too when ``runs`` holds them)
+    join their configuration's current-code row.
 
     Columns: ``Method, Implemented, Trained``, the ``group_by`` keys other than variant and
     hyper, ``n`` (finished runs), per metric ``<m>`` (mean over finished runs), ``<m>_std``
-    (ddof=1; NaN for one run) and ``<m>_n``, then ``Hyperparameters, Notes``. ``attrs``:
-    ``metrics`` (names, in order), ``group_by`` (resolved keys), ``best`` ({metric: [row
-    positions]}). The variant is always a group key; ``descriptions`` ({name: description} of
-    the registered variants, in order) gives Implemented, Notes and the row order (variants
-    with runs first); with ``all_variants`` registered variants without runs get a "No" row
-    at the end. ``sort``: a metric
-    (best first), or a column/group key (ascending); a leading ``-`` reverses it.
+    (ddof=1; NaN for one run), ``<m>_n``, ``<m>_ci95_low`` and ``<m>_ci95_high`` (95% t-interval;
+    NaN for n < 2), with ``baseline`` also ``<m>_diff``, ``<m>_diff_ci95_low``,
+    ``<m>_diff_ci95_high`` (95% Welch) and ``<m>_significant``; then ``Hyperparameters, Notes,
+    config_key`` (None where a row pools several), ``fingerprint`` (None: unknown or several)
+    and ``older_code``. ``attrs``: ``metrics``, ``group_by`` (resolved keys), ``best`` and
+    ``tied`` ({metric: [row positions]}), ``baseline`` (None or {label, row, config_key}).
+
+    ``descriptions`` ({name: description} of the registered variants, in order) gives
+    Implemented, Notes and the row order (variants with runs first); with ``all_variants``
+    registered variants without runs get a "No" row at the end. ``specs`` ({config_key: flat
+    spec}) names what differs between a variant's configurations; ``overrides`` adds the
+    ``hyper`` column's text (a grid's or study's overrides of its base). ``sort``: a metric (best
+    first), or a column/group key (ascending); a leading ``-`` reverses it. ``baseline``: a
+    variant with one configuration here, or a configuration key (a prefix is enough).
     """
-    keys = ["variant"] + [_resolve(runs, k, "--group-by") for k in (group_by or DEFAULT_GROUP_BY)]
-    keys = list(dict.fromkeys(keys))
+    pooled_mode = bool(group_by)
+    if pooled_mode:
+        keys = ["variant"] + [_resolve(runs, k, "--group-by") for k in group_by]
+        keys = list(dict.fromkeys(keys))
+        row_keys = keys + ["_stale"]
+    else:
+        keys = list(CONFIG_GROUP)
+        row_keys = ["variant", "config_key", "_code"]
     if metrics is None:
         metrics = [m for m, *_ in METRIC_COLUMNS if m in runs.columns and runs[m].notna().any()]
     else:
@@ -112,88 +199,181 @@ def summarize(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Optiona
             raise ValueError(f"--metrics: no final metric {missing[0]!r} in these runs "
                              f"(present: {', '.join(have) or 'none'})")
         metrics = list(metrics)
-    cols = list(dict.fromkeys(keys + ["status", "error", "hyper"]))
+    cols = list(dict.fromkeys(keys + ["config_key", "fingerprint", "status", "error", "hyper", "finished_at",
+                                      "run_id"]))
     data = runs[cols].copy()
     for m in metrics:
         data[m] = runs[m].astype(float) if m in runs.columns else math.nan
     for k in keys:
-        data[k] = _hashable(data[k])
+        if k != "fingerprint":
+            data[k] = _hashable(data[k])
 
-    groups = data.groupby(keys, sort=False)
+    # code identity: each config's newest code is that of its latest finished run
+    data["_fp"] = data["fingerprint"].astype(object).where(data["fingerprint"].notna(), _UNKNOWN_CODE)
+    finished = data["status"].isin(FINISHED).to_numpy()
+    fin = data[finished]
+    if len(fin):
+        when = pd.to_datetime(fin["finished_at"], errors="coerce")
+        newest = fin.assign(_when=when).sort_values(["_when", "run_id"], na_position="first", kind="stable") \
+            .groupby("config_key", sort=False)["_fp"].last()
+    else:
+        newest = pd.Series(dtype=object)
+    data["_newest"] = data["config_key"].map(newest)
+    has_newest = data["_newest"].notna().to_numpy()
+    data["_stale"] = finished & has_newest & (data["_fp"] != data["_newest"]).to_numpy()
+    # unfinished runs have no numbers: they join their configuration's current-code row
+    data["_code"] = data["_fp"].where(finished, data["_newest"].where(has_newest, _UNKNOWN_CODE))
+    if "fingerprint" in keys:  # (group_by names it)
+        data["fingerprint"] = data["_code"]
+
+    groups = data.groupby(row_keys, sort=False)
     counts = groups["status"].value_counts().unstack(fill_value=0) if len(data) else pd.DataFrame()
-    pooled = groups["hyper"].nunique() if len(data) else pd.Series(dtype=int)
-    done = data[data["status"] == "done"]
-    stats = done.groupby(keys, sort=False)[metrics].agg(["mean", "std", "count"]) if metrics and len(done) \
+    n_configs = groups["config_key"].nunique() if len(data) else pd.Series(dtype=int)
+    first_config = groups["config_key"].first() if len(data) else pd.Series(dtype=object)
+    fin = data[finished]
+    code_sets: dict[tuple, list] = {}  # the fingerprints of each row's finished runs
+    for t in fin[row_keys + ["_fp"]].drop_duplicates().itertuples(index=False, name=None):
+        code_sets.setdefault(t[:-1], []).append(t[-1])
+    stats_ = fin.groupby(row_keys, sort=False)[metrics].agg(["mean", "std", "count"]) if metrics and len(fin) \
         else pd.DataFrame()
-    errors = data[data["status"] == "failed"].groupby(keys, sort=False)["error"].first() if len(data) \
+    errors = data[data["status"] == "failed"].groupby(row_keys, sort=False)["error"].first() if len(data) \
         else pd.Series(dtype=object)
+    hypers = {} if pooled_mode else config_hypers(data, specs, overrides)
+    # configurations with more than one code version here (their current row says which is which)
+    versions = fin.groupby("config_key")["_fp"].nunique() if len(fin) else pd.Series(dtype=int)
 
+    newest_of, versions_of = newest.to_dict(), versions.to_dict()
     index = list(counts.index)
-    if index and not isinstance(index[0], tuple):
-        index = [(i,) for i in index]
     seen = {i[0] for i in index}
-    if all_variants:
-        index += [(name,) + ("-",) * (len(keys) - 1) for name in descriptions if name not in seen]
+    never = [name for name in descriptions if name not in seen] if all_variants else []
     order = {name: i for i, name in enumerate(descriptions)}
-    # variants with runs first (registry order, then unregistered ones by name), never-run ones last
-    index.sort(key=lambda t: (t[0] not in seen, order.get(t[0], len(order)), t[0],
-                              [_sort_value(v) for v in t[1:]]))
 
-    extra = [k for k in keys if k not in ("variant", "hyper")]
-    mi = pd.MultiIndex.from_tuples(index, names=keys) if len(keys) > 1 else pd.Index([i[0] for i in index])
-    # every per-group figure looked up once, by reindexing onto the row order (no per-cell .loc)
-    status = counts.reindex(mi, fill_value=0) if len(counts) else pd.DataFrame(index=mi)
-    n_done = status["done"].to_numpy() if "done" in status else [0] * len(index)
-    n_failed = status["failed"].to_numpy() if "failed" in status else [0] * len(index)
-    status_rows = status.to_dict("records")
-    first_error = errors.reindex(mi).to_numpy() if len(errors) else [None] * len(index)
-    n_settings = pooled.reindex(mi, fill_value=0).to_numpy() if len(pooled) else [0] * len(index)
+    def place(t: tuple) -> tuple:
+        if pooled_mode:
+            rest = [_sort_value(v) for v in t[1:-1]]
+        else:
+            rest = [hypers.get(t[1], ((), ("",)))[1]]
+        older = bool(t[-1]) if pooled_mode else t[-1] != newest_of.get(t[1], t[-1])
+        return (order.get(t[0], len(order)), t[0], rest, older, t[-1])  # current code first
+
+    # variants with runs first (registry order, then unregistered ones by name), never-run ones last
+    index.sort(key=place)
+    mi = pd.MultiIndex.from_tuples(index, names=row_keys) if index else None
+    n = len(index)
+
+    def per_group(series: pd.Series, fill: Any) -> np.ndarray:
+        if mi is None or not len(series):
+            return np.full(n, fill, dtype=object)
+        return series.reindex(mi).to_numpy()
+
+    status = counts.reindex(mi, fill_value=0) if mi is not None else pd.DataFrame()
+    n_done = status["done"].to_numpy() if "done" in status else np.zeros(n, int)
+    n_super = status["superseded"].to_numpy() if "superseded" in status else np.zeros(n, int)
+    n_failed = status["failed"].to_numpy() if "failed" in status else np.zeros(n, int)
+    status_rows = status.to_dict("records") if mi is not None else []
+    first_error = per_group(errors, None)
+    configs_n = per_group(n_configs, 0)
+    config_first = per_group(first_config, None)
     figures = {}
     for m in metrics:
         for agg in ("mean", "std", "count"):
-            figures[m, agg] = stats[(m, agg)].reindex(mi).to_numpy() if len(stats) else [math.nan] * len(index)
+            figures[m, agg] = stats_[(m, agg)].reindex(mi).to_numpy(dtype=float) if len(stats_) and mi is not None \
+                else np.full(n, math.nan)
+
+    extra = [k for k in keys if k not in ("variant", "hyper", "config_key", "fingerprint")]
     rows = []
     for i, idx in enumerate(index):
         variant = idx[0]
-        done_i, failed_i = int(n_done[i]), int(n_failed[i])
-        if done_i:
-            trained = f"Yes ({done_i})"
+        values = dict(zip(row_keys, idx))
+        done_i, super_i, failed_i = int(n_done[i]), int(n_super[i]), int(n_failed[i])
+        fin_i = done_i + super_i
+        if fin_i:
+            trained = f"Yes ({fin_i}{f', {super_i} superseded' if super_i else ''})"
         elif failed_i:
             trained = f"Failed ({failed_i})"
         elif any(status_rows[i].values()):
-            trained = "No (" + ", ".join(f"{n} {st}" for st, n in status_rows[i].items() if n) + ")"
+            trained = "No (" + ", ".join(f"{c} {st}" for st, c in status_rows[i].items() if c) + ")"
         else:
             trained = "No"
         row: dict[str, Any] = {"Method": variant, "Implemented": "Yes" if variant in descriptions else "No",
                                "Trained": trained}
-        values = dict(zip(keys, idx))
         for k in extra:
             row[k] = values[k]
-        row["n"] = done_i
+        row["n"] = fin_i
         for m in metrics:
             count = figures[m, "count"][i]
-            row[m] = float(figures[m, "mean"][i]) if done_i else math.nan
-            row[f"{m}_std"] = float(figures[m, "std"][i]) if done_i else math.nan
-            row[f"{m}_n"] = 0 if not done_i or count != count else int(count)
-        if "hyper" in keys:
-            hyper = values["hyper"] if values["hyper"] not in ("", "-") else "base"
+            row[m] = float(figures[m, "mean"][i]) if fin_i else math.nan
+            row[f"{m}_std"] = float(figures[m, "std"][i]) if fin_i else math.nan
+            row[f"{m}_n"] = 0 if not fin_i or count != count else int(count)
+        n_cfg = int(configs_n[i] or 0)
+        ck = config_first[i] if n_cfg == 1 else None
+        fps = sorted(code_sets.get(idx, ()))
+        stale = bool(values["_stale"]) if pooled_mode else (
+            ck is not None and values["_code"] != newest_of.get(ck, values["_code"]))
+        if pooled_mode:
+            parts = [values[k] if k == "hyper" else f"{k}={values[k]}" for k in keys[1:]]
+            hyper = ", ".join(x for x in parts if x not in ("", "-")) or "base"
+            if n_cfg > 1:
+                hyper += f" (pooled over {n_cfg} configs)"
         else:
-            hyper = ", ".join(f"{k}={values[k]}" for k in extra) or "base"
-            if n_settings[i] > 1:
-                hyper += f" (pooled over {int(n_settings[i])} settings)"
+            hyper = hypers.get(ck, ("base",))[0]
         row["Hyperparameters"] = hyper
-        notes = descriptions.get(variant, "variant no longer registered")
+        notes = [descriptions.get(variant, "variant no longer registered")]
+        if stale:
+            notes.append(f"older code ({_code_names(fps)})")
+        elif ck is not None and len(fps) == 1 and int(versions_of.get(ck, 1)) > 1:
+            notes.append(f"newest code ({_code_names(fps)})")
+        if fin_i == 1:
+            notes.append("n=1: no interval")
         if failed_i and isinstance(first_error[i], str):
-            notes += f" — failed: {first_error[i]}"
-        row["Notes"] = notes
+            notes.append(f"failed: {first_error[i]}")
+        row["Notes"] = " — ".join(notes)
+        row["config_key"] = ck
+        row["fingerprint"] = None if len(fps) != 1 or fps[0] == _UNKNOWN_CODE else fps[0]
+        row["older_code"] = stale
         rows.append(row)
+    for name in never:
+        row = {"Method": name, "Implemented": "Yes", "Trained": "No", **{k: "-" for k in extra}, "n": 0}
+        for m in metrics:
+            row.update({m: math.nan, f"{m}_std": math.nan, f"{m}_n": 0})
+        row.update(Hyperparameters="-", Notes=descriptions[name], config_key=None, fingerprint=None,
+                   older_code=False)
+        rows.append(row)
+
+    per_metric = ["", "_std", "_n", "_ci95_low", "_ci95_high"]
+    if baseline is not None:
+        per_metric += ["_diff", "_diff_ci95_low", "_diff_ci95_high", "_significant"]
     columns = ["Method", "Implemented", "Trained", *extra, "n",
-               *[c for m in metrics for c in (m, f"{m}_std", f"{m}_n")], "Hyperparameters", "Notes"]
-    table = pd.DataFrame(rows, columns=columns)
+               *[m + suffix for m in metrics for suffix in per_metric],
+               "Hyperparameters", "Notes",
+               *[c for c in ("config_key", "fingerprint") if c not in extra], "older_code"]
+    table = pd.DataFrame(rows, columns=[c for c in columns if not c.endswith(("_ci95_low", "_ci95_high",
+                                                                               "_significant", "_diff"))])
+    for m in metrics:
+        h = stats.t_halfwidth(table[f"{m}_std"].to_numpy(float), table[f"{m}_n"].to_numpy(float))
+        table[f"{m}_ci95_low"] = table[m].to_numpy(float) - h
+        table[f"{m}_ci95_high"] = table[m].to_numpy(float) + h
     if sort:
         table = _sorted(table, sort, metrics, extra)
-    table.attrs.update(metrics=list(metrics), group_by=keys, best=_best(table, metrics))
+    base = None
+    if baseline is not None:
+        base = _baseline(table, baseline)
+        for m in metrics:
+            _diff_columns(table, m, base["row"])
+    table = table[columns]
+    best, tied = _marks(table, metrics)
+    table.attrs.update(metrics=list(metrics), group_by=keys, best=best, tied=tied, baseline=base)
     return table
+
+
+def _code_names(fps: Sequence[str]) -> str:
+    """``fingerprint abcd1234`` (the first 8 digits), several comma-separated; runs without a
+    fingerprint as ``unknown code: no fingerprint``."""
+    named = [f[:8] for f in fps if f != _UNKNOWN_CODE]
+    parts = [("fingerprints " if len(named) > 1 else "fingerprint ") + ", ".join(named)] if named else []
+    if _UNKNOWN_CODE in fps:
+        parts.append("unknown code: no fingerprint")
+    return "; ".join(parts) or "unknown code"
 
 
 def _sorted(table: pd.DataFrame, sort: str, metrics: Sequence[str], extra: Sequence[str]) -> pd.DataFrame:
@@ -216,152 +396,100 @@ def _sorted(table: pd.DataFrame, sort: str, metrics: Sequence[str], extra: Seque
     return table.sort_values(key, ascending=ascending, kind="stable", na_position="last").reset_index(drop=True)
 
 
-def _best(table: pd.DataFrame, metrics: Sequence[str]) -> dict[str, list[int]]:
-    """{metric: row positions holding the best mean} for metrics with a direction and at least
-    two different values (ties for best all marked)."""
-    out = {}
+def _baseline(table: pd.DataFrame, which: str) -> dict[str, Any]:
+    """The row ``which`` names: a variant with one configuration (and current code) in the
+    table, or a configuration key or prefix of one; a one-line ValueError otherwise."""
+    # rows of runs (a row pooling several configurations has no config_key), not never-run variants
+    ran = (table["config_key"].notna() | (table["Trained"] != "No")).to_numpy()
+    current = ran & ~table["older_code"].to_numpy(bool)
+
+    def listing(pos: Sequence[int]) -> str:
+        return "; ".join(f"{table['config_key'].iat[i] or '(pooled)'} ({table['Hyperparameters'].iat[i]})"
+                         for i in pos)
+
+    by_variant = [i for i in np.flatnonzero(current) if table["Method"].iat[i] == which]
+    if not by_variant:
+        by_variant = [i for i in np.flatnonzero(ran & (table["Method"] == which).to_numpy())]
+    if by_variant:
+        if len(by_variant) > 1:
+            raise ValueError(f"--baseline: variant {which!r} has {len(by_variant)} configurations in this table: "
+                             f"{listing(by_variant)}; name one by its config key (a prefix is enough)")
+        row = int(by_variant[0])
+        return dict(label=which, row=row, config_key=table["config_key"].iat[row])
+    keys = table["config_key"].astype(str)
+    match = [i for i in np.flatnonzero(current) if table["config_key"].iat[i] and keys.iat[i].startswith(which)]
+    if len(match) == 1:
+        row = int(match[0])
+        return dict(label=f"{table['Method'].iat[row]} [{which}]", row=row, config_key=table["config_key"].iat[row])
+    if match:
+        raise ValueError(f"--baseline: config key prefix {which!r} matches {len(match)} rows: {listing(match)}; "
+                         "give more of the key")
+    variants = ", ".join(dict.fromkeys(table["Method"][ran])) or "none"
+    raise ValueError(f"--baseline: no variant or config key {which!r} in this table (variants: {variants})")
+
+
+def _diff_columns(table: pd.DataFrame, m: str, row: int) -> None:
+    """``<m>_diff`` (row minus baseline), its 95% Welch interval and ``<m>_significant``."""
+    mean, std, n = (table[c].to_numpy(float) for c in (m, f"{m}_std", f"{m}_n"))
+    diff, low, high, _ = stats.welch_interval(mean, std, n, mean[row], std[row], n[row])
+    low, high = low.copy(), high.copy()
+    low[row] = high[row] = math.nan  # the baseline against itself: no interval, no claim
+    table[f"{m}_diff"] = diff
+    table[f"{m}_diff_ci95_low"] = low
+    table[f"{m}_diff_ci95_high"] = high
+    table[f"{m}_significant"] = stats.significant(low, high)
+
+
+def _marks(table: pd.DataFrame, metrics: Sequence[str]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """``(best, tied)``, each {metric: row positions}, for metrics with a direction and at least
+    two different means. ``best``: the best mean, where it is significantly better (95% Welch)
+    than every other row with a value (so never with n < 2 on either side). ``tied`` otherwise:
+    the best and every row whose difference from it is not significant."""
+    best, tied = {}, {}
     for m in metrics:
         hib = metric_column(m)[1]
-        col = table[m]
-        if hib is None or col.notna().sum() < 2 or col.min() == col.max():
+        mean, std, n = (table[c].to_numpy(float) for c in (m, f"{m}_std", f"{m}_n"))
+        valid = (n >= 1) & ~np.isnan(mean)
+        if hib is None or valid.sum() < 2 or np.nanmin(mean[valid]) == np.nanmax(mean[valid]):
             continue  # one value, or all equal: nothing stands out
-        best = col.max() if hib else col.min()
-        out[m] = [i for i, v in enumerate(col.to_numpy()) if v == best]
-    return out
+        scores = np.where(valid, mean if hib else -mean, -np.inf)
+        b = int(np.argmax(scores))
+        diff, low, high, _ = stats.welch_interval(mean[b], std[b], n[b], mean, std, n)
+        better = (low > 0) if hib else (high < 0)  # the best is significantly better than this row
+        others = valid & (np.arange(len(mean)) != b)
+        if n[b] >= 2 and bool(better[others].all()):
+            best[m] = [b]
+        else:
+            tied[m] = [b] + [int(j) for j in np.flatnonzero(others & ~better)]
+    return best, tied
+
+
+def config_specs(db: Database, runs: pd.DataFrame) -> dict[str, dict]:
+    """``{config_key: flat spec}`` (:func:`ablate.results.run_specs`) for :func:`config_hypers`:
+    one run's spec per configuration, of the variants with several configurations in ``runs``
+    only (the others need no name for what differs)."""
+    several = runs.groupby("variant")["config_key"].transform("nunique") > 1
+    first = runs[several].groupby("config_key")["run_id"].min()
+    by_run = run_specs(db, first.tolist()) if len(first) else {}
+    return {ck: by_run[rid] for ck, rid in first.items() if rid in by_run}
 
 
 def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Registry] = None,
                 study: Optional[str] = None, metrics: Optional[Sequence[str]] = None,
-                group_by: Optional[Sequence[str]] = None, sort: Optional[str] = None) -> pd.DataFrame:
+                group_by: Optional[Sequence[str]] = None, sort: Optional[str] = None,
+                baseline: Optional[str] = None, include_superseded: bool = False) -> pd.DataFrame:
     """The numeric results table of ``db`` (``grid``/``study`` runs only when given); see
-    :func:`summarize`. The spec columns are loaded only when a group key needs them. The
-    registered variants that never ran get their "No" rows in the whole-database table only: a
-    grid's or a study's table lists what that grid or study ran."""
-    need_spec = any(k not in ("variant", "method", "Method", "model.variant", "hyper", "seed")
-                    for k in (group_by or ()))
+    :func:`summarize`. Superseded runs (old results of a cell retrained with newer code) are
+    left out unless ``include_superseded``. The spec is loaded for every run only when a group
+    key needs it; otherwise only one spec per configuration of the variants that have several
+    (to name what differs). The registered variants that never ran get their "No" rows in the
+    whole-database table only: a grid's or a study's table lists what that grid or study ran."""
+    need_spec = any(k not in ("variant", "method", "Method", "model.variant", "hyper", "seed", "config",
+                              "config_key", "fingerprint") for k in (group_by or ()))
     runs = load(db, grid, study, spec=need_spec)
+    if not include_superseded and len(runs):
+        runs = runs[runs["status"] != "superseded"].reset_index(drop=True)
+    specs = config_specs(db, runs) if not group_by and len(runs) else None
     names = catalog(registry, tuple(runs["variant"].unique()))
-    return summarize(runs, names, metrics, group_by, sort, all_variants=grid is None and study is None)
-
-
-# ----------------------------------------------------------------------------- rendering
-
-def _cell(mean: float, std: float, n: int, n_runs: int, fmt: str) -> str:
-    if n == 0 or math.isnan(mean):
-        return "-"
-    text = fmt.format(mean) if n == 1 or math.isnan(std) else f"{fmt.format(mean)} ± {fmt.format(std)}"
-    return text + (f" (n={n})" if n != n_runs else "")
-
-
-def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as display strings (what markdown, LaTeX and HTML show, marks aside):
-    Method, Implemented, Trained, one ``mean ± std`` column per metric (titled with its
-    direction; `` (n=k)`` where fewer runs than finished have it), Hyperparameters, Notes."""
-    metrics = table.attrs.get("metrics", [])
-    out = pd.DataFrame({"Method": table["Method"], "Implemented": table["Implemented"],
-                        "Trained": table["Trained"]})
-    n_runs = table["n"].to_numpy()
-    for m in metrics:
-        title, _, fmt = metric_column(m)
-        out[title] = [_cell(a, b, int(c), int(r), fmt) for a, b, c, r in
-                      zip(table[m].to_numpy(), table[f"{m}_std"].to_numpy(), table[f"{m}_n"].to_numpy(), n_runs)]
-    out["Hyperparameters"] = table["Hyperparameters"]
-    out["Notes"] = table["Notes"]
-    return out
-
-
-def _marked(table: pd.DataFrame, mark) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of :func:`display_table` with ``mark(text)`` applied to best cells."""
-    shown = display_table(table)
-    rows = [list(r) for r in shown.itertuples(index=False)]
-    cols = list(shown.columns)
-    for m, positions in table.attrs.get("best", {}).items():
-        j = cols.index(metric_column(m)[0])
-        for i in positions:
-            rows[i][j] = mark(rows[i][j])
-    return cols, rows
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    cols, rows = _marked(table, lambda s: f"**{s}**")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-          "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-          "±": r"$\pm$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "—": "---"}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX.get(c, c) for c in str(text))
-
-
-def _latex(table: pd.DataFrame) -> str:
-    cols, rows = _marked(table, lambda s: "\x00" + s + "\x01")  # marks survive escaping
-    fix = lambda s: latex_escape(s).replace("\x00", r"\textbf{").replace("\x01", "}")  # noqa: E731
-    n_metric = len(table.attrs.get("metrics", []))
-    spec = "lll" + "r" * n_metric + "ll"
-    out = [r"\begin{tabular}{" + spec + "}", r"\toprule",
-           " & ".join(latex_escape(c) for c in cols) + r" \\", r"\midrule"]
-    out += [" & ".join(fix(v) for v in row) + r" \\" for row in rows]
-    out += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(out) + "\n"
-
-
-def _html(table: pd.DataFrame) -> str:
-    cols, rows = _marked(table, lambda s: "\x00" + s + "\x01")
-    fix = lambda s: htmllib.escape(str(s)).replace("\x00", "<strong>").replace("\x01", "</strong>")  # noqa: E731
-    out = ['<table class="ablate-results">', "<thead>",
-           "<tr>" + "".join(f"<th>{htmllib.escape(c)}</th>" for c in cols) + "</tr>", "</thead>", "<tbody>"]
-    out += ["<tr>" + "".join(f"<td>{fix(v)}</td>" for v in row) + "</tr>" for row in rows]
-    out += ["</tbody>", "</table>"]
-    return "\n".join(out) + "\n"
-
-
-def _json(table: pd.DataFrame) -> str:
-    metrics = table.attrs.get("metrics", [])
-    best = table.attrs.get("best", {})
-    fixed = [c for c in table.columns if c not in {x for m in metrics for x in (m, f"{m}_std", f"{m}_n")}]
-    num = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v  # noqa: E731
-    records = []
-    for i, r in enumerate(table.to_dict("records")):
-        rec = {c: (int(r[c]) if c == "n" else num(r[c])) for c in fixed}
-        rec["metrics"] = {m: {"mean": num(r[m]), "std": num(r[f"{m}_std"]), "n": int(r[f"{m}_n"]),
-                              "best": i in best.get(m, ())} for m in metrics}
-        records.append(rec)
-    return json.dumps({"group_by": table.attrs.get("group_by", []), "metrics": metrics, "rows": records},
-                      indent=1, ensure_ascii=False) + "\n"
-
-
-def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
-    """``table`` (from :func:`build_table`) as markdown, csv (the numbers), latex, html or json."""
-    if fmt == "csv":
-        return table.to_csv(index=False)
-    renderers = {"markdown": _markdown, "latex": _latex, "html": _html, "json": _json}
-    if fmt not in renderers:
-        raise ValueError(f"--format: unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
-    return renderers[fmt](table)
-
-
-def write_results(db: Database, path: Path, grid: Optional[str] = None, table: Optional[pd.DataFrame] = None,
-                  **options: Any) -> str:
-    """Render the markdown table (``table``, else :func:`build_table` with ``options``) and write
-    it to ``path`` under a header naming the database it came from and the time; return the table."""
-    if table is None:
-        table = build_table(db, grid, **options)
-    md = render(table, "markdown")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    opts = ", ".join(f"{k}={v if isinstance(v, str) else ','.join(v)}" for k, v in options.items()
-                     if v and k != "registry")
-    head = (f"# Results\n\nRegenerated by `ablate table` from `{safe_url(db.url)}`"
-            f"{f' (grid `{grid}`)' if grid else ''}{f' ({opts})' if opts else ''} at {stamp}.\n"
-            "Metrics are mean ± std over seeds (sample std); Trained gives the number of finished runs, "
-            "`(n=k)` marks a metric that fewer of them have; the best value of each column with a "
-            "direction (↑ higher, ↓ lower is better) is in bold.\n\n")
-    atomic_write_bytes(path, (head + md).encode())
-    return md
-
-
+    return summarize(runs, names, metrics, group_by, sort, all_variants=grid is None and study is None,
+                     specs=specs, overrides=grid is not None or study is not None, baseline=baseline)

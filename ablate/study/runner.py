@@ -292,8 +292,9 @@ class Objective:
         while True:
             run = self.db.run(key)
             if run.status == "running" and dead_job is not None and run.job_id == dead_job:
-                self.db.set_status(key, "lost", f"its study worker ({dead_job}) died: the trial's heartbeat stopped")
-                return "lost"
+                if self.db.set_status(key, "lost", f"its study worker ({dead_job}) died: the trial's heartbeat "
+                                      "stopped", only_from=("running",), job_id=dead_job):
+                    return "lost"
             self.db.mark_lost(self.lost_after_s)  # a dead job's run becomes lost, then ours to resume
             status = self.db.statuses([key]).get(key, "pending")
             if status != "running":
@@ -312,16 +313,20 @@ class Objective:
         return values[0] if len(values) == 1 else values
 
 
-def run_worker(cfg: StudyConfig, db_url: str, results_dir: str, threads: int, budget: int, index: int,
+def run_worker(cfg: StudyConfig, db_url: Optional[str], results_dir: str, threads: int, budget: int, index: int,
                salt: int = 0) -> dict[str, Any]:
     """One worker: load the study, optimise until the budget is reached. Never raises (the
-    debug executor would open a debugger): returns ``{"status", "trials", ...}``."""
+    debug executor would open a debugger): returns ``{"status", "trials", ...}``. ``db_url``
+    None: from ``$ABLATE_DB_URL`` (how submitted workers get it: never in their job files)."""
     import torch
+
+    from ..jobs import job_db_url
 
     torch.set_num_threads(max(1, threads))
     db = gate = storage = None
     states: list[str] = []
     try:
+        db_url = job_db_url(db_url)
         optuna = _optuna()
         S = optuna.trial.TrialState
         db = Database(db_url, create=False)
@@ -465,8 +470,8 @@ def run_study(cfg: StudyConfig, db: Database, results_dir: Path, executor: Optio
               workers: Optional[int] = None, trials: Optional[int] = None, more: Optional[int] = None,
               out: Optional[TextIO] = None) -> StudyReport:
     """Create or continue the study and run workers until ``budget`` trials have finished."""
-    from ..jobs import PREP_PARTS
-    from ..scheduler import _Runner, prepare_job, resolve_executor
+    from ..prepare import PREP_PARTS
+    from ..scheduler import _Runner, job_env, prepare_job, resolve_executor
 
     optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the driver prints its own line per trial
@@ -525,7 +530,7 @@ def run_study(cfg: StudyConfig, db: Database, results_dir: Path, executor: Optio
         while True:
             before = counts(study)
             salt = sum(before.values())
-            tasks = [(f"worker{i}", StudyWorker(), (cfg, db.url, str(results_dir), cpus, budget, i, salt))
+            tasks = [(f"worker{i}", StudyWorker(), (cfg, None, str(results_dir), cpus, budget, i, salt))
                      for i in range(k)]
 
             def worker_done(name: str, res: Any, secs: float, _running: int) -> None:
@@ -539,14 +544,15 @@ def run_study(cfg: StudyConfig, db: Database, results_dir: Path, executor: Optio
                 out.write(report.errors[-1] + "\n")
                 out.flush()
 
-            if kind == "debug":  # in this process (and thread): no progress thread
-                runner.run(tasks, worker_done)
-            else:
-                th = threading.Thread(target=runner.run, args=(tasks, worker_done), daemon=True)
-                th.start()
-                while th.is_alive():
-                    th.join(timeout=3.0)
-                    _print_new(study, seen, cfg, out)
+            with job_env(db.url):  # workers read the URL from their environment, not their job files
+                if kind == "debug":  # in this process (and thread): no progress thread
+                    runner.run(tasks, worker_done)
+                else:
+                    th = threading.Thread(target=runner.run, args=(tasks, worker_done), daemon=True)
+                    th.start()
+                    while th.is_alive():
+                        th.join(timeout=3.0)
+                        _print_new(study, seen, cfg, out)
             _settle(study, hb.grace_s, min(2.0, hb.interval_s), out)
             _print_new(study, seen, cfg, out)
             now = counts(study)
