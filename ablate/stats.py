@@ -41,8 +41,9 @@ def welch_interval(mean1: Any, std1: Any, n1: Any, mean2: Any, std2: Any, n2: An
     the Welch-Satterthwaite degrees of freedom (what ``scipy.stats.ttest_ind(a, b,
     equal_var=False).confidence_interval()`` gives for the raw samples).
 
-    The interval is NaN where either side has n < 2. Where both stds are 0 the interval is the
-    point ``[diff, diff]`` (the limit of the formula; ``df`` is then NaN).
+    The interval is NaN where either side has n < 2, and where both stds are 0: a few runs that
+    happened to agree exactly (a metric read off a few hundred images moves in steps) show no
+    spread, not no noise, so nothing can be claimed from them.
     """
     m1, s1, k1 = (np.asarray(x, dtype=float) for x in (mean1, std1, n1))
     m2, s2, k2 = (np.asarray(x, dtype=float) for x in (mean2, std2, n2))
@@ -52,10 +53,10 @@ def welch_interval(mean1: Any, std1: Any, n1: Any, mean2: Any, std2: Any, n2: An
         se = np.sqrt(v1 + v2)
         df = (v1 + v2) ** 2 / (v1 ** 2 / (k1 - 1) + v2 ** 2 / (k2 - 1))
         h = np.where(se > 0, t_quantile((1 + level) / 2, df) * se, 0.0)
-    ok = (k1 >= 2) & (k2 >= 2) & np.isfinite(se)
+    ok = (k1 >= 2) & (k2 >= 2) & np.isfinite(se) & (se > 0)
     low = np.where(ok, diff - h, np.nan)
     high = np.where(ok, diff + h, np.nan)
-    return diff, low, high, np.where(ok & (se > 0), df, np.nan)
+    return diff, low, high, np.where(ok, df, np.nan)
 
 
 def significant(low: Any, high: Any) -> np.ndarray:

@@ -279,3 +279,16 @@ def test_new_metric_directions():
     for m in ("precision_domain", "recall_domain", "align_acc_heldout"):
         assert results.higher_is_better(m) is True and metric_column(m)[1] is True
     assert metric_column("peak_mem_mb")[1] is False and metric_column("params")[1] is None
+
+
+def test_zero_spread_on_both_sides_claims_nothing():
+    """Two seeds that happen to agree exactly on each side (0.22, 0.22 vs 0.19, 0.19: a metric
+    read off 100 images moves in steps of 0.01) show no spread, not no noise: no interval, no
+    significance, whatever the difference."""
+    from ablate.stats import significant, welch_interval
+
+    diff, low, high, df = welch_interval(0.22, 0.0, 2, 0.19, 0.0, 2)
+    assert diff == pytest.approx(0.03) and np.isnan(low) and np.isnan(high) and np.isnan(df)
+    assert not significant(low, high)
+    _, low, high, _ = welch_interval(0.22, 0.01, 2, 0.19, 0.0, 2)
+    assert np.isfinite(low) and np.isfinite(high), "one side with spread gives an interval"

@@ -47,7 +47,7 @@ def _diff_cell(diff: float, low: float, high: float, sig: bool, is_base: bool, f
     d = _num(fmt, diff)
     d = d if d.startswith("-") else "+" + d
     if math.isnan(low):
-        return f"{d} (no interval: n<2)"
+        return f"{d} (no interval: n<2 or no spread)"
     return f"{d} [{_num(fmt, low)}, {_num(fmt, high)}]" + ("*" if sig else "")
 
 
