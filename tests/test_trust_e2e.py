@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import create_engine, select, update
 from sqlalchemy.engine import make_url
 
@@ -54,13 +55,14 @@ def test_a_job_whose_run_was_taken_stops_without_writing(any_db_url, tmp_path):
             b = db.claim(key, job_id="attempt-b")
             assert b
             at_claim = _curve_steps(db, key)
-            ckpts_at_claim = {p.name: p.stat().st_mtime_ns for p in (results / "runs" / key).glob("ckpt*.pt")}
             out, _ = driver.communicate(timeout=300)
             assert driver.returncode == 0, out[-3000:]
             assert "taken over by another attempt" in out
             assert _curve_steps(db, key) == at_claim, "A wrote curve rows after B's claim"
-            after = {p.name: p.stat().st_mtime_ns for p in (results / "runs" / key).glob("ckpt*.pt")}
-            assert after == ckpts_at_claim, "A wrote a checkpoint after B's claim"
+            # a checkpoint A was saving when B claimed may land just after (its curve rows were
+            # committed before the claim), but no training state past what A had logged by then
+            steps = [torch.load(p, weights_only=True)["step"] for p in (results / "runs" / key).glob("ckpt*.pt")]
+            assert steps and max(steps) <= max(at_claim), "A checkpointed training it did after B's claim"
             run = db.run(key)
             assert run.status == "running" and run.job_id == "attempt-b" and run.attempt == b
             assert db.heartbeat(key, b), "B still owns the run"
