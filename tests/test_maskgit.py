@@ -129,11 +129,17 @@ class CriticToy(nn.Module):
         return logits, {"confidence": conf}
 
 
-def test_sampler_critic_remask_uses_the_backbones_confidence():
+def _critic_sampling():
+    """Two greedy decoding steps ranked by the critic, for one-token captions and a null caption:
+    (spec, feats, mask, null feats, null mask)."""
     spec = SampleSpec(steps=2, guidance=0.0, choice_temperature=0.0, remask="critic")
+    return (spec, torch.ones(2, 1), torch.ones(2, 1, dtype=torch.bool), torch.zeros(1, 1),
+            torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_sampler_critic_remask_uses_the_backbones_confidence():
+    spec, feats, mask, nf, nm = _critic_sampling()
     toy = CriticToy()
-    feats, mask = torch.ones(2, 1), torch.ones(2, 1, dtype=torch.bool)
-    nf, nm = torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)
     # after step 1 of 2 the schedule keeps floor(8 cos(pi/4)) = 5 masked: the 4 odd positions
     # (critic -10) and one even one; a second pass per step asks the critic
     sample_tokens(toy, feats, mask, nf, nm, spec, torch.Generator().manual_seed(0))
@@ -176,10 +182,8 @@ class TokenCriticToy(nn.Module):
 
 
 def test_sampler_critic_scores_the_filled_in_tokens():
-    spec = SampleSpec(steps=2, guidance=0.0, choice_temperature=0.0, remask="critic")
+    spec, feats, mask, nf, nm = _critic_sampling()
     toy = TokenCriticToy()
-    feats, mask = torch.ones(2, 1), torch.ones(2, 1, dtype=torch.bool)
-    nf, nm = torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)
     out = sample_tokens(toy, feats, mask, nf, nm, spec, torch.Generator().manual_seed(0))
     guided, critic_in, second = toy.seen[0], toy.seen[1], toy.seen[2]
     assert (guided == toy.mask_id).all()

@@ -9,6 +9,7 @@ import torch
 from ablate.config import RunSpec
 from ablate.prepare import prepare
 from ablate.train import Trainer, lr_factor
+from variant_case import assert_resume_is_exact
 
 TINY = {
     "data": {"name": "shapes", "image_size": 16, "n_train": 128, "n_val": 16, "n_test": 16},
@@ -30,23 +31,7 @@ def prepared(tmp_path_factory):
 
 def test_resume_is_exact(prepared):
     spec, root, prep = prepared
-    full = Trainer(spec, prep, torch.device("cpu"), root / "runs" / "full")
-    full.train()
-
-    part = Trainer(spec, prep, torch.device("cpu"), root / "runs" / "resumed")
-    for _ in range(3):  # as if the job were killed right after the step-3 checkpoint
-        part.train_step(part.step)
-        part.step += 1
-    part.save_checkpoint()
-    del part
-    resumed = Trainer(spec, prep, torch.device("cpu"), root / "runs" / "resumed")
-    assert resumed.step == 3
-    resumed.train()
-    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
-        if torch.is_tensor(a):  # (the text encoder also stores its vocabulary as extra state)
-            assert torch.equal(a, b), name
-    for a, b in zip(full.ema.parameters(), resumed.ema.parameters()):
-        assert torch.equal(a, b)
+    assert_resume_is_exact(spec, prep, root, stop_at=3)
 
 
 def test_batches_cover_each_epoch_once(prepared):

@@ -478,8 +478,8 @@ def test_critic_training_resumes_exactly(tmp_path):
     """The fill-in samples from the global RNG, which the trainer seeds per step: a run resumed
     from a checkpoint ends with the same weights as the uninterrupted run."""
     from ablate.config import RunSpec
-    from ablate.jobs import prepare
-    from ablate.train import Trainer
+    from ablate.prepare import prepare
+    from variant_case import assert_resume_is_exact
 
     spec = RunSpec.model_validate({
         "data": {"name": "shapes", "image_size": 16, "n_train": 64, "n_val": 16, "n_test": 16},
@@ -492,17 +492,4 @@ def test_critic_training_resumes_exactly(tmp_path):
         "eval": {"n_images": 8, "judge_steps": 5},
     })
     prep = prepare(spec, tmp_path, torch.device("cpu"), lambda m: None)
-    full = Trainer(spec, prep, torch.device("cpu"), tmp_path / "runs" / "full")
-    full.train()
-    part = Trainer(spec, prep, torch.device("cpu"), tmp_path / "runs" / "resumed")
-    for _ in range(2):
-        part.train_step(part.step)
-        part.step += 1
-    part.save_checkpoint()
-    del part
-    resumed = Trainer(spec, prep, torch.device("cpu"), tmp_path / "runs" / "resumed")
-    assert resumed.step == 2
-    resumed.train()
-    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
-        if torch.is_tensor(a):
-            assert torch.equal(a, b), name
+    assert_resume_is_exact(spec, prep, tmp_path, stop_at=2)

@@ -26,3 +26,30 @@ def inputs(seed: int = 0, n_real=(3, 5), zero_pads: bool = True):
     text = torch.randn(B, T, D, generator=g, dtype=F64)
     mask = torch.arange(T).unsqueeze(0) < torch.tensor(n_real).unsqueeze(1)  # right-padded
     return x, (text * mask.unsqueeze(-1) if zero_pads else text), mask
+
+
+def assert_resume_is_exact(spec, prep, root, stop_at: int):
+    """Train ``spec`` uninterrupted, and again killed right after a checkpoint at step
+    ``stop_at`` and resumed: the final weights (EMA too) must be identical. Returns the
+    uninterrupted trainer."""
+    from ablate.train import Trainer
+
+    cpu = torch.device("cpu")
+    full = Trainer(spec, prep, cpu, root / "runs" / "full")
+    full.train()
+    part = Trainer(spec, prep, cpu, root / "runs" / "resumed")
+    for _ in range(stop_at):  # as if the job were killed right after this checkpoint
+        part.train_step(part.step)
+        part.step += 1
+    part.save_checkpoint()
+    del part
+    resumed = Trainer(spec, prep, cpu, root / "runs" / "resumed")
+    assert resumed.step == stop_at
+    resumed.train()
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        if torch.is_tensor(a):  # (the text encoder also stores its vocabulary as extra state)
+            assert torch.equal(a, b), name
+    if full.ema is not None:
+        for a, b in zip(full.ema.parameters(), resumed.ema.parameters()):
+            assert torch.equal(a, b)
+    return full
