@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,13 +31,26 @@ LATER: dict[str, Any] = {"later": True}
 class DataSpec(Closed):
     """Which images and captions to train on."""
 
-    name: Literal["shapes", "digits", "folder"] = "shapes"
+    name: Literal["shapes", "digits", "folder", "webdataset", "hf"] = "shapes"
     image_size: int = Field(32, ge=8, le=1024, description="square side in pixels")
     n_train: int = Field(20000, ge=16)
     n_val: int = Field(500, ge=8)
     n_test: int = Field(1000, ge=8)
     max_objects: int = Field(1, ge=1, le=2, description="shapes: objects per image (1 or 2)")
-    path: Optional[str] = Field(None, description="folder: directory with images and captions.jsonl")
+    path: Optional[str] = Field(None, description="folder: directory with images and captions.jsonl; "
+                                                  "hf: a dataset saved with save_to_disk")
+    urls: Optional[Union[str, list[str]]] = Field(
+        None, json_schema_extra=LATER,
+        description="webdataset: training shards, a brace pattern ('/data/cc3m/{00000..00331}.tar') "
+                    "or a list; $VARS are expanded ($ABLATE_DATA)")
+    val_urls: Optional[Union[str, list[str]]] = Field(None, json_schema_extra=LATER,
+                                                      description="webdataset: validation shards")
+    test_urls: Optional[Union[str, list[str]]] = Field(None, json_schema_extra=LATER,
+                                                       description="webdataset: test shards")
+    image_column: str = Field("image", json_schema_extra=LATER, description="hf: the image column")
+    caption_column: str = Field("caption", json_schema_extra=LATER, description="hf: the caption column")
+    shard_size: int = Field(10000, ge=1, json_schema_extra=LATER,
+                            description="hf: rows per preparation shard")
     seed: int = Field(0, description="data seed (independent of the run seed)")
     # deliberately not LATER: the training data changed with it, so every older key must change
     heldout: float = Field(
@@ -53,11 +66,25 @@ class DataSpec(Closed):
         if self.name == "folder" and not self.path:
             raise ValueError("data.path is required when data.name is 'folder' "
                              "(a directory with images and captions.jsonl)")
+        if self.name == "hf" and not self.path:
+            raise ValueError("data.path is required when data.name is 'hf' (a dataset saved with save_to_disk)")
+        if self.name == "webdataset":
+            missing = [f for f in ("urls", "val_urls", "test_urls") if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"data.{missing[0]} is required when data.name is 'webdataset' "
+                                 "(tar shards: a brace pattern or a list)")
+        if self.shuffle_captions and self.name in ("webdataset", "hf"):
+            raise ValueError("data.shuffle_captions is for the in-memory datasets (shapes, digits, folder)")
         return self
 
 
 class TokenizerSpec(Closed):
-    """Conv VQ-VAE turning an image into a grid of discrete codes."""
+    """Image -> grid of discrete codes: ``vqvae`` (a conv VQ-VAE trained here) or ``diffusers``
+    (a frozen pretrained ``VQModel`` at ``path``; the other fields do not apply to it)."""
+
+    kind: Literal["vqvae", "diffusers"] = Field("vqvae", json_schema_extra=LATER)
+    path: Optional[str] = Field(None, json_schema_extra=LATER,
+                                description="diffusers: a local VQModel directory (aMUSEd: its vqvae/)")
 
     codebook_size: int = Field(256, ge=2, le=65536)
     code_dim: int = Field(32, ge=2)
@@ -76,6 +103,13 @@ class TokenizerSpec(Closed):
     lr: float = Field(5e-3, gt=0)
     warmup_steps: int = Field(50, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _diffusers_needs_path(self) -> "TokenizerSpec":
+        if self.kind == "diffusers" and not self.path:
+            raise ValueError("tokenizer.path is required when tokenizer.kind is 'diffusers' "
+                             "(a local diffusers VQModel directory)")
+        return self
 
     @field_validator("downsample")
     @classmethod
@@ -98,6 +132,10 @@ class TextSpec(Closed):
     layers: int = Field(0, ge=0, le=12, description="learned encoder: transformer layers")
     vocab_size: int = Field(4096, ge=16, description="learned encoder: most frequent words kept")
     heads: int = Field(4, ge=1, description="learned encoder: attention heads")
+    cache: bool = Field(
+        True, json_schema_extra=LATER,
+        description="frozen encoders: encode each split's captions once (cached on disk, held in "
+                    "memory); false: encode every batch on the fly (corpora of millions of captions)")
 
     @field_validator("encoder")
     @classmethod
@@ -221,6 +259,8 @@ class LauncherSpec(Closed):
     cpus_per_job: int = Field(1, ge=1, description="torch threads of a local job")
     timeout_min: int = Field(60, ge=1, description="time limit of a local job")
     lost_after_s: float = Field(180.0, gt=0, description="a running cell whose heartbeat is older is lost, then resumed")
+    prepare_tasks: int = Field(0, ge=0, description="streaming data: tasks that encode the shards into the "
+                                                    "token store (0: one per local job slot, 16 on Slurm)")
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
 
@@ -250,7 +290,7 @@ def content_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
 
 
-def _drop_later_defaults(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+def drop_later_defaults(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
     """``dumped`` without the fields marked ``LATER`` that hold their default, recursively."""
     out = dict(dumped)
     for name, field in type(model).model_fields.items():
@@ -259,7 +299,7 @@ def _drop_later_defaults(model: BaseModel, dumped: dict[str, Any]) -> dict[str, 
         if extra.get("later") and value == field.get_default(call_default_factory=True):
             out.pop(name, None)
         elif isinstance(value, BaseModel) and isinstance(out.get(name), dict):
-            out[name] = _drop_later_defaults(value, out[name])
+            out[name] = drop_later_defaults(value, out[name])
     return out
 
 
@@ -269,7 +309,7 @@ def run_key(spec: RunSpec) -> str:
     A field added to the schema after runs were recorded is declared with
     ``json_schema_extra=LATER`` and a default that keeps the old behaviour; while it holds that
     default it is left out of the hash, so the runs already in a database keep their keys."""
-    return content_hash(_drop_later_defaults(spec, spec.model_dump(mode="json")))
+    return content_hash(drop_later_defaults(spec, spec.model_dump(mode="json")))
 
 
 def config_key(spec: RunSpec) -> str:

@@ -6,6 +6,7 @@ decide it; :func:`cache_keys` computes those keys from a spec without loading an
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,21 +17,44 @@ import torch
 from .config import RunSpec, canonical_json, content_hash
 
 
+def open_splits(d: Any, cache_root: Optional[Path]) -> Any:
+    """The dataset of DataSpec ``d``: :class:`~ablate.data.DatasetSplits` (in memory) or, for
+    ``webdataset``/``hf``, :class:`~ablate.data.encode.StreamedSplits` (shards checked, nothing
+    loaded)."""
+    from .data import load_dataset
+    from .data.encode import StreamedSplits
+    from .data.sources import STREAMING
+
+    return StreamedSplits(d) if d.name in STREAMING else load_dataset(d, cache_root)
+
+
+def _tokenizer_key(spec: RunSpec, image_key: str) -> str:
+    from .tokenizer import tokenizer_key
+    from .tokenizer.pretrained import pretrained_key
+
+    size = (spec.data.image_size, spec.data.image_size)
+    if spec.tokenizer.kind == "diffusers":  # frozen: the same for every dataset
+        return content_hash({"pretrained": pretrained_key(spec.tokenizer.path), "image_size": list(size)})
+    return tokenizer_key(spec.tokenizer, image_key, size)
+
+
 @functools.lru_cache(maxsize=256)
 def _cache_keys(spec_json: str) -> tuple[tuple[str, Optional[str]], ...]:
     from . import data as _data
     from .data import folder as _folder
+    from .data.encode import StreamedSplits
+    from .data.sources import STREAMING
     from .eval.judge import judge_cache_key, judge_kind
-    from .tokenizer import tokenizer_key
 
     spec = RunSpec.model_validate_json(spec_json)
     d = spec.data
-    fp = None
-    if d.name == "folder":
-        fp = _folder.fingerprint(d.path, _folder.read_index(d.path))
-    _, image_key = _data.data_key(d, fp)
+    if d.name in STREAMING:
+        image_key = StreamedSplits(d).image_key
+    else:
+        fp = _folder.fingerprint(d.path, _folder.read_index(d.path)) if d.name == "folder" else None
+        _, image_key = _data.data_key(d, fp)
     kind = judge_kind(d.name)
-    return (("tokenizer", tokenizer_key(spec.tokenizer, image_key, (d.image_size, d.image_size))),
+    return (("tokenizer", _tokenizer_key(spec, image_key)),
             ("judge", judge_cache_key(image_key, kind, spec.eval) if kind else None))
 
 
@@ -52,55 +76,103 @@ class Prepared:
     splits: Any  # DatasetSplits (captions possibly shuffled for the control)
     vq: Any  # VQVAE
     tok_key: str
-    codes: dict[str, torch.Tensor]  # split -> [n, L] long
+    store: Any  # TokenStore with the train/val/test codes and captions | None (judge-only part)
     judge: Any  # Judge | None
     metrics: dict[str, float]  # tokenizer and judge quality
+    limits: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> samples used (streaming)
+
+    def split(self, name: str) -> Any:
+        """The store's reader of split ``name`` (the first ``data.n_<split>`` samples when streaming)."""
+        return self.store.split(name, limit=self.limits.get(name))
 
 
-PREP_PARTS = ("tokenizer", "judge")
+PREP_PARTS = ("tokenizer", "judge")  # parallel jobs; a cell's own preparation adds "store"
+CELL_PARTS = (*PREP_PARTS, "store")
 
 
 def prepare(spec: RunSpec, results_dir: Path, device: torch.device, say: Callable[[str], None] = print,
-            parts: tuple[str, ...] = PREP_PARTS, safe_point: Callable[[], None] = lambda: None) -> Prepared:
+            parts: tuple[str, ...] = CELL_PARTS, safe_point: Callable[[], None] = lambda: None) -> Prepared:
     """Dataset -> VQ tokenizer -> token cache, and the dataset's judge; trained once, then cached.
 
     ``parts`` limits the work to some of the pieces (the scheduler builds them as parallel jobs).
     ``safe_point()`` is called between phases (every cache is written atomically): it may raise
     to stop there, e.g. on a preemption signal; the phases done stay cached.
     """
-    from .data import load_dataset
     from .eval import get_judge, judge_report
-    from .tokenizer import get_tokenizer, tokenize_cached
 
-    splits = load_dataset(spec.data, results_dir)
-    vq, tok_key, codes, judge, metrics = None, "", {}, None, {}
-    if "tokenizer" in parts:
+    splits = open_splits(spec.data, results_dir)
+    streamed = not hasattr(splits, "train")
+    vq, tok_key, store, judge, metrics = None, "", None, None, {}
+    if "tokenizer" in parts or "store" in parts:
         # keyed by the images alone: the shuffled-caption control shares the tokenizer
-        vq, tok_metrics, tok_key = get_tokenizer(spec.tokenizer, splits.image_key, splits.train.images,
-                                                 splits.val.images, results_dir, device, log=say)
-        codes = {name: tokenize_cached(vq, tok_key, name, getattr(splits, name).images, results_dir).flatten(1)
-                 for name in ("train", "val", "test")}
+        vq, tok_metrics, tok_key = load_tokenizer(spec, splits, results_dir, device, say)
         metrics.update(tok_metrics)
         safe_point()
+        if not streamed:
+            store = _memory_store(splits, vq, tok_key, results_dir)
+        elif "store" in parts:  # the shards no preparation task has finished yet
+            from .data.encode import encode_store
+
+            store = encode_store(splits, vq, tok_key, results_dir, say=say, safe_point=safe_point)
     if "judge" in parts:
         # the judge learns what the images show (``labels``), never the (maybe shuffled) captions
         judge = get_judge(splits, spec.eval, results_dir, device, log=say)
-        if judge is not None and "tokenizer" in parts:
+        if judge is not None and store is not None:
             safe_point()
             metrics.update(judge_report(splits, judge, spec.eval, device))
             safe_point()
-            metrics.update(tokenizer_ceiling(spec, splits, vq, codes["test"], judge, device))
-    return Prepared(splits, vq, tok_key, codes, judge, metrics)
+            metrics.update(tokenizer_ceiling(spec, splits, vq, store, judge, device))
+    limits = splits.limits if streamed else {}
+    return Prepared(splits, vq, tok_key, store, judge, metrics, limits)
 
 
-def tokenizer_ceiling(spec: RunSpec, splits: Any, vq: Any, test_codes: torch.Tensor, judge: Any,
+def load_tokenizer(spec: RunSpec, splits: Any, results_dir: Path, device: torch.device,
+                   say: Callable[[str], None] = print) -> tuple[Any, dict[str, float], str]:
+    """(tokenizer, its ``tok_*`` metrics, its cache key): the pretrained one at
+    ``tokenizer.path`` (frozen; its reconstruction still measured on validation images), or the
+    VQ-VAE trained once on the training images (streaming data: the first
+    ``min(n_train, steps x batch_size)`` of them, as many as its training can see)."""
+    from .tokenizer import evaluate_vqvae, get_tokenizer
+    from .tokenizer.pretrained import load_pretrained
+
+    t = spec.tokenizer
+    if t.kind == "diffusers":
+        vq = load_pretrained(t.path, spec.data.image_size, device)
+        return vq, evaluate_vqvae(vq, splits.val.images), _tokenizer_key(spec, splits.image_key)
+    if hasattr(splits, "train"):
+        train = splits.train.images
+    else:
+        train = splits.head("train", min(spec.data.n_train, t.steps * t.batch_size)).images
+    return get_tokenizer(t, splits.image_key, train, splits.val.images, results_dir, device, log=say)
+
+
+def _memory_store(splits: Any, vq: Any, tok_key: str, results_dir: Path) -> Any:
+    """The token store of an in-memory dataset (shapes, digits, folder): one shard per split,
+    holding the codes and the captions training sees (shuffled ones for the control)."""
+    from .data.store import TokenStore
+    from .tokenizer import tokenize_cached
+    from .utils import cache_path
+
+    root = cache_path(results_dir, "store", content_hash({"data": splits.key, "tokenizer": tok_key}), "")
+    store = TokenStore(root, {"data": splits.key, "tokenizer": tok_key, "grid": list(vq.grid),
+                              "codebook_size": vq.codebook_size})
+    for name in ("train", "val", "test"):
+        if not store.done(name, 0):
+            part = getattr(splits, name)
+            codes = tokenize_cached(vq, tok_key, name, part.images, results_dir).flatten(1)
+            store.write(name, 0, codes.numpy(), part.captions, {"source": f"{splits.name}:{name}",
+                                                                 "samples": len(part), "skipped": 0})
+    return store
+
+
+def tokenizer_ceiling(spec: RunSpec, splits: Any, vq: Any, store: Any, judge: Any,
                       device: torch.device) -> dict[str, float]:
     """The judge's scores on the tokenizer's reconstructions of real test images: the best a
     generator over these tokens can reach (``tok_align_acc``, ``tok_fid_domain``, ...)."""
     from .eval import evaluate_images
 
     n = min(spec.eval.n_images, len(splits.test))
-    recon = vq.decode(test_codes[:n].view(n, *vq.grid))
+    recon = vq.decode(store.split("test").codes(torch.arange(n)).view(n, *vq.grid))
     attrs = splits.test.attrs[:n] if splits.test.attrs is not None else None
     scores = evaluate_images(recon, splits.test.captions[:n], attrs, splits.test, judge, spec.eval, device)
     return {f"tok_{k}": v for k, v in scores.items() if k.startswith(("align_acc", "fid_domain"))}

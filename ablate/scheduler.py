@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, TextIO
@@ -30,7 +29,8 @@ from .config import LauncherSpec, RunSpec
 from .db import Database
 from .db.store import ENV_URL
 from .grid import Cell, Grid
-from .prepare import PREP_PARTS, prep_key
+from .prep_jobs import encode_tasks, run_preparation
+from .prepare import prep_key
 
 EXECUTORS = ("local", "slurm", "debug", "auto")
 
@@ -50,40 +50,6 @@ class LaunchReport:
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.lost == 0
-
-
-def _prepare(spec_json: dict, results_dir: str, threads: int, part: str) -> dict[str, Any]:
-    """Job body: build one cache the cells need, ``part`` of :data:`ablate.prepare.PREP_PARTS`
-    (never raises: DebugExecutor would open pdb)."""
-    import torch
-
-    from .prepare import prepare
-    from .utils import pick_device
-
-    torch.set_num_threads(max(1, threads))
-    try:
-        spec = RunSpec.model_validate(spec_json)
-        prep = prepare(spec, Path(results_dir), pick_device(spec.train.device), parts=(part,))
-        return {"status": "done", "metrics": prep.metrics}
-    except Exception as exc:
-        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-
-
-class PrepareJob:
-    """The submitted preparation callable, checkpointable: a preemption or time-limit signal
-    requeues it at once (submitit's own handler) and the requeued job redoes the part; every
-    cache it writes is atomic, so a part cut short leaves nothing half-written."""
-
-    def __call__(self, spec_json: dict, results_dir: str, threads: int, part: str) -> dict[str, Any]:
-        return _prepare(spec_json, results_dir, threads, part)
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(self, *args, **kwargs)
-
-
-prepare_job = PrepareJob()
 
 
 # glibc returns large freed blocks to the OS at once by default, so every training step of a
@@ -400,23 +366,9 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
     out.write(f"grid {grid.name}: {len(todo)} of {report.total} cells to run "
               f"({report.already_done} already done) on executor '{kind}' with {where}\n")
 
-    # 1. shared preparation, one job per distinct data/tokenizer setting
-    preps: dict[str, Cell] = {}
-    for c in todo:
-        preps.setdefault(prep_key(c.spec), c)
-    prep_failed: dict[str, str] = {}
-
-    def prep_done(name: str, res: Any, secs: float, _running: int) -> None:
-        if isinstance(res, Exception) or res.get("status") != "done":
-            prep_failed[name] = str(res) if isinstance(res, Exception) else res["error"]
-            out.write(f"preparation {name} failed: {prep_failed[name]}\n")
-        else:
-            out.write(f"preparation {name} ready in {secs:.0f}s\n")
-
-    out.write(f"preparing {len(preps)} dataset setting(s): {', '.join(PREP_PARTS)}\n")
-    runner.run([(f"{k}/{part}", prepare_job, (c.spec.model_dump(mode="json"), str(results_dir), cpus, part))
-                for k, c in preps.items() for part in PREP_PARTS], prep_done)
-    prep_failed = {name.split("/")[0]: why for name, why in prep_failed.items()}
+    # 1. shared preparation, one job per distinct data/tokenizer setting (and the token store)
+    n_tasks = encode_tasks(kind, runner.slots, grid.launcher.prepare_tasks)
+    prep_failed = run_preparation(runner, [c.spec for c in todo], Path(results_dir), cpus, n_tasks, out)
 
     # 2. the cells
     progress = Progress(len(todo), runner.slots if kind != "slurm" else len(todo), out)

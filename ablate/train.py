@@ -18,15 +18,15 @@ import torch
 import torch.nn as nn
 
 from .config import RunSpec
+from .data.stream import StepSampler
 from .model import Generator, aux_losses, drop_text, masked_loss, random_mask, sample_tokens
 from .registry import load_registry
-from .utils import atomic_torch_save, peak_memory, torch_load
+from .utils import atomic_torch_save, peak_memory, step_seed, torch_load
 
 VAL_IMAGES = 512
 
 
-def _step_seed(seed: int, step: int, salt: int = 0) -> int:
-    return (seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1)
+_step_seed = step_seed
 
 
 def lr_factor(step: int, spec) -> float:
@@ -91,17 +91,17 @@ class Trainer:
         # It may also raise (the job lost its claim), which ends the attempt without a write.
         self.interrupt = interrupt
         results_dir = self.out_dir.parent.parent
-        splits = prep.splits
+        store = prep.store
+        self.data = {name: prep.split(name) for name in ("train", "val", "test")}
         torch.manual_seed(spec.seed)  # every parameter, the learned text encoder's too, from the seed
-        self.text = build_text_encoder(spec.text, splits.train.captions, results_dir, device)
-        self.feats = {name: tuple(t.to(device) for t in self.text.featurize(getattr(splits, name).captions))
-                      for name in ("train", "val", "test")}
+        self.text = build_text_encoder(spec.text, self.data["train"].iter_captions(), results_dir, device)
+        self.features = CaptionFeatures(self.text, self.data, device, cache=spec.text.cache)
         self.null = tuple(t.to(device) for t in self.text.null_features(1))
-        self.codes = {k: v.to(device) for k, v in prep.codes.items()}
+        self.sampler = StepSampler(len(self.data["train"]), spec.train.batch_size, spec.seed)
 
         variant = load_registry().get(spec.model.variant)
         self.model = Generator(variant, variant.Config(**spec.model.params), self.text,
-                               codebook_size=prep.vq.codebook_size, grid=tuple(prep.vq.grid),
+                               codebook_size=store.codebook_size, grid=store.grid,
                                width=spec.model.width, depth=spec.model.depth, heads=spec.model.heads,
                                text_len=spec.text.max_len, dropout=spec.model.dropout).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if spec.train.ema_decay > 0 else None
@@ -118,7 +118,6 @@ class Trainer:
         self.first_step_at: Optional[float] = None  # when this attempt's first step began
         self.last_step_at: Optional[float] = None  # when its latest step ended
         self.sheet_s = 0.0  # seconds of sample-sheet snapshots in this attempt (not in train_s)
-        self._perms: dict[int, torch.Tensor] = {}
         self.peak_mem_mb = float("nan")  # the model's training memory (max over attempts)
         # each attempt writes its own checkpoint file, so two attempts of one run (one of them
         # stale, about to find out) never overwrite each other's live file; a new attempt
@@ -156,16 +155,14 @@ class Trainer:
     def batch_indices(self, step: int) -> torch.Tensor:
         """Sample indices of the batch at ``step``: epochs are seeded permutations, so the data
         position is a function of the step (exact resume)."""
-        n, b = self.codes["train"].shape[0], self.spec.train.batch_size
-        flat = torch.arange(step * b, (step + 1) * b)
-        out = torch.empty(b, dtype=torch.long)
-        for epoch in flat.div(n, rounding_mode="floor").unique().tolist():
-            if epoch not in self._perms:
-                g = torch.Generator().manual_seed(_step_seed(self.spec.seed, epoch, salt=17))
-                self._perms = {epoch: torch.randperm(n, generator=g)}  # keep only the current epoch
-            sel = flat.div(n, rounding_mode="floor") == epoch
-            out[sel] = self._perms[epoch][flat[sel] % n]
-        return out.to(self.device)
+        return self.sampler.indices(step)
+
+    def batch(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes long [b, L], text features [b, T, F], mask [b, T]) of samples ``idx`` of
+        ``split``, on the device."""
+        codes = self.data[split].codes(idx).to(self.device, non_blocking=True)
+        feats, mask = self.features(split, idx)
+        return codes, feats, mask
 
     # -- training ------------------------------------------------------------------------------
     def _loss(self, codes: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor,
@@ -184,17 +181,15 @@ class Trainer:
         that what any first call loads (compiled scan kernels, lazy buffers) is not counted as
         the model's memory. Changes nothing: RNG state restored, gradients dropped, no step."""
         with torch.random.fork_rng(devices=[]):
-            feats, mask = (x[:2] for x in self.feats["train"])
-            self._loss(self.codes["train"][:2], feats, mask, None).backward()
+            codes, feats, mask = self.batch("train", torch.arange(min(2, len(self.data["train"]))))
+            self._loss(codes, feats, mask, None).backward()
         self.model.zero_grad(set_to_none=True)
 
     def train_step(self, step: int) -> float:
         t = self.spec.train
         g = torch.Generator().manual_seed(_step_seed(self.spec.seed, step))
         torch.manual_seed(_step_seed(self.spec.seed, step, salt=1))  # module dropout
-        idx = self.batch_indices(step)
-        codes = self.codes["train"][idx]  # [B, L]
-        feats, mask = (x[idx] for x in self.feats["train"])
+        codes, feats, mask = self.batch("train", self.batch_indices(step))  # [B, L], [B, T, F], [B, T]
         feats, mask = drop_text(feats, mask, *self.null, t.cond_dropout, generator=g)
         self.model.train()
         loss = self._loss(codes, feats, mask, g)
@@ -219,12 +214,11 @@ class Trainer:
     def val_loss(self) -> float:
         """Masked-token loss on a fixed val subset with fixed masks (comparable across steps)."""
         self.model.eval()
-        n = min(VAL_IMAGES, self.codes["val"].shape[0])
+        n = min(VAL_IMAGES, len(self.data["val"]))
         g = torch.Generator().manual_seed(_step_seed(self.spec.seed, 0, salt=99))
         total, count = 0.0, 0
         for i in range(0, n, 256):
-            codes = self.codes["val"][i:i + 256][: n - i]
-            feats, mask = (x[i:i + codes.shape[0]] for x in self.feats["val"])
+            codes, feats, mask = self.batch("val", torch.arange(i, min(n, i + 256)))
             inputs, masked = random_mask(codes, self.model.mask_id, generator=g)
             logits, _ = self.model(inputs, feats, mask)
             total += masked_loss(logits, codes, masked).item() * int(masked.sum())
@@ -327,9 +321,9 @@ class Trainer:
         codes = []
         for i in range(0, n, bs):
             self.safe_point()
-            feats, mask = (x[i:min(n, i + bs)] for x in self.feats[split])
+            _, feats, mask = self.batch(split, torch.arange(i, min(n, i + bs)))
             codes.append(sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g))
-        h, w = self.prep.vq.grid
+        h, w = self.prep.store.grid
         return self.prep.vq.decode(torch.cat(codes).view(-1, h, w))
 
     def safe_point(self) -> None:
@@ -394,9 +388,9 @@ class Trainer:
         model = self.ema or self.model
         model.eval()
         g = torch.Generator(self.device).manual_seed(_step_seed(self.spec.seed, 0, salt=777))
-        feats, mask = (x[:k] for x in self.feats["test"])
+        _, feats, mask = self.batch("test", torch.arange(k))
         codes = sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g)
-        h, w = self.prep.vq.grid
+        h, w = self.prep.store.grid
         images = self.prep.vq.decode(codes.view(-1, h, w)).cpu()  # uint8 [k, 3, H, W]
         folder = self.out_dir / "sheet"
         path = folder / f"step_{step:06d}.png"
@@ -405,6 +399,28 @@ class Trainer:
         (folder / "prompts.json").write_text(json.dumps(meta, indent=1) + "\n")
         self.sheet_s += time.perf_counter() - t0
         return path
+
+
+class CaptionFeatures:
+    """Text features of store samples, per batch: ``(idx of split) -> (feats, mask)`` on the
+    device. A frozen encoder with ``text.cache`` encodes every caption of a split once (disk
+    cache, held in memory: right for small and medium sets); otherwise, and for the learned
+    encoder (whose features are word ids), captions are featurized batch by batch."""
+
+    def __init__(self, encoder: Any, data: dict[str, Any], device: torch.device, cache: bool):
+        self.encoder, self.data, self.device = encoder, data, device
+        self.whole = cache and not getattr(encoder, "trainable", True)
+        self._split: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.whole:
+            if split not in self._split:
+                feats = self.encoder.featurize(list(self.data[split].iter_captions()))
+                self._split[split] = tuple(t.to(self.device) for t in feats)  # type: ignore[assignment]
+            idx = idx.to(self.device)
+            return tuple(t[idx] for t in self._split[split])  # type: ignore[return-value]
+        feats = self.encoder.featurize_batch(self.data[split].captions(idx))
+        return tuple(t.to(self.device, non_blocking=True) for t in feats)  # type: ignore[return-value]
 
 
 def save_sheet(images: torch.Tensor, path: Path, cols: int = 8) -> None:

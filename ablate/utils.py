@@ -53,6 +53,12 @@ def torch_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A 63-bit seed for what is drawn at ``step`` of a run seeded ``seed`` (``salt`` separates
+    streams): resumed runs redraw exactly what an uninterrupted run drew."""
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1)
+
+
 def seed_everything(seed: int) -> "torch.Generator":
     """Seed python, numpy and torch; return a CPU generator seeded the same way."""
     random.seed(seed)

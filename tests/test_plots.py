@@ -189,12 +189,12 @@ TINY = {
 
 
 def test_snapshots_are_saved_and_change_nothing(tmp_path):
-    from ablate.config import RunSpec, _drop_later_defaults, run_key
+    from ablate.config import RunSpec, drop_later_defaults, run_key
     from ablate.jobs import prepare
     from ablate.train import Trainer
 
     spec = RunSpec.model_validate(TINY)
-    hashed = _drop_later_defaults(spec, spec.model_dump(mode="json"))  # what run_key hashes
+    hashed = drop_later_defaults(spec, spec.model_dump(mode="json"))  # what run_key hashes
     assert not {"sheet_prompts", "sheet_steps"} & set(hashed["eval"]), "default snapshots keep old run keys"
     other = RunSpec.model_validate({**TINY, "eval": {**TINY["eval"], "sheet_prompts": 2}})
     assert run_key(other) != run_key(spec)

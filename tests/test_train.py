@@ -37,7 +37,7 @@ def test_resume_is_exact(prepared):
 def test_batches_cover_each_epoch_once(prepared):
     spec, root, prep = prepared
     tr = Trainer(spec, prep, torch.device("cpu"), root / "runs" / "epochs")
-    n = tr.codes["train"].shape[0]
+    n = len(tr.data["train"])
     per_epoch = n // spec.train.batch_size
     seen = torch.cat([tr.batch_indices(s) for s in range(per_epoch)])
     assert sorted(seen.tolist()) == list(range(n))

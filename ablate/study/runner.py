@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import inspect
 import math
+import io
 import sys
 import threading
 import time
@@ -470,8 +471,8 @@ def run_study(cfg: StudyConfig, db: Database, results_dir: Path, executor: Optio
               workers: Optional[int] = None, trials: Optional[int] = None, more: Optional[int] = None,
               out: Optional[TextIO] = None) -> StudyReport:
     """Create or continue the study and run workers until ``budget`` trials have finished."""
-    from ..prepare import PREP_PARTS
-    from ..scheduler import _Runner, job_env, prepare_job, resolve_executor
+    from ..prep_jobs import encode_tasks, run_preparation
+    from ..scheduler import _Runner, job_env, resolve_executor
 
     optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the driver prints its own line per trial
@@ -508,15 +509,10 @@ def run_study(cfg: StudyConfig, db: Database, results_dir: Path, executor: Optio
         shared = not any(key.split(".")[0] in ("data", "tokenizer") or key.startswith("eval.judge")
                          for key in cfg.dists)
         if shared:
-            spec = cfg.spec_for(cfg.first_params()).model_dump(mode="json")
-            failed: list[str] = []
-
-            def prep_done(name: str, res: Any, secs: float, _running: int) -> None:
-                if isinstance(res, Exception) or res.get("status") != "done":
-                    failed.append(f"preparation {name} failed: {res if isinstance(res, Exception) else res['error']}")
-
-            runner.run([(f"prep/{part}", prepare_job, (spec, str(results_dir), cpus, part)) for part in PREP_PARTS],
-                       prep_done)
+            quiet = io.StringIO()  # the driver prints its own lines; failures are reported below
+            why = run_preparation(runner, [cfg.spec_for(cfg.first_params())], Path(results_dir), cpus,
+                                  encode_tasks(kind, runner.slots, launcher.prepare_tasks), quiet)
+            failed = [f"preparation failed: {w}" for w in why.values()]
             if failed:
                 report.errors += failed
                 out.write("\n".join(failed) + "\n")

@@ -20,7 +20,7 @@ import hashlib
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ def words_of(caption: str) -> list[str]:
     return _NON_WORD.sub(" ", caption.lower()).split()
 
 
-def build_vocab(captions: list[str], size: int) -> list[str]:
+def build_vocab(captions: Iterable[str], size: int) -> list[str]:
     """The ``size`` most frequent words, ties broken alphabetically; word i gets id i + N_SPECIAL."""
     counts = Counter(w for c in captions for w in words_of(c))
     return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
@@ -63,6 +63,11 @@ class TextEncoder(nn.Module, abc.ABC):
     @abc.abstractmethod
     def featurize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """Captions -> (features [n, T] or [n, T, Dt], mask bool [n, T])."""
+
+    def featurize_batch(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """:meth:`featurize` for one training batch: the same features, never written to a
+        disk cache (a cache entry per batch would only fill the disk)."""
+        return self.featurize(captions)
 
     @abc.abstractmethod
     def null_features(self, n: int) -> tuple[Tensor, Tensor]:
@@ -308,6 +313,10 @@ class FrozenTextEncoder(TextEncoder):
         inv = blob["inverse"]
         return blob["states"][inv], blob["mask"][inv]
 
+    def featurize_batch(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """States of one batch of captions, encoded now (``text.cache: false``)."""
+        return self._encode(list(captions))
+
     def null_features(self, n: int) -> tuple[Tensor, Tensor]:
         """The encoding of "" repeated: states [n, T, Dt] float16, mask [n, T]."""
         if self._null is None:
@@ -320,7 +329,7 @@ class FrozenTextEncoder(TextEncoder):
         return feats.float() * mask[..., None].to(torch.float32)
 
 
-def build_text_encoder(spec: TextSpec, train_captions: list[str], cache_root: Optional[Path],
+def build_text_encoder(spec: TextSpec, train_captions: Iterable[str], cache_root: Optional[Path],
                        device: torch.device | str = "cpu") -> TextEncoder:
     """The encoder named by ``spec.encoder``, on ``device``. ``learned`` builds its vocabulary
     from ``train_captions`` (only those: validation text must not leak into it); frozen encoders

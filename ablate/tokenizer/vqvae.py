@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ablate.config import TokenizerSpec, content_hash
+from ablate.config import TokenizerSpec, content_hash, drop_later_defaults
 from ablate.utils import atomic_torch_save, cache_path, torch_load
 
 # Bump when the architecture or training recipe changes: old caches then miss instead of loading
@@ -354,7 +354,8 @@ def evaluate_vqvae(model: VQVAE, images: Tensor) -> dict[str, float]:
 def tokenizer_key(spec: TokenizerSpec, data_key: str, image_size: tuple[int, int]) -> str:
     """Identity of a trained tokenizer: data, image size, every spec field and the code version."""
     return content_hash({"data": data_key, "image_size": list(image_size),
-                         "tokenizer": spec.model_dump(mode="json"), "version": TOKENIZER_VERSION})
+                         "tokenizer": drop_later_defaults(spec, spec.model_dump(mode="json")),
+                         "version": TOKENIZER_VERSION})
 
 
 @contextlib.contextmanager

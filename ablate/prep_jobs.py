@@ -1,0 +1,144 @@
+"""The preparation stage of a grid, as jobs: the first stage of ``ablate run`` and all of
+``ablate prepare``.
+
+One job per distinct preparation and part (tokenizer, judge), in parallel; then, for streaming
+datasets, the token store: its shards dealt to ``launcher.prepare_tasks`` encode tasks (a job
+array on Slurm). Every piece is cached atomically, so a re-run (or a requeued job) redoes only
+what is unfinished: a killed encode task loses only the shard it was writing.
+"""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional, TextIO
+
+from .config import RunSpec
+from .prepare import PREP_PARTS, prep_key
+
+__all__ = ["prepare_job", "encode_job", "run_preparation", "plan", "SLURM_ENCODE_TASKS"]
+
+SLURM_ENCODE_TASKS = 16  # launcher.prepare_tasks = 0 on Slurm: this many array tasks at most
+
+
+def _body(fn: Callable[..., dict[str, Any]], spec_json: dict, results_dir: str, threads: int,
+          *args: Any) -> dict[str, Any]:
+    """Run a preparation body; never raises (DebugExecutor would open pdb)."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        return {"status": "done", **fn(RunSpec.model_validate(spec_json), Path(results_dir), *args)}
+    except Exception as exc:
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+
+
+def _part(spec: RunSpec, results_dir: Path, part: str) -> dict[str, Any]:
+    from .prepare import prepare
+    from .utils import pick_device
+
+    prep = prepare(spec, results_dir, pick_device(spec.train.device), parts=(part,))
+    return {"metrics": prep.metrics}
+
+
+def _encode(spec: RunSpec, results_dir: Path, task: int, n_tasks: int) -> dict[str, Any]:
+    from .data.encode import encode_store
+    from .prepare import load_tokenizer, open_splits
+    from .utils import pick_device
+
+    splits = open_splits(spec.data, results_dir)
+    vq, _, tok_key = load_tokenizer(spec, splits, results_dir, pick_device(spec.train.device))
+    encode_store(splits, vq, tok_key, results_dir, task, n_tasks)
+    return {}
+
+
+class _Checkpointable:
+    """A submitted preparation callable: a preemption or time-limit signal requeues it at once
+    (submitit's handler) and the requeued job redoes the unfinished work; every cache it writes
+    is atomic, so a job cut short leaves nothing half-written."""
+
+    def __init__(self, fn: Callable[..., dict[str, Any]]):
+        self.fn = fn
+
+    def __call__(self, spec_json: dict, results_dir: str, threads: int, *args: Any) -> dict[str, Any]:
+        return _body(self.fn, spec_json, results_dir, threads, *args)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+prepare_job = _Checkpointable(_part)
+encode_job = _Checkpointable(_encode)
+
+
+def plan(specs: list[RunSpec]) -> dict[str, tuple[RunSpec, dict[str, int]]]:
+    """``{prep_key: (a spec, {split: shards})}`` of the distinct preparations ``specs`` need;
+    shard counts only for streaming data. Checks every local shard and model path exists
+    (ConfigError naming the field) without decoding anything."""
+    from .data.encode import StreamedSplits
+    from .data.sources import STREAMING
+
+    out: dict[str, tuple[RunSpec, dict[str, int]]] = {}
+    for spec in specs:
+        key = prep_key(spec)  # validates data paths, shard lists and the tokenizer path
+        if key in out:
+            continue
+        shards = {}
+        if spec.data.name in STREAMING:
+            splits = StreamedSplits(spec.data)
+            shards = {s: len(v) for s, v in splits.shards.items()}
+        out[key] = (spec, shards)
+    return out
+
+
+def run_preparation(runner: Any, specs: list[RunSpec], results_dir: Path, cpus: int, n_tasks: int,
+                    out: TextIO) -> dict[str, str]:
+    """Prepare everything ``specs`` need; ``{prep_key: why}`` for the preparations that failed."""
+    todo = plan(specs)
+    failed: dict[str, str] = {}
+
+    def done(name: str, res: Any, secs: float, _running: int) -> None:
+        if isinstance(res, Exception) or res.get("status") != "done":
+            why = str(res) if isinstance(res, Exception) else res["error"]
+            failed.setdefault(name.split("/")[0], why)
+            out.write(f"preparation {name} failed: {why}\n")
+        else:
+            out.write(f"preparation {name} ready in {secs:.0f}s\n")
+
+    out.write(f"preparing {len(todo)} dataset setting(s): {', '.join(PREP_PARTS)}\n")
+    runner.run([(f"{k}/{part}", prepare_job, (spec.model_dump(mode="json"), str(results_dir), cpus, part))
+                for k, (spec, _) in todo.items() for part in PREP_PARTS], done)
+    encodes = []
+    for k, (spec, shards) in todo.items():
+        total = sum(shards.values())
+        if not total or k in failed:
+            continue
+        n = max(1, min(total, n_tasks))
+        out.write(f"encoding {total} shard(s) of {spec.data.name} into the token store as {n} task(s)\n")
+        encodes += [(f"{k}/encode-{i}", encode_job, (spec.model_dump(mode="json"), str(results_dir), cpus, i, n))
+                    for i in range(n)]
+    if encodes:
+        runner.run(encodes, done)
+    return failed
+
+
+def encode_tasks(kind: str, slots: int, asked: int) -> int:
+    """How many encode tasks: ``launcher.prepare_tasks`` when set, else one per local job slot,
+    or :data:`SLURM_ENCODE_TASKS` array tasks on Slurm."""
+    if asked:
+        return asked
+    return SLURM_ENCODE_TASKS if kind == "slurm" else max(1, slots)
+
+
+def describe(todo: dict[str, tuple[RunSpec, dict[str, int]]], results_dir: Optional[Path] = None) -> list[str]:
+    """One line per preparation: data, tokenizer, shards (and how many are finished, when the
+    tokenizer is already cached so the store's place is known)."""
+    lines = []
+    for k, (spec, shards) in todo.items():
+        t = spec.tokenizer
+        tok = f"diffusers {t.path}" if t.kind == "diffusers" else f"vqvae K={t.codebook_size} f={t.downsample}"
+        where = ", ".join(f"{s} {n}" for s, n in shards.items()) if shards else "in memory"
+        lines.append(f"{k[:12]}  data {spec.data.name} {spec.data.image_size}px  tokenizer {tok}  "
+                     f"shards: {where}")
+    return lines
