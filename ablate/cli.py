@@ -57,6 +57,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .grid import check_inputs, load_grid
+    from .prep_jobs import describe, encode_tasks, plan, run_preparation
+    from .scheduler import _Runner, resolve_executor
+
+    grid = load_grid(Path(args.grid), tuple(args.set or ()))
+    check_inputs(grid)
+    todo = plan([c.spec for c in grid.cells])  # every shard and model path checked here
+    print(f"grid {grid.name}: {len(todo)} preparation(s) for {len(grid.cells)} cells")
+    for line in describe(todo):
+        print(f"  {line}")
+    if args.dry_run:
+        return EXIT_OK
+    results = _results_dir(args.results).resolve()
+    kind = resolve_executor(args.executor or grid.launcher.executor)
+    slots = 1 if kind == "debug" else (args.jobs or grid.launcher.jobs)
+    cpus = grid.launcher.slurm.cpus_per_job if kind == "slurm" else grid.launcher.cpus_per_job
+    runner = _Runner(kind, results / "submitit" / grid.name, grid.launcher, slots, None)
+    n_tasks = args.tasks or encode_tasks(kind, runner.slots, grid.launcher.prepare_tasks)
+    failed = run_preparation(runner, [c.spec for c in grid.cells], results, cpus, n_tasks, sys.stdout)
+    for key, why in failed.items():
+        print(f"  {key[:12]}: {why}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def _names(values: Optional[Sequence[str]]) -> Optional[list[str]]:
     """Repeatable, comma-separable option values (``--metrics a,b --metrics c``) as one list."""
     if not values:
@@ -158,6 +183,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{g}: {len(runs)} cells: {parts}")
             for r in runs[runs["status"] == "failed"].itertuples():
                 print(f"  failed {r.variant} seed={r.seed} {r.key[:12]}: {r.error}")
+            _store_status(db, g, results)
             stale = stale_runs(db, runs.loc[runs["status"] == "done", "key"].tolist())
             if stale:
                 print(f"  {len(stale)} stale (done by code other than the installed; "
@@ -170,6 +196,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         db.close()
     return EXIT_OK
+
+
+def _store_status(db, grid: str, results: Path) -> None:  # noqa: ANN001
+    """Token-store progress (finished shards per split) of the grid's streaming preparations."""
+    from sqlalchemy import select
+
+    from .config import RunSpec
+    from .data.sources import STREAMING
+    from .db.models import GridRun, Run
+    from .prep_jobs import describe, plan
+
+    with db.engine.connect() as conn:
+        stored = conn.execute(select(Run.spec).join(GridRun, GridRun.run_id == Run.id)
+                              .where(GridRun.grid == grid)).scalars().all()
+    specs = [RunSpec.model_validate(s) for s in stored
+             if isinstance(s, dict) and s.get("data", {}).get("name") in STREAMING]
+    if not specs:
+        return
+    try:
+        for line in describe(plan(specs), results):
+            print(f"  store {line}")
+    except (ConfigError, OSError) as exc:  # shards moved since the run: say so, keep the rest
+        print(f"  store: cannot read the shards: {exc}")
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -324,6 +373,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark suite, print its table, store its rows in the results database."""
     if args.suite == "table":
         return _bench_table(args)
+    if args.suite == "data":
+        return _bench_data(args)
     import torch
 
     from .db import open_db
@@ -404,11 +455,41 @@ def _bench_table(args: argparse.Namespace) -> int:
         where = f"cpu, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
         print(f"ablate bench table ({where})")
         print(format_rows(rows))
+        _record_bench(db, "table", rows, where)
+    finally:
         if db is not None:
-            from .jobs import code_revision
+            db.close()
+    return EXIT_OK
 
-            session = db.record_bench("table", rows, device=where, code_rev=code_revision())
-            print(f"(stored as bench table session {session[:12]} in {db!r})")
+
+def _record_bench(db, suite: str, rows: list, where: str) -> None:  # noqa: ANN001
+    """Store a benchmark's rows in the results database (``db`` None: --no-store)."""
+    if db is None:
+        return
+    from .jobs import code_revision
+
+    session = db.record_bench(suite, rows, device=where, code_rev=code_revision())
+    print(f"(stored as bench {suite} session {session[:12]} in {db!r})")
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    """``ablate bench data``: preparation throughput, training data wait, memory vs store size."""
+    import platform
+
+    from .bench_data import bench_memory, bench_prepare, bench_wait, format_report
+    from .db import open_db
+
+    db = None if args.no_store else open_db(args.db, _results_dir(args.results))
+    try:
+        prep = bench_prepare(n_images=args.images, image_size=args.image_size)
+        wait = bench_wait(n=args.small, steps=args.steps, batch=args.batch)
+        mem = bench_memory(small=args.small, big=args.big, steps=args.steps, batch=args.batch)
+        where = f"cpu, 1 thread, {platform.python_implementation()} {platform.python_version()}"
+        print(f"ablate bench data ({where})")
+        print(format_report(prep, wait, mem))
+        rows = [{"part": "prepare", **r} for r in prep] + [{"part": "wait", **wait}] + \
+               [{"part": "memory", **r} for r in mem]
+        _record_bench(db, "data", rows, where)
     finally:
         if db is not None:
             db.close()
@@ -440,6 +521,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     common(r)
     r.set_defaults(fn=cmd_run)
+
+    pr = sub.add_parser("prepare", help="the shared preparation of a grid only: tokenizers, judges and the "
+                                        "token store of streaming data (encode tasks as a job array)")
+    pr.add_argument("grid")
+    pr.add_argument("--executor", choices=["local", "slurm", "debug", "auto"],
+                    help="where jobs run (default: the grid's launcher)")
+    pr.add_argument("--jobs", type=int, help="concurrent local jobs (default: the grid's launcher.jobs)")
+    pr.add_argument("--tasks", type=int, help="encode tasks (default: launcher.prepare_tasks, else one per "
+                                              "job slot, 16 on Slurm)")
+    pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
+    pr.add_argument("--dry-run", action="store_true",
+                    help="check the grid, every shard path and model path; list the preparations; run nothing")
+    common(pr)
+    pr.set_defaults(fn=cmd_prepare)
 
     t = sub.add_parser("table", help="regenerate the results table from the database")
     t.add_argument("--format", choices=["markdown", "csv", "latex", "html", "json"], default="markdown",
@@ -524,6 +619,17 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--no-store", action="store_true", help="print only; do not write the database")
     common(bt)
     bt.set_defaults(fn=cmd_bench)
+    bd = bsub.add_parser("data", help="token-store preparation images/s per core, training data wait, "
+                                      "peak memory on a store of --big vs --small samples")
+    bd.add_argument("--images", type=int, default=2000, help="images encoded for the throughput")
+    bd.add_argument("--image-size", type=int, default=64)
+    bd.add_argument("--small", type=int, default=10_000, help="samples of the small store")
+    bd.add_argument("--big", type=int, default=1_000_000, help="samples of the big store")
+    bd.add_argument("--steps", type=int, default=30, help="training steps per measurement")
+    bd.add_argument("--batch", type=int, default=64)
+    bd.add_argument("--no-store", action="store_true", help="print only; do not write the database")
+    common(bd)
+    bd.set_defaults(fn=cmd_bench)
     for sp in (bo, bs, bl):
         sp.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
         sp.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")

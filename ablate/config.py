@@ -50,7 +50,7 @@ class DataSpec(Closed):
     image_column: str = Field("image", json_schema_extra=LATER, description="hf: the image column")
     caption_column: str = Field("caption", json_schema_extra=LATER, description="hf: the caption column")
     shard_size: int = Field(10000, ge=1, json_schema_extra=LATER,
-                            description="hf: rows per preparation shard")
+                            description="hf and folder: samples per preparation shard")
     seed: int = Field(0, description="data seed (independent of the run seed)")
     # deliberately not LATER: the training data changed with it, so every older key must change
     heldout: float = Field(
@@ -73,8 +73,6 @@ class DataSpec(Closed):
             if missing:
                 raise ValueError(f"data.{missing[0]} is required when data.name is 'webdataset' "
                                  "(tar shards: a brace pattern or a list)")
-        if self.shuffle_captions and self.name in ("webdataset", "hf"):
-            raise ValueError("data.shuffle_captions is for the in-memory datasets (shapes, digits, folder)")
         return self
 
 

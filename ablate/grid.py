@@ -30,6 +30,7 @@ from pydantic import Field, ValidationError
 
 from .config import (Closed, ConfigError, LauncherSpec, RunSpec, format_validation_error, run_key)
 from .registry import Registry, UnknownVariant, load_registry
+from .utils import expand_path
 
 
 class GridError(ConfigError):
@@ -252,9 +253,16 @@ def check_inputs(grid: Grid) -> None:
         if s.data.name == "folder" and not Path(s.data.path).expanduser().is_dir():
             raise GridError(f"{grid.source}: data.path: folder {s.data.path} does not exist "
                             "(expected a directory with images and captions.jsonl)")
-        if s.eval.inception_weights and not Path(s.eval.inception_weights).expanduser().is_file():
+        if s.data.name == "hf" and not Path(expand_path(s.data.path, "data.path")).is_dir():
+            raise GridError(f"{grid.source}: data.path: {s.data.path} does not exist "
+                            "(expected a Hugging Face dataset saved with save_to_disk)")
+        if s.tokenizer.kind == "diffusers" and not Path(expand_path(s.tokenizer.path, "tokenizer.path")).is_dir():
+            raise GridError(f"{grid.source}: tokenizer.path: {s.tokenizer.path} does not exist "
+                            "(expected a local diffusers VQModel directory, e.g. aMUSEd's vqvae/)")
+        if s.eval.inception_weights and not Path(expand_path(s.eval.inception_weights,
+                                                             "eval.inception_weights")).is_file():
             raise GridError(f"{grid.source}: eval.inception_weights: file {s.eval.inception_weights} "
                             "does not exist (give a local FID Inception weights file, or leave it unset)")
-        if s.eval.clip_model and not Path(s.eval.clip_model).expanduser().is_dir():
+        if s.eval.clip_model and not Path(expand_path(s.eval.clip_model, "eval.clip_model")).is_dir():
             raise GridError(f"{grid.source}: eval.clip_model: directory {s.eval.clip_model} does not exist "
                             "(give a local CLIP model directory, or leave it unset)")

@@ -106,13 +106,17 @@ def run_preparation(runner: Any, specs: list[RunSpec], results_dir: Path, cpus: 
         else:
             out.write(f"preparation {name} ready in {secs:.0f}s\n")
 
-    out.write(f"preparing {len(todo)} dataset setting(s): {', '.join(PREP_PARTS)}\n")
-    runner.run([(f"{k}/{part}", prepare_job, (spec.model_dump(mode="json"), str(results_dir), cpus, part))
-                for k, (spec, _) in todo.items() for part in PREP_PARTS], done)
+    jobs = [(f"{k}/{part}", prepare_job, (spec.model_dump(mode="json"), str(results_dir), cpus, part))
+             for k, (spec, _) in todo.items() for part in parts_needed(spec)]
+    out.write(f"preparing {len(todo)} dataset setting(s): {len(jobs)} job(s)\n")
+    if jobs:
+        runner.run(jobs, done)
     encodes = []
     for k, (spec, shards) in todo.items():
-        total = sum(shards.values())
-        if not total or k in failed:
+        if not shards or k in failed:
+            continue
+        total = sum(shards.values()) - _finished_shards(spec, results_dir)
+        if not total:
             continue
         n = max(1, min(total, n_tasks))
         out.write(f"encoding {total} shard(s) of {spec.data.name} into the token store as {n} task(s)\n")
@@ -121,6 +125,32 @@ def run_preparation(runner: Any, specs: list[RunSpec], results_dir: Path, cpus: 
     if encodes:
         runner.run(encodes, done)
     return failed
+
+
+def parts_needed(spec: RunSpec) -> tuple[str, ...]:
+    """The preparation parts that have something to build: no judge job for data without one,
+    no tokenizer job for a pretrained tokenizer on streaming data (nothing to train; the encode
+    tasks and the cells load it)."""
+    from .data.sources import STREAMING
+    from .eval.judge import judge_kind
+
+    out = []
+    for part in PREP_PARTS:
+        if part == "judge" and judge_kind(spec.data.name) is None:
+            continue
+        if part == "tokenizer" and spec.tokenizer.kind == "diffusers" and spec.data.name in STREAMING:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _finished_shards(spec: RunSpec, results_dir: Path) -> int:
+    from .data.encode import StreamedSplits, store_progress, store_root
+    from .prepare import cache_keys
+
+    splits = StreamedSplits(spec.data)
+    done = store_progress(splits, store_root(results_dir, splits.image_key, cache_keys(spec)["tokenizer"]))
+    return sum(a for a, _ in done.values())
 
 
 def encode_tasks(kind: str, slots: int, asked: int) -> int:
@@ -132,13 +162,23 @@ def encode_tasks(kind: str, slots: int, asked: int) -> int:
 
 
 def describe(todo: dict[str, tuple[RunSpec, dict[str, int]]], results_dir: Optional[Path] = None) -> list[str]:
-    """One line per preparation: data, tokenizer, shards (and how many are finished, when the
-    tokenizer is already cached so the store's place is known)."""
+    """One line per preparation: data, tokenizer, and for streaming data its shards per split
+    (``finished/total`` in the token store under ``results_dir`` when given)."""
+    from .data.encode import StreamedSplits, store_progress, store_root
+    from .prepare import cache_keys
+
     lines = []
     for k, (spec, shards) in todo.items():
         t = spec.tokenizer
         tok = f"diffusers {t.path}" if t.kind == "diffusers" else f"vqvae K={t.codebook_size} f={t.downsample}"
-        where = ", ".join(f"{s} {n}" for s, n in shards.items()) if shards else "in memory"
+        if not shards:
+            where = "in memory"
+        elif results_dir is None:
+            where = ", ".join(f"{s} {n}" for s, n in shards.items())
+        else:
+            splits = StreamedSplits(spec.data)
+            done = store_progress(splits, store_root(results_dir, splits.image_key, cache_keys(spec)["tokenizer"]))
+            where = ", ".join(f"{s} {a}/{b}" for s, (a, b) in done.items())
         lines.append(f"{k[:12]}  data {spec.data.name} {spec.data.image_size}px  tokenizer {tok}  "
                      f"shards: {where}")
     return lines

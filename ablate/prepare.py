@@ -41,7 +41,6 @@ def _tokenizer_key(spec: RunSpec, image_key: str) -> str:
 @functools.lru_cache(maxsize=256)
 def _cache_keys(spec_json: str) -> tuple[tuple[str, Optional[str]], ...]:
     from . import data as _data
-    from .data import folder as _folder
     from .data.encode import StreamedSplits
     from .data.sources import STREAMING
     from .eval.judge import judge_cache_key, judge_kind
@@ -51,8 +50,7 @@ def _cache_keys(spec_json: str) -> tuple[tuple[str, Optional[str]], ...]:
     if d.name in STREAMING:
         image_key = StreamedSplits(d).image_key
     else:
-        fp = _folder.fingerprint(d.path, _folder.read_index(d.path)) if d.name == "folder" else None
-        _, image_key = _data.data_key(d, fp)
+        _, image_key = _data.data_key(d)
     kind = judge_kind(d.name)
     return (("tokenizer", _tokenizer_key(spec, image_key)),
             ("judge", judge_cache_key(image_key, kind, spec.eval) if kind else None))
@@ -82,8 +80,14 @@ class Prepared:
     limits: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> samples used (streaming)
 
     def split(self, name: str) -> Any:
-        """The store's reader of split ``name`` (the first ``data.n_<split>`` samples when streaming)."""
-        return self.store.split(name, limit=self.limits.get(name))
+        """The store's reader of split ``name`` (the first ``data.n_<split>`` samples when
+        streaming; training captions permuted for the shuffled-caption control of streamed data,
+        whose store holds the true ones)."""
+        reader = self.store.split(name, limit=self.limits.get(name))
+        spec = getattr(self.splits, "spec", None)
+        if name == "train" and self.limits and spec is not None and spec.shuffle_captions:
+            reader = reader.shuffled_captions(spec.seed)
+        return reader
 
 
 PREP_PARTS = ("tokenizer", "judge")  # parallel jobs; a cell's own preparation adds "store"

@@ -111,6 +111,8 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, t))
         self.step = 0
         self.train_s = 0.0  # seconds of timed steps (after throughput warm-up)
+        self.data_s = 0.0  # of those, seconds spent reading the batch (codes and text features)
+        self._data_t = 0.0  # the current step's data seconds
         self.timed_steps = 0
         self.last_train_loss = float("nan")
         self.last_val_loss = float("nan")
@@ -132,7 +134,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else {},
-                "train_s": self.train_s, "timed_steps": self.timed_steps,
+                "train_s": self.train_s, "data_s": self.data_s, "timed_steps": self.timed_steps,
                 "last_train_loss": self.last_train_loss, "last_val_loss": self.last_val_loss,
                 "loss_acc": self.loss_acc, "loss_n": self.loss_n, "peak_mem_mb": self.peak_mem_mb}
 
@@ -144,6 +146,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(st["ema"])
         self.step, self.train_s, self.timed_steps = st["step"], st["train_s"], st["timed_steps"]
+        self.data_s = float(st.get("data_s", 0.0))
         self.last_train_loss, self.last_val_loss = st["last_train_loss"], st["last_val_loss"]
         self.loss_acc, self.loss_n = st.get("loss_acc", 0.0), st.get("loss_n", 0)
         self.peak_mem_mb = float(st.get("peak_mem_mb", float("nan")))
@@ -189,7 +192,9 @@ class Trainer:
         t = self.spec.train
         g = torch.Generator().manual_seed(_step_seed(self.spec.seed, step))
         torch.manual_seed(_step_seed(self.spec.seed, step, salt=1))  # module dropout
+        t0 = time.perf_counter()
         codes, feats, mask = self.batch("train", self.batch_indices(step))  # [B, L], [B, T, F], [B, T]
+        self._data_t = time.perf_counter() - t0
         feats, mask = drop_text(feats, mask, *self.null, t.cond_dropout, generator=g)
         self.model.train()
         loss = self._loss(codes, feats, mask, g)
@@ -269,6 +274,7 @@ class Trainer:
             self.last_step_at = time.time()
             if self.step >= t.throughput_warmup:
                 self.train_s += time.perf_counter() - t0
+                self.data_s += self._data_t
                 self.timed_steps += 1
             self.loss_acc, self.loss_n = self.loss_acc + loss, self.loss_n + 1
             self.step += 1
@@ -305,6 +311,7 @@ class Trainer:
         if self.timed_steps:
             out["train_tokens_per_s"] = self.timed_steps * t.batch_size * self.model.seq_len / self.train_s
             out["train_s"] = self.train_s
+            out["data_wait_share"] = self.data_s / self.train_s  # of the timed step time
         if self.sheet_s:
             out["sheet_s"] = self.sheet_s
         if math.isfinite(self.peak_mem_mb):

@@ -81,6 +81,18 @@ def pick_device(choice: str = "auto") -> "torch.device":
     return torch.device(choice)
 
 
+def expand_path(value: str, field: str) -> str:
+    """``~`` and ``$VARS`` expanded in a path setting; an unset variable is an error naming
+    ``field`` (a path with ``$ABLATE_DATA`` left in it would only fail later, less clearly)."""
+    from ablate.config import ConfigError
+
+    text = os.path.expanduser(os.path.expandvars(str(value)))
+    if "$" in text:
+        var = text[text.index("$"):].split("/")[0]
+        raise ConfigError(f"{field}: {var} is not set; export it or give the path with --set {field}=...")
+    return text
+
+
 def cache_path(root: Path, kind: str, key: str, name: str) -> Path:
     """``<root>/cache/<kind>/<key>/<name>``: where content-keyed artefacts live."""
     return Path(root) / "cache" / kind / key / name

@@ -3,7 +3,6 @@ initialised diffusers ``VQModel`` and a tiny CLIP text model, all saved locally.
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ablate.data import shapes
+from ablate.data import shapes, sources
 
 
 def png_bytes(image: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -39,20 +38,8 @@ def write_shards(folder: Path, prefix: str, n_shards: int, per_shard: int, size:
                  seed: int = 0) -> tuple[str, np.ndarray, list[str]]:
     """``n_shards`` tar files of ``per_shard`` shapes samples (png + txt, every third json).
     Returns (brace pattern, images [n, 3, S, S], captions) in shard order."""
-    folder.mkdir(parents=True, exist_ok=True)
     images, captions = shapes_images(n_shards * per_shard, size, seed)
-    for s in range(n_shards):
-        with tarfile.open(folder / f"{prefix}-{s:05d}.tar", "w") as tar:
-            for j in range(per_shard):
-                i = s * per_shard + j
-                key = f"{s:05d}{j:04d}"
-                add_member(tar, f"{key}.png", png_bytes(images[i]))
-                if i % 3 == 2:
-                    add_member(tar, f"{key}.json", json.dumps({"caption": captions[i], "w": size}).encode())
-                else:
-                    add_member(tar, f"{key}.txt", captions[i].encode())
-    pattern = str(folder / f"{prefix}-{{{0:05d}..{n_shards - 1:05d}}}.tar")
-    return pattern, images, captions
+    return sources.write_shards(folder, prefix, images, captions, per_shard), images, captions
 
 
 class Boom:

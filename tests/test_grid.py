@@ -101,7 +101,7 @@ def test_overrides_pin_axes(tmp_path, fake_registry):
     ("base: {model: {variant: nope}}\n", "unknown variant 'nope'; known variants: fake, other"),
     ("base: {model: {variant: fake, params: {beta: 1}}}\n", "model.params.beta: unknown key for variant 'fake'"),
     ("base: {data: {name: folder}}\n", "data.path is required"),
-    ("base: {data: {name: imagenet}}\n", "data.name: must be 'shapes', 'digits' or 'folder'"),
+    ("base: {data: {name: imagenet}}\n", "data.name: must be 'shapes', 'digits', 'folder', 'webdataset' or 'hf'"),
     ("axes: {train.lr: []}\n", "axes.train.lr: empty list"),
     ("axes: {model.variant: [fake]}\nexclude: [{train.lr: 1}]\n", "exclude[0].train.lr: not an axis"),
     ("seeds: []\n", "seeds: empty list"),

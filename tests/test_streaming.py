@@ -190,3 +190,68 @@ def test_prepare_and_train_from_a_streamed_store(streamed, tmp_path):
     tr.train()
     assert tr.step == 3 and np.isfinite(tr.last_train_loss)
     assert tr.generate(4).shape == (4, 3, 16, 16)
+
+
+def _folder(root, n=12, size=16):
+    import json
+
+    from PIL import Image
+
+    images, captions = shapes_images(n, size, 3)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        Image.fromarray(images[i].transpose(1, 2, 0)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file": f"{i}.png", "caption": captions[i]}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root, images, captions
+
+
+def test_folder_streams_into_the_store_in_the_in_memory_split_order(tmp_path):
+    from ablate.data import load_dataset
+    from ablate.prepare import prepare
+
+    root, images, captions = _folder(tmp_path / "f", n=60)
+    spec = RunSpec.model_validate({"data": {"name": "folder", "path": str(root), "image_size": 16,
+                                            "n_train": 100, "n_val": 8, "n_test": 8, "shard_size": 10},
+                                   "tokenizer": {"steps": 2, "codebook_size": 16, "batch_size": 4}})
+    mem = load_dataset(spec.data)  # the in-memory loader: same splits, same order
+    prep = prepare(spec, tmp_path / "res", torch.device("cpu"), say=lambda m: None)
+    train = prep.split("train")
+    assert len(train) == len(mem.train) == 46
+    assert train.captions(range(46)) == mem.train.captions
+    assert prep.splits.test.captions == mem.test.captions
+    assert torch.equal(prep.splits.test.images, mem.test.images)
+    assert len(train.shards) == 5  # 46 samples in shards of 10
+    # the shuffled-caption control shares the store and permutes only its training captions
+    ctl = spec.model_copy(update={"data": spec.data.model_copy(update={"shuffle_captions": True})})
+    ctl_prep = prepare(ctl, tmp_path / "res", torch.device("cpu"), say=lambda m: None)
+    assert ctl_prep.store.root == prep.store.root
+    shuffled = ctl_prep.split("train").captions(range(46))
+    assert sorted(shuffled) == sorted(mem.train.captions) and shuffled != mem.train.captions
+    assert torch.equal(ctl_prep.split("train").codes(torch.arange(46)), train.codes(torch.arange(46)))
+    assert ctl_prep.split("val").captions(range(6)) == prep.split("val").captions(range(6))
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink_file", "symlink_dir"])
+def test_folder_refuses_paths_out_of_the_folder(tmp_path, how):
+    import json
+    import os
+
+    from ablate.data import folder
+
+    root, _, _ = _folder(tmp_path / "f")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((root / "0.png").read_bytes())
+    name = {"dotdot": "../secret.png", "absolute": str(secret), "symlink_file": "link.png",
+            "symlink_dir": "sub/secret.png"}[how]
+    if how == "symlink_file":
+        os.symlink(secret, root / "link.png")
+    if how == "symlink_dir":
+        os.symlink(tmp_path, root / "sub")
+    with open(root / "captions.jsonl", "a") as f:
+        f.write(json.dumps({"file": name, "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match="outside data.path|symbolic link"):
+        folder.read_index(root)
+    with pytest.raises(ConfigError, match="data.path"):
+        sources.shards(DataSpec(name="folder", path=str(root)), "train")

@@ -24,16 +24,22 @@ from ablate.config import DataSpec, content_hash
 from ablate.data import sources
 from ablate.data.store import TokenStore
 
-__all__ = ["StreamedSplits", "encode_store", "store_for", "ENCODE_BATCH"]
+__all__ = ["StreamedSplits", "encode_store", "store_for", "store_root", "store_progress", "ENCODE_BATCH"]
 
 SPLITS = ("train", "val", "test")
 ENCODE_BATCH = 64
 STREAM_VERSION = 1
 
 
-def _fingerprint(shard_lists: dict[str, list[sources.Shard]]) -> str:
-    """Local shard files by size and modification time, remote ones by URL: a rewritten shard
-    changes the key, so a cache never serves codes of images that are gone."""
+def _fingerprint(spec: DataSpec, shard_lists: dict[str, list[sources.Shard]]) -> str:
+    """Local shard files by size and modification time, remote ones by URL (a folder: its index
+    and every listed file): a rewritten shard changes the key, so a cache never serves codes of
+    images that are gone."""
+    if spec.name == "folder":
+        from ablate.data import folder
+
+        entries = [e for s in SPLITS for _, part in shard_lists[s] for e in part]
+        return folder.fingerprint(spec.path, sorted(entries))
     parts = []
     for split in SPLITS:
         for name, _ in shard_lists[split]:
@@ -52,9 +58,11 @@ class StreamedSplits:
         self.spec, self.name = spec, spec.name
         self.shards = {s: sources.shards(spec, s) for s in SPLITS}
         fields = {k: v for k, v in spec.model_dump(mode="json").items()
-                  if k not in ("urls", "val_urls", "test_urls", "path", "max_objects", "heldout")}
-        self.image_key = content_hash({**fields, "shards": _fingerprint(self.shards), "version": STREAM_VERSION})
-        self.key = self.image_key  # no caption shuffling on streaming data
+                  if k not in ("urls", "val_urls", "test_urls", "path", "max_objects", "heldout", "shuffle_captions")}
+        self.image_key = content_hash({**fields, "shards": _fingerprint(spec, self.shards), "version": STREAM_VERSION})
+        # the store holds true captions and is shared with the shuffled-caption control, which
+        # permutes the training captions when it reads them (Prepared.split)
+        self.key = content_hash({"image_key": self.image_key, "shuffle_captions": spec.shuffle_captions})
         self.image_size, self.max_objects = spec.image_size, 1
         self.limits = {"train": spec.n_train, "val": spec.n_val, "test": spec.n_test}
 
@@ -96,12 +104,16 @@ class StreamedSplits:
         return flat[task::n_tasks]
 
 
-def store_for(results_dir: Path, data_key: str, tok_key: str, tokenizer: Any) -> TokenStore:
-    """The token store of (data, tokenizer) under ``<results>/cache/store/``."""
+def store_root(results_dir: Path, data_key: str, tok_key: str) -> Path:
+    """Where the token store of (data, tokenizer) lives: ``<results>/cache/store/<key>/``."""
     from ablate.utils import cache_path
 
-    root = cache_path(results_dir, "store", content_hash({"data": data_key, "tokenizer": tok_key}), "")
-    return TokenStore(root, {"data": data_key, "tokenizer": tok_key, "grid": list(tokenizer.grid),
+    return cache_path(results_dir, "store", content_hash({"data": data_key, "tokenizer": tok_key}), "")
+
+
+def store_for(results_dir: Path, data_key: str, tok_key: str, tokenizer: Any) -> TokenStore:
+    """The token store of (data, tokenizer), created (its manifest written) if new."""
+    return TokenStore(store_root(results_dir, data_key, tok_key), {"data": data_key, "tokenizer": tok_key, "grid": list(tokenizer.grid),
                              "codebook_size": int(tokenizer.codebook_size)})
 
 
@@ -112,7 +124,7 @@ def encode_store(splits: StreamedSplits, tokenizer: Any, tok_key: str, results_d
 
     ``tokenizer.encode(uint8 [b, 3, S, S]) -> long [b, h, w]``. ``safe_point()`` is called
     between shards (a preemption stops there; finished shards stay)."""
-    store = store_for(results_dir, splits.key, tok_key, tokenizer)
+    store = store_for(results_dir, splits.image_key, tok_key, tokenizer)
     for split, index, shard in splits.task_shards(task, n_tasks):
         if store.done(split, index):
             continue
@@ -145,7 +157,9 @@ def encode_store(splits: StreamedSplits, tokenizer: Any, tok_key: str, results_d
     return store
 
 
-def store_progress(splits: StreamedSplits, store: Optional[TokenStore]) -> dict[str, tuple[int, int]]:
-    """``{split: (finished shards, shards)}``."""
-    return {s: (sum(store.done(s, i) for i in range(len(splits.shards[s]))) if store else 0,
+def store_progress(splits: StreamedSplits, root: Path) -> dict[str, tuple[int, int]]:
+    """``{split: (finished shards, shards)}`` of the store at ``root`` (it may not exist yet)."""
+    from ablate.data.store import shard_dir
+
+    return {s: (sum((shard_dir(root, s, i) / "meta.json").is_file() for i in range(len(splits.shards[s]))),
                 len(splits.shards[s])) for s in SPLITS}

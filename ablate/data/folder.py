@@ -8,6 +8,9 @@ Layout of ``data.path``::
 Every image is converted to RGB, centre-cropped to a square and resized (Lanczos) to
 ``data.image_size``. All problems are reported as one line naming ``data.path`` and what is
 expected, before any image is decoded.
+
+The folder may come from anyone: a listed path that is absolute, climbs out with ``..``, or
+passes through a symbolic link is refused (a link could point at any file on the machine).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ def read_index(path: str | Path) -> list[tuple[str, str]]:
                 and isinstance(rec.get("caption"), str) and rec["caption"].strip()):
             raise ValueError(f"{where}: expected an object with string keys \"file\" and a non-empty \"caption\"")
         name = rec["file"]
+        _check_inside(root, name, where)
         if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"{where}: {name!r} is not an image file (accepted: {', '.join(IMAGE_SUFFIXES)})")
         if name in seen:
@@ -59,6 +63,34 @@ def read_index(path: str | Path) -> list[tuple[str, str]]:
     if not entries:
         raise ValueError(f"data.path: {str(index)!r} lists no images; expected {_LAYOUT}")
     return entries
+
+
+def _check_inside(root: Path, name: str, where: str) -> None:
+    """``name`` must be a plain relative path inside ``root``: no ``..``, no symbolic link."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{where}: {name!r} is outside data.path (absolute or with '..'); "
+                         "list files relative to data.path")
+    p = root
+    for part in rel.parts:
+        p = p / part
+        if p.is_symlink():
+            raise ValueError(f"{where}: {name!r} goes through a symbolic link ({p.name}); "
+                             "data.path must hold the files themselves")
+
+
+def split_entries(spec, entries: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:  # noqa: ANN001
+    """The folder's entries dealt into ``{"train", "val", "test"}``: a permutation seeded by
+    ``data.seed``, cut test first, then val, then train (sizes as ``load_dataset`` documents)."""
+    from ablate.data import _pool_sizes
+
+    sizes = _pool_sizes(spec, len(entries), f"data.path {spec.path!r}")
+    order = np.random.default_rng([spec.seed, 7]).permutation(len(entries))
+    out, start = {}, 0
+    for s in ("test", "val", "train"):
+        out[s] = [entries[i] for i in order[start:start + sizes[s]]]
+        start += sizes[s]
+    return out
 
 
 def fingerprint(path: str | Path, entries: list[tuple[str, str]]) -> str:
@@ -76,17 +108,14 @@ def load_images(path: str | Path, files: list[str], size: int) -> np.ndarray:
     """uint8 RGB [n, 3, S, S]: each file centre-cropped to a square, then resized to ``size``."""
     from PIL import Image
 
+    from ablate.data.sources import to_square
+
     root = Path(path)
     out = np.empty((len(files), 3, size, size), dtype=np.uint8)
     for i, name in enumerate(files):
         try:
             with Image.open(root / name) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                s = min(w, h)
-                left, top = (w - s) // 2, (h - s) // 2
-                im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.LANCZOS)
-                out[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+                out[i] = to_square(im, size)
         except OSError as err:
             raise ValueError(f"data.path: cannot read image {name!r} ({err}); "
                              "expected a png/jpg/jpeg/webp file") from None

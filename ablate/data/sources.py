@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,10 +23,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ablate.config import ConfigError, DataSpec
+from ablate.utils import expand_path
 
-__all__ = ["STREAMING", "shards", "read_shard", "to_square", "expand_urls", "Shard"]
+__all__ = ["STREAMING", "shards", "read_shard", "to_square", "expand_urls", "Shard", "write_shards"]
 
-STREAMING = ("webdataset", "hf")
+STREAMING = ("webdataset", "hf", "folder")
 IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = ("txt", "json")
 UNSAFE_EXT = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz")
@@ -69,12 +69,7 @@ def expand_urls(value: Any, field: str) -> list[str]:
     items = [value] if isinstance(value, str) else list(value)
     out: list[str] = []
     for item in items:
-        text = os.path.expandvars(str(item))
-        if "$" in text:
-            var = text[text.index("$"):].split("/")[0]
-            raise ConfigError(f"data.{field}: {var} is not set; export it or give the paths with "
-                              f"--set data.{field}=...")
-        out += list(braceexpand(text))
+        out += list(braceexpand(expand_path(str(item), f"data.{field}")))
     return out
 
 
@@ -96,6 +91,16 @@ def shards(spec: DataSpec, split: str) -> list[Shard]:
             more = f" (and {len(missing) - 1} more of {len(urls)})" if len(missing) > 1 else ""
             raise ConfigError(f"data.{field}: shard {missing[0]!r} does not exist{more}; expected {WDS_LAYOUT}")
         return [(u, u) for u in urls]
+    if spec.name == "folder":
+        from ablate.data import folder
+
+        try:
+            part = folder.split_entries(spec, folder.read_index(spec.path))[split]
+        except (OSError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        size = spec.shard_size
+        return [(f"{spec.path}[{split}:{a}:{a + len(part[a:a + size])}]", part[a:a + size])
+                for a in range(0, len(part), size)]
     if spec.name == "hf":
         n = _hf_split(spec, split).num_rows
         size = spec.shard_size
@@ -111,7 +116,25 @@ def read_shard(spec: DataSpec, shard: Shard) -> tuple[Iterator[tuple[np.ndarray,
     report: dict[str, Any] = {"source": shard[0], "samples": 0, "kept": 0, "skipped": {}}
     if spec.name == "webdataset":
         return _webdataset(spec, shard[1], report), report
+    if spec.name == "folder":
+        return _folder(spec, shard[1], report), report
     return _hf(spec, shard[1], report), report
+
+
+def _folder(spec: DataSpec, entries: list[tuple[str, str]], report: dict[str, Any]) -> Iterator[tuple[np.ndarray, str]]:
+    root = Path(expand_path(spec.path, "data.path"))
+    for name, caption in entries:  # paths were checked to stay inside data.path (folder.read_index)
+        report["samples"] += 1
+        try:
+            data = (root / name).read_bytes()
+        except OSError:
+            data = b""
+        image = _decode_image(data, spec.image_size) if data else None
+        if image is None:
+            _skip(report, "undecodable_image")
+            continue
+        report["kept"] += 1
+        yield image, caption
 
 
 def _skip(report: dict[str, Any], why: str) -> None:
@@ -201,7 +224,7 @@ def _hf_split(spec: DataSpec, split: str) -> Any:
     except ImportError:
         raise ConfigError("data.name=hf needs the `datasets` package: pip install -e '.[scale]'") from None
     try:
-        ds = load_from_disk(str(spec.path))
+        ds = load_from_disk(expand_path(spec.path, "data.path"))
     except (FileNotFoundError, ValueError, OSError) as err:
         raise ConfigError(f"data.path: {spec.path!r} is not a dataset saved with save_to_disk "
                           f"({type(err).__name__})") from None
@@ -242,3 +265,34 @@ def _hf(spec: DataSpec, where: tuple[str, int, int], report: dict[str, Any]) -> 
             continue
         report["kept"] += 1
         yield decoded, caption.strip()
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+def write_shards(folder: Path, prefix: str, images: np.ndarray, captions: list[str], per_shard: int) -> str:
+    """Write uint8 images ``[n, 3, H, W]`` (PNG) and captions (``.txt``; every third as ``.json``
+    ``{"caption": ...}``, both layouts img2dataset writes) as tar shards ``<prefix>-00000.tar``,
+    ... of ``per_shard`` samples; returns their brace pattern. For tests and benchmarks, and to
+    turn a built-in dataset into shards."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-len(images) // per_shard)
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for s in range(n_shards):
+        with tarfile.open(folder / f"{prefix}-{s:05d}.tar", "w") as tar:
+            for i in range(s * per_shard, min(len(images), (s + 1) * per_shard)):
+                buf = io.BytesIO()
+                Image.fromarray(np.ascontiguousarray(images[i].transpose(1, 2, 0))).save(buf, format="PNG")
+                add(tar, f"{i:09d}.png", buf.getvalue())
+                if i % 3 == 2:
+                    add(tar, f"{i:09d}.json", json.dumps({"caption": captions[i]}).encode())
+                else:
+                    add(tar, f"{i:09d}.txt", captions[i].encode())
+    return str(folder / f"{prefix}-{{{0:05d}..{n_shards - 1:05d}}}.tar")

@@ -18,6 +18,7 @@ Legend: n samples of a shard, L image tokens per sample, K codebook size.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -123,6 +124,15 @@ class SplitReader:
         total = int(self.starts[-1])
         self.n = total if limit is None else min(total, int(limit))
         self.tokens = int(self.shards[0].codes.shape[1])
+        self.caption_perm: Optional[np.ndarray] = None  # set by shuffled_captions()
+
+    def shuffled_captions(self, seed: int) -> "SplitReader":
+        """This split with its captions permuted among its samples (seeded, the same permutation
+        ``load_dataset`` uses for ``data.shuffle_captions``): the control in which text carries
+        no information about the image. Codes are untouched."""
+        out = copy.copy(self)
+        out.caption_perm = np.random.default_rng([seed, 99]).permutation(self.n)
+        return out
 
     def __len__(self) -> int:
         return self.n
@@ -146,6 +156,9 @@ class SplitReader:
     def captions(self, idx: torch.Tensor | np.ndarray | Sequence[int]) -> list[str]:
         """Captions of samples ``idx`` (global indices)."""
         idx = np.asarray(torch.as_tensor(idx).cpu(), dtype=np.int64).reshape(-1)
+        if self.caption_perm is not None:
+            self._locate(idx)  # range check on the indices asked for
+            idx = self.caption_perm[idx]
         shard, local = self._locate(idx)
         out = []
         for s, i in zip(shard.tolist(), local.tolist()):

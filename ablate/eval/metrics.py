@@ -44,6 +44,7 @@ from ablate.config import EvalSpec
 from ablate.data import DatasetSplits, ImageTextSet, parse_caption
 from ablate.data.shapes import HeldOut, relation_holds
 from ablate.eval.judge import Judge, grid_targets
+from ablate.utils import expand_path
 
 FOREGROUND_DELTA = 0.15  # colour distance from the background that counts as foreground
 _CHUNK = 256
@@ -276,7 +277,7 @@ def domain_metrics(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device:
 def check_eval_spec(spec: EvalSpec) -> None:
     """Fail early (one line naming the field) when an optional metric is asked for but cannot run."""
     if spec.inception_weights is not None:
-        if not Path(spec.inception_weights).is_file():
+        if not Path(expand_path(spec.inception_weights, "eval.inception_weights")).is_file():
             raise FileNotFoundError(f"eval.inception_weights: no file at {spec.inception_weights!r} "
                                     "(a local FID Inception weights .pth; nothing is downloaded)")
         try:
@@ -284,7 +285,8 @@ def check_eval_spec(spec: EvalSpec) -> None:
         except ImportError:
             raise ImportError("eval.inception_weights needs torch-fidelity and torchvision "
                               "(pip install torch-fidelity torchvision), or leave it unset") from None
-    if spec.clip_model is not None and not (Path(spec.clip_model) / "config.json").is_file():
+    if spec.clip_model is not None and not (Path(expand_path(spec.clip_model, "eval.clip_model"))
+                                            / "config.json").is_file():
         raise FileNotFoundError(f"eval.clip_model: {spec.clip_model!r} is not a local transformers CLIP "
                                 "directory (with config.json and the processor files)")
 
@@ -363,9 +365,10 @@ def evaluate_images(images: torch.Tensor, captions: list[str], attrs: Optional[l
     if judge is not None and spec.fid_domain and enough:
         out.update(domain_metrics(judge, images, ref, device))
     if spec.inception_weights is not None and enough:
-        out["fid"] = inception_fid(spec.inception_weights, images, ref, device)
+        out["fid"] = inception_fid(expand_path(spec.inception_weights, "eval.inception_weights"),
+                                   images, ref, device)
     if spec.clip_model is not None:
-        out["clip_score"] = clip_score(spec.clip_model, images, captions, device)
+        out["clip_score"] = clip_score(expand_path(spec.clip_model, "eval.clip_model"), images, captions, device)
     return out
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ablate.config import ConfigError, TextSpec, content_hash
-from ablate.utils import atomic_torch_save, cache_path, torch_load
+from ablate.utils import atomic_torch_save, cache_path, expand_path, torch_load
 
 PAD, UNK, NULL = 0, 1, 2
 N_SPECIAL = 3
@@ -338,7 +338,7 @@ def build_text_encoder(spec: TextSpec, train_captions: Iterable[str], cache_root
         return LearnedTextEncoder(spec, build_vocab(train_captions, spec.vocab_size)).to(device)
     if spec.encoder == "minilm":
         return FrozenTextEncoder(spec, str(_minilm_dir()), "minilm", cache_root, device)
-    name = spec.encoder[3:]
-    path = Path(name).expanduser()
+    name = expand_path(spec.encoder[3:], "text.encoder")
+    path = Path(name)
     source = str(path.resolve()) if path.exists() else name
     return FrozenTextEncoder(spec, source, spec.encoder, cache_root, device)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ablate.config import ConfigError, content_hash
+from ablate.utils import expand_path
 
 __all__ = ["PretrainedVQ", "load_pretrained", "pretrained_key"]
 
@@ -43,7 +44,7 @@ def _config(path: Path) -> dict[str, Any]:
 
 def pretrained_key(path: str) -> str:
     """A key of the model's identity: its config and the size and time of its weight files."""
-    root = Path(path).expanduser().resolve()
+    root = Path(expand_path(path, "tokenizer.path")).resolve()
     cfg = _config(root)
     files = []
     for name in _WEIGHTS:
@@ -100,7 +101,7 @@ def load_pretrained(path: str, image_size: int, device: torch.device | str = "cp
     except ImportError:
         raise ConfigError("tokenizer.kind=diffusers needs the diffusers package: "
                           "pip install -e '.[scale]'") from None
-    root = Path(path).expanduser().resolve()
+    root = Path(expand_path(path, "tokenizer.path")).resolve()
     cfg = _config(root)
     try:
         model = VQModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
