@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, TextIO
 
-from .config import LauncherSpec, RunSpec
+from .config import LauncherSpec
 from .db import Database
 from .db.store import ENV_URL
 from .grid import Cell, Grid

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,8 +53,6 @@ class StreamedSplits:
     """A streaming dataset's splits. Opening checks every local shard exists (ConfigError)."""
 
     def __init__(self, spec: DataSpec):
-        from ablate.data import ImageTextSet  # noqa: F401 - imported for the heads below
-
         self.spec, self.name = spec, spec.name
         self.shards = {s: sources.shards(spec, s) for s in SPLITS}
         fields = {k: v for k, v in spec.model_dump(mode="json").items()

@@ -1,13 +1,10 @@
-"""Training, sampling and evaluation of one generator.
-
-Everything random in a step (batch choice, masking, caption dropout, dropout) is seeded by
-``(seed, step)``, so a run resumed from a checkpoint takes exactly the steps it would have taken
-uninterrupted, and the data position is a pure function of the step.
+"""The trainer of one run: builds the generator on prepared data, trains it with
+:func:`~ablate.train.loop.fit` (logging, validation, sample sheets and checkpoints as hooks),
+then samples and evaluates it. Resumable: a new attempt continues from the furthest checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import time
@@ -17,63 +14,66 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .config import RunSpec
-from .data.stream import StepSampler
-from .model import Generator, aux_losses, drop_text, masked_loss, random_mask, sample_tokens
-from .registry import load_registry
-from .utils import atomic_torch_save, peak_memory, step_seed, torch_load
+from ablate.config import RunSpec
+from ablate.model import Generator, aux_losses, masked_loss, random_mask, sample_tokens
+from ablate.registry import load_registry
+from ablate.train import loop
+from ablate.train.loop import Hooks, Interrupted
+from ablate.train.state import TrainState, latest_checkpoint
+from ablate.train.stream import TokenStream
+from ablate.utils import atomic_torch_save, peak_memory, step_seed
+
+__all__ = ["Trainer", "save_sheet", "VAL_IMAGES"]
 
 VAL_IMAGES = 512
-
-
 _step_seed = step_seed
 
 
-def lr_factor(step: int, spec) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` at the last step."""
-    if spec.warmup_steps and step < spec.warmup_steps:
-        return (step + 1) / spec.warmup_steps
-    span = max(1, spec.steps - spec.warmup_steps)
-    progress = min(1.0, (step - spec.warmup_steps) / span)
-    return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class RunHooks(Hooks):
+    """A run's schedule around the steps: train-loss and lr rows every ``log_every``, the
+    validation loss every ``eval_every``, sample sheets, a checkpoint every
+    ``checkpoint_every`` (curves written first, so a resumed run never lacks logged steps), and
+    the interrupt question (preemption, lost claim) at every step boundary."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.tr = trainer
+        self.rows: list[tuple[str, Optional[int], float]] = []
+        self.saved_at = -1
+
+    def after_step(self, state: TrainState, loss: float) -> None:
+        tr, t, step = self.tr, self.tr.spec.train, state.step
+        state.loss_acc, state.loss_n = state.loss_acc + loss, state.loss_n + 1
+        if step % t.log_every == 0 or step == t.steps:
+            state.last_train_loss = state.loss_acc / state.loss_n
+            self.rows += [("train_loss", step, state.last_train_loss), ("lr", step, state.sched.get_last_lr()[0])]
+            state.loss_acc, state.loss_n = 0.0, 0
+        if step % t.eval_every == 0 or step == t.steps:
+            state.last_val_loss = tr.val_loss()
+            self.rows.append(("val_loss", step, state.last_val_loss))
+            tr.say(f"step {step}/{t.steps} train_loss {state.last_train_loss:.4f} val_loss {state.last_val_loss:.4f}")
+        if tr.sheet_due(step):
+            tr.snapshot(step)
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            self.checkpoint(state)
+
+    def interrupted(self) -> bool:
+        return self.tr.interrupt()
+
+    def checkpoint(self, state: TrainState) -> None:
+        self.tr.log_metrics(self.rows)
+        self.rows = []
+        if self.saved_at != state.step:
+            state.save(self.tr.ckpt_path)
+            self.saved_at = state.step
+
+    def finish(self, state: TrainState) -> None:
+        self.tr.log_metrics(self.rows)
+        self.rows = []
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: not on biases, norms, embeddings or positions."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class Interrupted(Exception):
-    """Training stopped at a step boundary on request (preemption, time limit) after saving a
-    checkpoint there; a new job resumes from ``step``."""
-
-    def __init__(self, step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint saved")
-        self.step = step
-
-
-def latest_checkpoint(folder: Path) -> Optional[Path]:
-    """The checkpoint furthest in training among the attempts' files (``ckpt*.pt``) in ``folder``."""
-    best, best_step = None, -1
-    for f in sorted(Path(folder).glob("ckpt*.pt")):
-        try:
-            step = int(torch.load(f, map_location="cpu", weights_only=True, mmap=True)["step"])
-        except Exception:  # a file being replaced right now, or damaged: not a resume point
-            continue
-        if step > best_step:
-            best, best_step = f, step
-    return best
-
-
-def remove_checkpoints(folder: Path) -> None:
-    """Delete every attempt's checkpoint (once the run's result is committed)."""
-    for f in Path(folder).glob("ckpt*.pt"):
-        f.unlink(missing_ok=True)
+def _delegate(name: str) -> property:
+    """A Trainer attribute that lives in its TrainState."""
+    return property(lambda self: getattr(self.state, name), lambda self, v: setattr(self.state, name, v))
 
 
 class Trainer:
@@ -83,7 +83,7 @@ class Trainer:
                  log_metrics: Callable[[list[tuple[str, Optional[int], float]]], None] = lambda rows: None,
                  say: Callable[[str], None] = print, interrupt: Callable[[], bool] = lambda: False,
                  attempt: Optional[str] = None):
-        from .text import build_text_encoder
+        from ablate.text import build_text_encoder
 
         self.spec, self.prep, self.device, self.out_dir = spec, prep, device, Path(out_dir)
         self.log_metrics, self.say = log_metrics, say
@@ -91,89 +91,73 @@ class Trainer:
         # It may also raise (the job lost its claim), which ends the attempt without a write.
         self.interrupt = interrupt
         results_dir = self.out_dir.parent.parent
-        store = prep.store
         self.data = {name: prep.split(name) for name in ("train", "val", "test")}
         torch.manual_seed(spec.seed)  # every parameter, the learned text encoder's too, from the seed
         self.text = build_text_encoder(spec.text, self.data["train"].iter_captions(), results_dir, device)
-        self.features = CaptionFeatures(self.text, self.data, device, cache=spec.text.cache)
-        self.null = tuple(t.to(device) for t in self.text.null_features(1))
-        self.sampler = StepSampler(len(self.data["train"]), spec.train.batch_size, spec.seed)
-
+        self.stream = TokenStream(self.data, self.text, device, spec.train.batch_size, spec.seed, spec.text.cache)
+        store = prep.store
         variant = load_registry().get(spec.model.variant)
-        self.model = Generator(variant, variant.Config(**spec.model.params), self.text,
-                               codebook_size=store.codebook_size, grid=store.grid,
-                               width=spec.model.width, depth=spec.model.depth, heads=spec.model.heads,
-                               text_len=spec.text.max_len, dropout=spec.model.dropout).to(device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False) if spec.train.ema_decay > 0 else None
-        t = spec.train
-        self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=t.betas,
-                                     fused=device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, t))
-        self.step = 0
-        self.train_s = 0.0  # seconds of timed steps (after throughput warm-up)
-        self.data_s = 0.0  # of those, seconds spent reading the batch (codes and text features)
-        self._data_t = 0.0  # the current step's data seconds
-        self.timed_steps = 0
-        self.last_train_loss = float("nan")
-        self.last_val_loss = float("nan")
-        self.loss_acc, self.loss_n = 0.0, 0  # train loss summed since the last log row
-        self.first_step_at: Optional[float] = None  # when this attempt's first step began
-        self.last_step_at: Optional[float] = None  # when its latest step ended
+        model = Generator(variant, variant.Config(**spec.model.params), self.text,
+                          codebook_size=store.codebook_size, grid=store.grid,
+                          width=spec.model.width, depth=spec.model.depth, heads=spec.model.heads,
+                          text_len=spec.text.max_len, dropout=spec.model.dropout).to(device)
+        self.state = TrainState(model, spec.train, device)
+        self.state.first_step_at = None  # when this attempt's first step began (not checkpointed)
+        self.state.last_step_at = None  # when its latest step ended
         self.sheet_s = 0.0  # seconds of sample-sheet snapshots in this attempt (not in train_s)
-        self.peak_mem_mb = float("nan")  # the model's training memory (max over attempts)
         # each attempt writes its own checkpoint file, so two attempts of one run (one of them
         # stale, about to find out) never overwrite each other's live file; a new attempt
         # resumes from the furthest checkpoint any attempt left
         self.ckpt_path = self.out_dir / (f"ckpt-{attempt}.pt" if attempt else "ckpt.pt")
         latest = latest_checkpoint(self.out_dir)
         if latest is not None:
-            self._load(latest)
+            self.state.load(latest)
             self.say(f"resumed from step {self.step} ({latest.name})")
 
-    # -- state ---------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else {},
-                "train_s": self.train_s, "data_s": self.data_s, "timed_steps": self.timed_steps,
-                "last_train_loss": self.last_train_loss, "last_val_loss": self.last_val_loss,
-                "loss_acc": self.loss_acc, "loss_n": self.loss_n, "peak_mem_mb": self.peak_mem_mb}
+    step = _delegate("step")
+    last_train_loss = _delegate("last_train_loss")
+    last_val_loss = _delegate("last_val_loss")
+    train_s = _delegate("train_s")
+    data_s = _delegate("data_s")
+    timed_steps = _delegate("timed_steps")
+    peak_mem_mb = _delegate("peak_mem_mb")
+    first_step_at = _delegate("first_step_at")
+    last_step_at = _delegate("last_step_at")
 
-    def _load(self, path: Path) -> None:
-        st = torch_load(path)
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["opt"])
-        self.sched.load_state_dict(st["sched"])
-        if self.ema is not None:
-            self.ema.load_state_dict(st["ema"])
-        self.step, self.train_s, self.timed_steps = st["step"], st["train_s"], st["timed_steps"]
-        self.data_s = float(st.get("data_s", 0.0))
-        self.last_train_loss, self.last_val_loss = st["last_train_loss"], st["last_val_loss"]
-        self.loss_acc, self.loss_n = st.get("loss_acc", 0.0), st.get("loss_n", 0)
-        self.peak_mem_mb = float(st.get("peak_mem_mb", float("nan")))
+    @property
+    def model(self) -> nn.Module:
+        return self.state.model
+
+    @property
+    def ema(self) -> Optional[nn.Module]:
+        return self.state.ema
+
+    @property
+    def sampler(self) -> Any:
+        return self.stream.sampler
+
+    @property
+    def null(self) -> tuple[torch.Tensor, ...]:
+        return self.stream.null
 
     def save_checkpoint(self) -> None:
-        atomic_torch_save(self._state(), self.ckpt_path)
+        self.state.save(self.ckpt_path)
 
-    # -- data ----------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:
-        """Sample indices of the batch at ``step``: epochs are seeded permutations, so the data
-        position is a function of the step (exact resume)."""
-        return self.sampler.indices(step)
+        """Sample indices of the batch at ``step`` (a pure function of the step)."""
+        return self.stream.sampler.indices(step)
 
     def batch(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes long [b, L], text features [b, T, F], mask [b, T]) of samples ``idx`` of
-        ``split``, on the device."""
-        codes = self.data[split].codes(idx).to(self.device, non_blocking=True)
-        feats, mask = self.features(split, idx)
-        return codes, feats, mask
+        """(codes long [b, L], text features [b, T, F], mask [b, T]) of samples ``idx`` of ``split``."""
+        return self.stream.batch(split, idx)
 
     # -- training ------------------------------------------------------------------------------
-    def _loss(self, codes: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor,
+    def _loss(self, model: nn.Module, codes: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor,
               g: Optional[torch.Generator]) -> torch.Tensor:
         """The training loss of codes ``[B, L]`` under captions ``feats [B, T, F]``/``mask``:
         mask a random share of tokens, predict them, plus the backbone's auxiliary losses."""
-        inputs, masked = random_mask(codes, self.model.mask_id, generator=g)
-        logits, aux = self.model(inputs, feats, mask, targets=codes, masked=masked)
+        inputs, masked = random_mask(codes, model.mask_id, generator=g)
+        logits, aux = model(inputs, feats, mask, targets=codes, masked=masked)
         loss = masked_loss(logits, codes, masked, self.spec.train.label_smoothing)
         for v in aux_losses(aux).values():
             loss = loss + v
@@ -185,35 +169,15 @@ class Trainer:
         the model's memory. Changes nothing: RNG state restored, gradients dropped, no step."""
         with torch.random.fork_rng(devices=[]):
             codes, feats, mask = self.batch("train", torch.arange(min(2, len(self.data["train"]))))
-            self._loss(codes, feats, mask, None).backward()
+            self._loss(self.model, codes, feats, mask, None).backward()
         self.model.zero_grad(set_to_none=True)
 
     def train_step(self, step: int) -> float:
+        """One optimizer step at ``step`` (which must be :attr:`step`); does not advance it."""
+        if step != self.step:
+            raise ValueError(f"train_step({step}): the state is at step {self.step}")
         t = self.spec.train
-        g = torch.Generator().manual_seed(_step_seed(self.spec.seed, step))
-        torch.manual_seed(_step_seed(self.spec.seed, step, salt=1))  # module dropout
-        t0 = time.perf_counter()
-        codes, feats, mask = self.batch("train", self.batch_indices(step))  # [B, L], [B, T, F], [B, T]
-        self._data_t = time.perf_counter() - t0
-        feats, mask = drop_text(feats, mask, *self.null, t.cond_dropout, generator=g)
-        self.model.train()
-        loss = self._loss(codes, feats, mask, g)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        if self.ema is not None:
-            # warm EMA: short runs must not average in the random initialisation
-            decay = min(t.ema_decay, (1 + step) / (10 + step))
-            ema_p = [p for p in self.ema.parameters()]
-            torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1 - decay)
-            for be, bm in zip(self.ema.buffers(), self.model.buffers()):
-                be.copy_(bm)
-        return loss.item()
+        return loop.train_step(self.state, self.stream, self._loss, self.spec.seed, t.cond_dropout)
 
     @torch.no_grad()
     def val_loss(self) -> float:
@@ -260,45 +224,7 @@ class Trainer:
             self.peak_mem_mb = mb if not math.isfinite(self.peak_mem_mb) else max(self.peak_mem_mb, mb)
 
     def _train(self) -> None:
-        t = self.spec.train
-        rows: list[tuple[str, Optional[int], float]] = []
-        while self.step < t.steps:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            if self.first_step_at is None:
-                self.first_step_at = time.time()  # wall clock: compared with the submission time
-            loss = self.train_step(self.step)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.last_step_at = time.time()
-            if self.step >= t.throughput_warmup:
-                self.train_s += time.perf_counter() - t0
-                self.data_s += self._data_t
-                self.timed_steps += 1
-            self.loss_acc, self.loss_n = self.loss_acc + loss, self.loss_n + 1
-            self.step += 1
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                self.last_train_loss = self.loss_acc / self.loss_n
-                rows += [("train_loss", self.step, self.last_train_loss),
-                         ("lr", self.step, self.sched.get_last_lr()[0])]
-                self.loss_acc, self.loss_n = 0.0, 0
-            if self.step % t.eval_every == 0 or self.step == t.steps:
-                self.last_val_loss = self.val_loss()
-                rows.append(("val_loss", self.step, self.last_val_loss))
-                self.say(f"step {self.step}/{t.steps} train_loss {self.last_train_loss:.4f} "
-                         f"val_loss {self.last_val_loss:.4f}")
-            if self.sheet_due(self.step):
-                self.snapshot(self.step)
-            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                self.log_metrics(rows)  # curves first, so a resumed run never lacks logged steps
-                rows = []
-                self.save_checkpoint()
-            elif self.step < t.steps and self.interrupt():
-                self.log_metrics(rows)
-                self.save_checkpoint()
-                raise Interrupted(self.step)
-        self.log_metrics(rows)
+        loop.fit(self.state, self.stream, self._loss, self.spec, RunHooks(self))
 
     # -- results -------------------------------------------------------------------------------
     def final_metrics(self) -> dict[str, float]:
@@ -340,7 +266,7 @@ class Trainer:
             raise Interrupted(self.step)
 
     def evaluate(self) -> dict[str, float]:
-        from .eval import evaluate_images
+        from ablate.eval import evaluate_images
 
         test = self.prep.splits.test
         n = min(self.spec.eval.n_images, len(test))
@@ -406,28 +332,6 @@ class Trainer:
         (folder / "prompts.json").write_text(json.dumps(meta, indent=1) + "\n")
         self.sheet_s += time.perf_counter() - t0
         return path
-
-
-class CaptionFeatures:
-    """Text features of store samples, per batch: ``(idx of split) -> (feats, mask)`` on the
-    device. A frozen encoder with ``text.cache`` encodes every caption of a split once (disk
-    cache, held in memory: right for small and medium sets); otherwise, and for the learned
-    encoder (whose features are word ids), captions are featurized batch by batch."""
-
-    def __init__(self, encoder: Any, data: dict[str, Any], device: torch.device, cache: bool):
-        self.encoder, self.data, self.device = encoder, data, device
-        self.whole = cache and not getattr(encoder, "trainable", True)
-        self._split: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.whole:
-            if split not in self._split:
-                feats = self.encoder.featurize(list(self.data[split].iter_captions()))
-                self._split[split] = tuple(t.to(self.device) for t in feats)  # type: ignore[assignment]
-            idx = idx.to(self.device)
-            return tuple(t[idx] for t in self._split[split])  # type: ignore[return-value]
-        feats = self.encoder.featurize_batch(self.data[split].captions(idx))
-        return tuple(t.to(self.device, non_blocking=True) for t in feats)  # type: ignore[return-value]
 
 
 def save_sheet(images: torch.Tensor, path: Path, cols: int = 8) -> None:
