@@ -123,6 +123,37 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The HTML report: one folder (``index.html``, its scripts, data and images) to open offline."""
+    from .db import open_db
+    from .report.site import write_report
+
+    if args.grid and args.study:
+        raise BadInput("--grid and --study: give one (a study's runs are its own pseudo-grid)")
+    results = _results_dir(args.results)
+    db = open_db(args.db, results, create=False)
+    try:
+        _check_grid(db, args.grid)
+        name = args.grid or (f"study_{args.study}" if args.study else "all")
+        out = Path(args.out) if args.out else results / "report" / name
+        roots = list(dict.fromkeys([Path.cwd(), results.resolve().parent, results.resolve()]))
+        try:
+            info = write_report(db, out, grid=args.grid, study=args.study, baseline=args.baseline,
+                                pareto_axes=(args.pareto_metric, args.pareto_cost), roots=roots)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        except OSError as exc:
+            raise BadInput(f"--out: cannot write the report to {out}: {exc.strerror or exc}") from None
+    finally:
+        db.close()
+    print(f"{info.index}  ({info.rows} rows, {info.runs} runs, {info.images} images, "
+          f"{info.bytes / 1e6:.1f} MB, {info.seconds:.1f} s)")
+    if info.holes:
+        print(f"{len(info.holes)} artifact file(s) missing, shown as holes: {info.holes[0]}"
+              + (" ..." if len(info.holes) > 1 else ""), file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_variants(args: argparse.Namespace) -> int:
     from .registry import load_registry
 
@@ -473,6 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--pareto-cost", default="train_tokens_per_s", help="throughput axis of the Pareto plot")
     common(pl)
     pl.set_defaults(fn=cmd_plot)
+
+    rp = sub.add_parser("report", help="the results as an HTML report: one folder that opens offline in any browser")
+    rp.add_argument("--grid", help="only this grid's runs")
+    rp.add_argument("--study", help="an Optuna study's trials, with its history, importances and parallel coordinates")
+    rp.add_argument("--out", help="the report's folder (default: <results>/report/<grid | study_NAME | all>); "
+                                  "an earlier report there is replaced")
+    rp.add_argument("--baseline", metavar="VARIANT|CONFIG",
+                    help="add each row's difference to this row with its 95%% Welch interval, as `ablate table`")
+    rp.add_argument("--pareto-metric", default="fid_domain", help="quality axis of the Pareto plot")
+    rp.add_argument("--pareto-cost", default="train_tokens_per_s", help="throughput axis of the Pareto plot")
+    common(rp)
+    rp.set_defaults(fn=cmd_report)
 
     v = sub.add_parser("variants", help="list registered variants")
     v.add_argument("-v", "--verbose", action="store_true", help="also show hyperparameter defaults")
