@@ -87,3 +87,29 @@ def build(root: Path, grid: str = "g", runs=RUNS) -> tuple[Database, str]:
         else:
             db.fail(key, "RuntimeError: <script>alert(3)</script> went wrong\nTraceback ...", token=tok)
     return db, url
+
+
+def build_study(root: Path, name: str = "s", values=(5.0, 3.0, 4.0, 1.0, 2.0)) -> tuple[str, list[float]]:
+    """A database at ``root/ablate.db`` with an Optuna study ``name`` (minimize fid_domain; a
+    log-scale ``train.lr`` and a categorical ``model.width``) whose trials are finished runs
+    linked as ``ablate study`` links them; returns (URL, the trials' values)."""
+    import optuna
+
+    from ablate.study.runner import storage_for
+
+    url = f"sqlite:///{root / 'ablate.db'}"
+    db = Database(url)
+    study = optuna.create_study(study_name=name, storage=storage_for(url), direction="minimize")
+    study.set_user_attr("objectives", ["fid_domain"])
+    for n, v in enumerate(values):
+        t = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                       "model.width": optuna.distributions.CategoricalDistribution([32, 64])})
+        width, key = t.params["model.width"], f"{name}-trial{n}"
+        db.register_trial(name, t.number, f"study:{name}", key, "transformer", 0,
+                          spec("transformer", {"model.width": width}, 0),
+                          {"model.variant": "transformer", "model.width": width, "train.lr": t.params["train.lr"]})
+        db.finish(key, {"fid_domain": v}, token=db.claim(key))
+        study.tell(t, v)
+    getattr(study._storage, "_backend", study._storage).engine.dispose()
+    db.close()
+    return url, list(values)

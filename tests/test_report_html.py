@@ -18,7 +18,7 @@ from ablate.report import build_table, display_table
 from ablate.report.site import MARKER, write_report
 from ablate.report.table import row_members
 from ablate.results import load
-from reportgrid import HOSTILE, STEPS, build
+from reportgrid import HOSTILE, STEPS, build, build_study
 
 # XML namespace names are identifiers, never fetched; anything else with a scheme is a reference
 NAMESPACES = {"http://www.w3.org/2000/svg"}
@@ -201,27 +201,7 @@ def test_cli_writes_the_default_folder(grid_db, capsys, monkeypatch):
 
 
 def test_study_report_history_importances_and_axes(tmp_path):
-    import optuna
-
-    from ablate.study.runner import storage_for
-    from reportgrid import spec
-
-    url = f"sqlite:///{tmp_path / 'ablate.db'}"
-    db = Database(url)
-    study = optuna.create_study(study_name="s", storage=storage_for(url), direction="minimize")
-    study.set_user_attr("objectives", ["fid_domain"])
-    values = [5.0, 3.0, 4.0, 1.0, 2.0]
-    for n, v in enumerate(values):
-        t = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
-                       "model.width": optuna.distributions.CategoricalDistribution([32, 64])})
-        width = t.params["model.width"]
-        key = f"trial{n}"
-        db.register_trial("s", t.number, "study:s", key, "transformer", 0, spec("transformer", {"model.width": width}, 0),
-                          {"model.variant": "transformer", "model.width": width, "train.lr": t.params["train.lr"]})
-        tok = db.claim(key)
-        db.finish(key, {"fid_domain": v}, token=tok)
-        study.tell(t, v)
-    db.close()
+    url, values = build_study(tmp_path)
     assert main(["report", "--study", "s", "--db", url, "--results", str(tmp_path), "--out", str(tmp_path / "r")]) == 0
     data = read_js(tmp_path / "r" / "data" / "table.js")
     s = data["study"]

@@ -78,5 +78,6 @@ def wait_for(driver: Any, script: str, timeout: float = 10.0) -> Any:
 def load_report(driver: Any, index: Path, hash_: str = "") -> float:
     """Open ``index`` (``file://``, with ``#hash_``) and wait until the page has drawn its first
     view; return the milliseconds from navigation start to drawn, as the page measured them."""
+    driver.get("about:blank")  # a new document even when only the #hash differs from the last
     driver.get(Path(index).resolve().as_uri() + (f"#{hash_}" if hash_ else ""))
     return float(wait_for(driver, "document.body.getAttribute('data-ready') && window.ABLATE_READY_MS", 30))

@@ -339,7 +339,9 @@ def collect(db: Database, grid: Optional[str] = None, study: Optional[str] = Non
                              "finished": str(r["finished_at"] or "")[:19],
                              "metrics": {m: _num(r.get(m)) for m in metric_names}})
         run_list.sort(key=lambda r: (r["seed"], r["key"]))
-        details.append({"row": i, "config_key": bare["config_key"].iat[i], "fingerprint": bare["fingerprint"].iat[i],
+        ck, fp = bare["config_key"].iat[i], bare["fingerprint"].iat[i]
+        details.append({"row": i, "config_key": ck if isinstance(ck, str) else None,
+                        "fingerprint": fp if isinstance(fp, str) else None,
                         "spec": {k: _text(v) for k, v in sorted(row_specs[i].items())},
                         "runs": run_list, "metrics": metric_names, "curves": curve_stats.get(i, {}),
                         **by_row.get(i, {"sheets": [], "samples": [], "failures": []})})

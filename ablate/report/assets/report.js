@@ -226,10 +226,13 @@
     for (var t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) out.push(Math.round(t / step) * step);
     return out;
   }
+  function integerTicks(d) {
+    return niceTicks(d[0], d[1], 6).filter(function (t) { return Math.round(t) === t; });
+  }
   function extent(values, pad) {
     var v = values.filter(function (x) { return x !== null && isFinite(x); });
     if (!v.length) return [0, 1];
-    var lo = Math.min.apply(null, v), hi = Math.max.apply(null, v), p = (hi - lo || Math.abs(hi) || 1) * (pad || 0.05);
+    var lo = Math.min.apply(null, v), hi = Math.max.apply(null, v), p = (hi - lo || Math.abs(hi) || 1) * (pad === undefined ? 0.05 : pad);
     return [lo - p, hi + p];
   }
   // A chart frame: axes, grid, labels; draw(g, x, y) adds the marks with the scales x(v), y(v).
@@ -493,7 +496,7 @@
     S.history.forEach(function (h) {
       add(box, el("h3", {text: "Optimisation history: " + h.metric}));
       if (!h.number.length) { add(box, el("p", {text: "no complete trial yet"})); return; }
-      add(box, chart({width: 640, height: 300, x: {domain: extent(h.number), label: "trial"}, y: {domain: extent(h.value), label: h.metric}},
+      add(box, chart({width: 640, height: 300, x: {domain: extent(h.number), label: "trial", ticks: integerTicks(extent(h.number))}, y: {domain: extent(h.value), label: h.metric}},
         function (g, x, y) {
           var d = "";
           h.number.forEach(function (n, k) { d += (k ? "H" + x(n).toFixed(1) + "V" : "M" + x(n).toFixed(1) + ",") + y(h.best[k]).toFixed(1); });
