@@ -355,6 +355,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark suite, print its table, store its rows in the results database."""
     if args.suite == "table":
         return _bench_table(args)
+    if args.suite == "report":
+        return _bench_report(args)
     import torch
 
     from .db import open_db
@@ -418,32 +420,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _bench_table(args: argparse.Namespace) -> int:
-    """``ablate bench table``: build a large database, time ``ablate table`` on it (torch-free)."""
+def _cpu_bench(args: argparse.Namespace, suite: str, measure, format_rows) -> int:  # noqa: ANN001
+    """A torch-free suite: open (and check) the database unless ``--no-store``, run ``measure()``
+    (its rows), print them with ``format_rows``, store them."""
     import platform
 
-    from .bench_table import bench_table, format_rows
     from .db import open_db
 
     db = None if args.no_store else open_db(args.db, _results_dir(args.results))
     try:
         try:
-            rows = bench_table(runs=args.runs, n_metrics=args.metrics, repeats=args.repeats, fmt=args.format,
-                               subprocess_runs=not args.no_subprocess)
+            rows = measure()
         except ValueError as exc:
             raise BadInput(str(exc)) from None
         where = f"cpu, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
-        print(f"ablate bench table ({where})")
+        print(f"ablate bench {suite} ({where})")
         print(format_rows(rows))
         if db is not None:
             from .jobs import code_revision
 
-            session = db.record_bench("table", rows, device=where, code_rev=code_revision())
-            print(f"(stored as bench table session {session[:12]} in {db!r})")
+            session = db.record_bench(suite, rows, device=where, code_rev=code_revision())
+            print(f"(stored as bench {suite} session {session[:12]} in {db!r})")
     finally:
         if db is not None:
             db.close()
     return EXIT_OK
+
+
+def _bench_table(args: argparse.Namespace) -> int:
+    """``ablate bench table``: build a large database, time ``ablate table`` on it (torch-free)."""
+    from .bench_table import bench_table, format_rows
+
+    return _cpu_bench(args, "table", lambda: bench_table(runs=args.runs, n_metrics=args.metrics, repeats=args.repeats,
+                                                         fmt=args.format, subprocess_runs=not args.no_subprocess),
+                      format_rows)
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    """``ablate bench report``: build a large database, time ``ablate report`` and its page in Chromium."""
+    from .bench_report import bench_report, format_rows
+
+    return _cpu_bench(args, "report", lambda: bench_report(
+        runs=args.runs, repeats=args.repeats, one_config_per_run=args.one_config_per_run,
+        browser=not args.no_browser, subprocess_run=not args.no_subprocess), format_rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -567,6 +586,17 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--no-store", action="store_true", help="print only; do not write the database")
     common(bt)
     bt.set_defaults(fn=cmd_bench)
+    br = bsub.add_parser("report", help="time `ablate report` on a fresh database of 10,000 runs with curves and "
+                                        "images, and its index page in headless Chromium")
+    br.add_argument("--runs", type=int, default=10_000)
+    br.add_argument("--repeats", type=int, default=2)
+    br.add_argument("--one-config-per-run", action="store_true",
+                    help="every run its own configuration (10,000 table rows, a large study's shape)")
+    br.add_argument("--no-browser", action="store_true", help="time only the build")
+    br.add_argument("--no-subprocess", action="store_true", help="time only the in-process build")
+    br.add_argument("--no-store", action="store_true", help="print only; do not write the database")
+    common(br)
+    br.set_defaults(fn=cmd_bench)
     for sp in (bo, bs, bl):
         sp.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
         sp.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")

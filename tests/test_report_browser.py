@@ -108,13 +108,13 @@ def test_compare_view_shows_the_prompts_of_every_picked_row(browser, small):
     tiles = browser.find_elements("css selector", "#compare-view .tile")
     holes = browser.find_elements("css selector", "#compare-view .hole")
     assert len(tiles) == len(PROMPTS) * 2 and len(holes) == len(PROMPTS)
-    assert all("step_000020.png" in t.value_of_css_property("background-image") for t in tiles)
+    assert all("sheet.000020.png" in t.value_of_css_property("background-image") for t in tiles)
     shot(browser, "report-compare")
     browser.execute_script("""const s = document.getElementById('compare-step');
         s.value = '10'; s.dispatchEvent(new Event('change'));""")
     tiles = browser.find_elements("css selector", "#compare-view .tile")
     assert len(tiles) == len(PROMPTS) * 3
-    assert all("step_000010.png" in t.value_of_css_property("background-image") for t in tiles)
+    assert all("sheet.000010.png" in t.value_of_css_property("background-image") for t in tiles)
     prompts = [e.text for e in browser.find_elements("css selector", "#compare-view th.prompt")]
     assert prompts == PROMPTS  # the hostile one as text
     assert errors(browser) == []

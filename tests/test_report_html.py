@@ -213,3 +213,13 @@ def test_study_report_history_importances_and_axes(tmp_path):
     assert set(imp["values"]) <= {"train.lr", "model.width"} and (imp["values"] or imp["reason"])
     rows = {t["row"] for t in s["trials"]}
     assert None not in rows and rows <= set(range(len(data["rows"])))  # every trial links to its table row
+
+
+def test_bench_report_small(capsys):
+    assert main(["bench", "report", "--runs", "200", "--repeats", "1", "--no-store", "--no-subprocess",
+                 "--no-browser"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| in_process"))
+    assert "| 200 |" in row and "holes 0" in row  # every snapshot the spec expects was written
+    images = int(re.search(r"([\d,]+) images", row).group(1).replace(",", ""))
+    assert images == 194 * 4  # the 194 finished runs (4 failed, 2 pending): 3 snapshots + samples each

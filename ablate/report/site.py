@@ -6,7 +6,7 @@ Layout of the folder (``index.html`` is the page; everything else is what it loa
     assets/report.js      the page logic (vanilla JS shipped with ablate), report.css its styles
     data/table.js         the table, filter facets, Pareto points, study (one JS assignment)
     data/rows/<i>.js      row i's details (curves, configuration, runs, image lists), loaded on demand
-    img/<run key>/...     copies of the runs' sample-sheet snapshots, samples and failure cases
+    img/<run key>.*.png   copies of the runs' sample-sheet snapshots, samples and failure cases
     .ablate-report        marks the folder as a report (only such a folder is ever replaced)
 
 One folder, not one file: the images stay PNG files (base64 would add a third and would have to
@@ -107,7 +107,7 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out: {out if out.is_dir() else parent} is not writable; pass a writable --out")
 
 
-def _place(src: Path, dst: Path) -> None:
+def _place(src: str, dst: str) -> None:
     """A hard link where the filesystem allows one (instant, no extra space), else a copy."""
     try:
         os.link(src, dst)
@@ -143,17 +143,19 @@ def write_report(db: Database, out: Path, grid: Optional[str] = None, study: Opt
         shutil.copytree(ASSETS, tmp / "assets")
         meta = data.table["meta"]
         subtitle = f"{meta['rows']} rows from {meta['runs']} runs"
-        (tmp / "index.html").write_text(_page(meta["title"], subtitle), encoding="utf-8")
-        (tmp / "data" / "table.js").write_text(f"window.ABLATE_DATA = {_js(data.table)};\n", encoding="utf-8")
-        for d in data.details:
-            (tmp / "data" / "rows" / f"{d['row']}.js").write_text(f"ablateRow({d['row']}, {_js(d)});\n",
-                                                                   encoding="utf-8")
+        texts = {tmp / "index.html": _page(meta["title"], subtitle),
+                 tmp / "data" / "table.js": f"window.ABLATE_DATA = {_js(data.table)};\n",
+                 tmp / MARKER: "written by `ablate report`; the folder is replaced whole on the next run\n"}
+        texts.update({tmp / "data" / "rows" / f"{d['row']}.js": f"ablateRow({d['row']}, {_js(d)});\n"
+                      for d in data.details})
+        size = data.image_bytes + sum(f.stat().st_size for f in (tmp / "assets").iterdir())
+        for path, text in texts.items():
+            raw = text.encode("utf-8")
+            path.write_bytes(raw)
+            size += len(raw)
+        (tmp / "img").mkdir()
         for dest, src in data.copies.items():
-            target = tmp / dest
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _place(src, target)
-        (tmp / MARKER).write_text("written by `ablate report`; the folder is replaced whole on the next run\n")
-        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            _place(src, os.path.join(tmp, dest))
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)

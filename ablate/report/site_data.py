@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,19 +36,22 @@ from .table import _text, build_table, metric_column, row_members
 CURVES = ("train_loss", "val_loss")
 FACET_VALUES = 60  # a key with more distinct values gets no drop-down (the text filter still finds it)
 SAMPLE_COLS, SAMPLE_GAP = 8, 2  # ablate.train.save_sheet's layout of samples.png
+_STEP = re.compile(r"step_(\d+)\.png")
 
 
 @dataclass
 class SiteData:
     """The report's content. ``table``: what ``data/table.js`` holds (meta, columns, rows,
     facets, pareto, study); ``details``: one dict per table row (``data/rows/<i>.js``);
-    ``copies``: ``{relative destination: source file}`` of the images to put in the folder;
-    ``holes``: artifact files named in the database but missing on disk."""
+    ``copies``: ``{relative destination: source file path}`` of the images to put in the folder;
+    ``holes``: artifact files named in the database but missing on disk; ``image_bytes``: the
+    copies' total size."""
 
     table: dict[str, Any]
     details: list[dict[str, Any]]
-    copies: dict[str, Path] = field(default_factory=dict)
+    copies: dict[str, str] = field(default_factory=dict)
     holes: list[str] = field(default_factory=list)
+    image_bytes: int = 0
 
 
 def _num(v: Any) -> Optional[float]:
@@ -149,19 +154,20 @@ def _curve_stats(curve: pd.DataFrame, row_of: dict[int, int]) -> dict[int, dict[
     return out
 
 
-def _resolve(path: str, roots: Sequence[Path]) -> Optional[Path]:
+def _resolve(path: str, roots: Sequence[str]) -> Optional[str]:
     """An artifact path as stored (absolute, or relative to where ``ablate run`` ran): the first
-    existing of itself and itself under each of ``roots``; None where none exists."""
-    p = Path(path)
-    if p.is_absolute():
-        return p if p.exists() else None
+    existing of itself and itself under each of ``roots``; None where none exists. (Plain
+    strings: pathlib's objects cost more than the file system here, 40,000 times over.)"""
+    if os.path.isabs(path):
+        return path if os.path.exists(path) else None
     for root in roots:
-        if (root / p).exists():
-            return root / p
+        full = os.path.join(root, path)
+        if os.path.exists(full):
+            return full
     return None
 
 
-def _expected_steps(spec: dict[str, Any]) -> set[int]:
+def expected_steps(spec: dict[str, Any]) -> set[int]:
     """The snapshot steps a finished run of ``spec`` (flat) took: ``eval.sheet_steps``, or every
     ``train.eval_every`` and the last (``ablate.train.Trainer.sheet_due``); empty when unknown."""
     steps, every, sheet = spec.get("train.steps"), spec.get("train.eval_every"), spec.get("eval.sheet_steps")
@@ -172,54 +178,66 @@ def _expected_steps(spec: dict[str, Any]) -> set[int]:
     return set()
 
 
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 class _Images:
-    """Collects the image files to copy (``img/<run>/...``) and the holes."""
+    """Collects the image files to copy and the holes. Copies are named
+    ``img/<run key>.<what>.png`` (one folder: a report of 10,000 runs writes no folder per run)."""
 
     def __init__(self, roots: Sequence[Path]):
-        self.roots, self.copies, self.holes = list(roots), {}, []
+        self.roots, self.copies, self.holes, self.bytes = [str(r) for r in roots], {}, [], 0
 
-    def add(self, source: Optional[Path], dest: str, named: str) -> Optional[str]:
-        """``dest`` (relative to the report) if ``source`` exists, else None and a hole."""
-        if source is None or not source.is_file():
+    def add(self, source: Optional[str], dest: str, named: str) -> Optional[str]:
+        """``dest`` (relative to the report) if ``source`` is a file, else None and a hole."""
+        try:
+            st = os.stat(source) if source else None
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             self.holes.append(named)
             return None
         self.copies[dest] = source
+        self.bytes += st.st_size
         return dest
 
     def sheet(self, run_key: str, seed: int, path: str, expect: set[int]) -> dict[str, Any]:
         """A run's sample-sheet snapshots: prompts, tile, gap, and per step its image or hole."""
         folder = _resolve(path, self.roots)
         entry: dict[str, Any] = {"seed": seed, "key": run_key, "prompts": [], "tile": None, "gap": 2, "steps": []}
-        meta = None
-        if folder is not None and (folder / "prompts.json").is_file():
-            try:
-                meta = json.loads((folder / "prompts.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                meta = None
-        if meta is None:
-            self.holes.append(str(Path(path) / "prompts.json"))
+        try:
+            names = os.listdir(folder) if folder is not None else []
+            meta = _read_json(os.path.join(folder, "prompts.json")) if "prompts.json" in names else None
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):
+            self.holes.append(os.path.join(path, "prompts.json"))
             entry["missing"] = str(path)
             return entry
         entry.update(prompts=[str(p) for p in meta.get("prompts", [])], tile=meta.get("tile"),
                      gap=int(meta.get("gap", 2)))
-        found = {}
-        for png in folder.glob("step_*.png"):
-            m = re.fullmatch(r"step_(\d+)\.png", png.name)
-            if m:
-                found[int(m.group(1))] = png
+        found = {int(m.group(1)): n for n in names if (m := _STEP.fullmatch(n))}
+        slug = _slug(run_key)
         for step in sorted(set(found) | expect):
             name = f"step_{step:06d}.png"
-            src = self.add(found.get(step), f"img/{_slug(run_key)}/sheet/{name}", str(Path(path) / name))
-            entry["steps"].append({"step": step, "src": src, **({} if src else {"missing": str(Path(path) / name)})})
+            src = self.add(os.path.join(folder, found[step]) if step in found else None,
+                           f"img/{slug}.sheet.{step:06d}.png", os.path.join(path, name))
+            entry["steps"].append({"step": step, "src": src, **({} if src else {"missing": os.path.join(path, name)})})
         return entry
 
     def samples(self, run_key: str, seed: int, path: str) -> dict[str, Any]:
         """A run's final samples (``samples.png``, 8 tiles a row) with their captions (``samples.txt``)."""
         src_path = _resolve(path, self.roots)
-        src = self.add(src_path, f"img/{_slug(run_key)}/samples.png", path)
+        src = self.add(src_path, f"img/{_slug(run_key)}.samples.png", path)
         captions: list[str] = []
-        if src_path is not None and src_path.with_suffix(".txt").is_file():
-            captions = src_path.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").splitlines()
+        if src_path is not None:
+            try:
+                with open(os.path.splitext(src_path)[0] + ".txt", encoding="utf-8", errors="replace") as f:
+                    captions = f.read().splitlines()
+            except OSError:
+                pass  # samples without their captions: the page shows the image whole
         return {"seed": seed, "key": run_key, "src": src, "cols": SAMPLE_COLS, "gap": SAMPLE_GAP,
                 "captions": captions, **({} if src else {"missing": path})}
 
@@ -230,20 +248,20 @@ class _Images:
         folder = _resolve(path, self.roots)
         entry: dict[str, Any] = {"seed": seed, "key": run_key, "items": []}
         try:
-            meta = json.loads((folder / "failures.json").read_text(encoding="utf-8")) if folder else None
+            meta = _read_json(os.path.join(folder, "failures.json")) if folder else None
         except (OSError, ValueError):
             meta = None
         if not isinstance(meta, dict):
-            self.holes.append(str(Path(path) / "failures.json"))
+            self.holes.append(os.path.join(path, "failures.json"))
             entry["missing"] = str(path)
             return entry
         for i, item in enumerate(meta.get("items", [])):
             name = Path(str(item.get("file", ""))).name  # a name inside the folder, never a path out of it
-            src = self.add(folder / name if name else None, f"img/{_slug(run_key)}/failures/{i:04d}.png",
-                           str(Path(path) / name))
+            src = self.add(os.path.join(folder, name) if name else None, f"img/{_slug(run_key)}.failure.{i:04d}.png",
+                           os.path.join(path, name))
             entry["items"].append({"src": src, "caption": str(item.get("caption", "")),
                                    "read": _text(item.get("read", "")),
-                                   **({} if src else {"missing": str(Path(path) / name)})})
+                                   **({} if src else {"missing": os.path.join(path, name)})})
         return entry
 
 
@@ -283,7 +301,7 @@ def collect(db: Database, grid: Optional[str] = None, study: Optional[str] = Non
     if not len(runs):
         where = f"grid {grid!r}" if grid else f"study {study!r}" if study else "the database"
         raise ValueError(f"nothing to report: {where} has no runs yet (`ablate run GRID` makes some)")
-    table = build_table(db, grid, study=study, baseline=baseline)
+    table = build_table(db, grid, study=study, baseline=baseline, runs=runs)
     shown = display_table(table)
     columns = _columns(table, shown)
     members = row_members(runs, table)
@@ -309,16 +327,16 @@ def collect(db: Database, grid: Optional[str] = None, study: Optional[str] = Non
                      "facets": facet_values[i], "runs": len(members[i])})
 
     row_of = {rid: i for i, ids in enumerate(members) for rid in ids}
-    curve_stats = _curve_stats(curves(db, grid, study, names=list(CURVES)), row_of)
+    curve_stats = _curve_stats(curves(db, grid, study, names=list(CURVES), runs=runs), row_of)
     images = _Images(roots)
     by_row: dict[int, dict[str, list]] = {}
-    arts = artifacts(db, grid, study)
+    arts = artifacts(db, grid, study, runs=runs)
     arts = arts[arts["kind"].isin(["sheet", "samples", "failures"]) & arts["run_id"].isin(row_of)]
     for a in arts.sort_values(["seed", "run_id"], kind="stable").itertuples(index=False):
         i = row_of[a.run_id]
         slot = by_row.setdefault(i, {"sheets": [], "samples": [], "failures": []})
         if a.kind == "sheet":
-            expect = _expected_steps(row_specs[i]) if a.status == "done" else set()
+            expect = expected_steps(row_specs[i]) if a.status == "done" else set()
             slot["sheets"].append(images.sheet(a.key, int(a.seed), a.path, expect))
         elif a.kind == "samples":
             slot["samples"].append(images.samples(a.key, int(a.seed), a.path))
@@ -326,20 +344,22 @@ def collect(db: Database, grid: Optional[str] = None, study: Optional[str] = Non
             slot["failures"].append(images.failures(a.key, int(a.seed), a.path))
 
     metric_names = list(attrs.get("metrics", []))
-    run_cols = ["run_id", "key", "seed", "status", "error", "fingerprint", "started_at", "finished_at"]
-    run_frame = runs.set_index("run_id", drop=False)
+    run_lists: list[list[dict[str, Any]]] = [[] for _ in range(len(table))]
+    cols = ["run_id", "key", "seed", "status", "error", "fingerprint", "finished_at"] + \
+        [m for m in metric_names if m in runs.columns]
+    for r in runs[cols].to_dict("records"):  # one pass over the runs, not one frame per row
+        if r["run_id"] in row_of:
+            run_lists[row_of[r["run_id"]]].append({
+                "key": str(r["key"]), "seed": int(r["seed"]), "status": str(r["status"]),
+                "error": str(r["error"] or ""), "fingerprint": str(r["fingerprint"] or "-")[:24],
+                "finished": "" if r["finished_at"] is None or r["finished_at"] != r["finished_at"]
+                else str(r["finished_at"])[:19],
+                "metrics": {m: _num(r.get(m)) for m in metric_names}})
+    config_keys, fingerprints = list(bare["config_key"]), list(bare["fingerprint"])
     details = []
     for i in range(len(table)):
-        ids = members[i]
-        sub = run_frame.loc[ids] if ids else run_frame.iloc[:0]
-        run_list = []
-        for r in sub[run_cols + [m for m in metric_names if m in sub.columns]].to_dict("records"):
-            run_list.append({"key": str(r["key"]), "seed": int(r["seed"]), "status": str(r["status"]),
-                             "error": str(r["error"] or ""), "fingerprint": str(r["fingerprint"] or "-")[:24],
-                             "finished": str(r["finished_at"] or "")[:19],
-                             "metrics": {m: _num(r.get(m)) for m in metric_names}})
-        run_list.sort(key=lambda r: (r["seed"], r["key"]))
-        ck, fp = bare["config_key"].iat[i], bare["fingerprint"].iat[i]
+        run_list = sorted(run_lists[i], key=lambda r: (r["seed"], r["key"]))
+        ck, fp = config_keys[i], fingerprints[i]
         details.append({"row": i, "config_key": ck if isinstance(ck, str) else None,
                         "fingerprint": fp if isinstance(fp, str) else None,
                         "spec": {k: _text(v) for k, v in sorted(row_specs[i].items())},
@@ -353,4 +373,4 @@ def collect(db: Database, grid: Optional[str] = None, study: Optional[str] = Non
             "runs": int(len(runs)), "rows": int(len(table))}
     return SiteData(table={"meta": meta, "columns": columns, "rows": rows, "facets": facets,
                            "pareto": _pareto(table, *pareto_axes)},
-                    details=details, copies=images.copies, holes=images.holes)
+                    details=details, copies=images.copies, holes=images.holes, image_bytes=images.bytes)

@@ -507,16 +507,19 @@ def config_specs(db: Database, runs: pd.DataFrame) -> dict[str, dict]:
 def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Registry] = None,
                 study: Optional[str] = None, metrics: Optional[Sequence[str]] = None,
                 group_by: Optional[Sequence[str]] = None, sort: Optional[str] = None,
-                baseline: Optional[str] = None, include_superseded: bool = False) -> pd.DataFrame:
+                baseline: Optional[str] = None, include_superseded: bool = False,
+                runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """The numeric results table of ``db`` (``grid``/``study`` runs only when given); see
-    :func:`summarize`. Superseded runs (old results of a cell retrained with newer code) are
+    :func:`summarize`. ``runs``: :func:`ablate.results.load`'s frame (``spec=False``) of the same
+    selection, when the caller has it (not reloaded unless a group key needs the spec). Superseded runs (old results of a cell retrained with newer code) are
     left out unless ``include_superseded``. The spec is loaded for every run only when a group
     key needs it; otherwise only one spec per configuration of the variants that have several
     (to name what differs). The registered variants that never ran get their "No" rows in the
     whole-database table only: a grid's or a study's table lists what that grid or study ran."""
     need_spec = any(k not in ("variant", "method", "Method", "model.variant", "hyper", "seed", "config",
                               "config_key", "fingerprint") for k in (group_by or ()))
-    runs = load(db, grid, study, spec=need_spec)
+    if runs is None or need_spec:
+        runs = load(db, grid, study, spec=need_spec)
     if not include_superseded and len(runs):
         runs = runs[runs["status"] != "superseded"].reset_index(drop=True)
     specs = config_specs(db, runs) if not group_by and len(runs) else None
