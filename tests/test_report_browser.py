@@ -128,7 +128,7 @@ def test_hostile_caption_stays_text_and_holes_show(browser, small):
     wait_for(browser, "document.querySelectorAll('#row-view .samples figure').length > 0")
     assert browser.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
     srcs = browser.execute_script("return [...document.scripts].map(s => s.getAttribute('src'))")
-    assert set(srcs) == {"data/table.js", "assets/report.js", f"data/rows/{transformer}.js"}  # no inline, no injected
+    assert set(srcs) == {"data/table.js", "assets/report.js", "data/texts.js", f"data/rows/{transformer}.js"}  # ours only
     assert no_dialog(browser)
     text = browser.find_element("id", "row-view").text
     assert HOSTILE in text and "judge read: a small green triangle in the bottom" in text

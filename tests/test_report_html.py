@@ -24,18 +24,31 @@ from reportgrid import HOSTILE, STEPS, build, build_study
 NAMESPACES = {"http://www.w3.org/2000/svg"}
 
 
-def read_js(path: Path) -> dict:
-    """The JSON inside ``window.ABLATE_DATA = {...};`` or ``ablateRow(i, {...});``."""
-    text = path.read_text(encoding="utf-8")
-    start = text.index("{")
-    return json.loads(text[start:text.rindex("}") + 1])
+def read_js(path: Path):
+    """The JSON inside ``window.ABLATE_DATA = ...;``, ``ablateRow(i, ...);`` or ``ablateTexts(...);``."""
+    text = path.read_text(encoding="utf-8").strip()
+    for head in ("window.ABLATE_DATA = ", "ablateTexts(", "ablateRow("):
+        if text.startswith(head):
+            body = text[len(head):].rstrip(";").removesuffix(")")
+            return json.loads(body.split(", ", 1)[1] if head == "ablateRow(" else body)
+    raise AssertionError(f"{path.name}: not a report data file")
+
+
+def read_row(out: Path, i: int) -> dict:
+    """Row ``i``'s details with its prompts and captions looked up in texts.js, as the page does."""
+    texts, d = read_js(out / "data" / "texts.js"), read_js(out / "data" / "rows" / f"{i}.js")
+    for s in d["sheets"]:
+        s["prompts"] = texts[s["prompts"]]
+    for s in d["samples"]:
+        s["captions"] = texts[s["captions"]]
+    return d
 
 
 def row_of(out: Path, method: str, hyper: str = "base") -> dict:
     """The details of the row of ``method`` whose Hyperparameters read ``hyper``."""
     data = read_js(out / "data" / "table.js")
     i = next(i for i, r in enumerate(data["rows"]) if r["cells"][0] == method and r["cells"][-2] == hyper)
-    return read_js(out / "data" / "rows" / f"{i}.js")
+    return read_row(out, i)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +111,14 @@ def test_row_details_curves_config_and_images(grid_db, report):
     _, _, root = grid_db
     out = root / "out"
     data = report[1]
-    details = [read_js(out / "data" / "rows" / f"{i}.js") for i in range(len(data["rows"]))]
+    details = [read_row(out, i) for i in range(len(data["rows"]))]
     t = row_of(out, "transformer")  # seeds 0 and 1, train loss 3/s + seed
     assert t["curves"]["train_loss"]["step"] == list(STEPS)
     assert t["curves"]["train_loss"]["mean"] == pytest.approx([3.0 / s + 0.5 for s in STEPS])
     assert t["curves"]["train_loss"]["std"] == pytest.approx([math.sqrt(0.5)] * 2)
-    assert t["spec"]["model.width"] == "96" and "seed" not in t["spec"]
+    spec = {**data["spec"], **t["spec"]}  # shared entries once in table.js, the row's own in its file
+    assert spec["model.width"] == 96 and spec["train.steps"] == 20 and "seed" not in spec
+    assert "model.width" in t["spec"] and "train.steps" in data["spec"]
     assert [s["seed"] for s in t["sheets"]] == [0, 1] and [x["step"] for x in t["sheets"][0]["steps"]] == list(STEPS)
     assert t["sheets"][0]["prompts"][1] == HOSTILE
     srcs = [x["src"] for d in details for s in d["sheets"] for x in s["steps"]]
@@ -130,7 +145,7 @@ def test_no_network_reference_and_no_markup_from_the_database(grid_db, report):
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in js, sink
     assert HOSTILE not in page  # the hostile caption lives only in data files, as a JSON string
-    assert json.dumps(HOSTILE)[1:-1] in "".join(texts[p] for p in (out / "data" / "rows").iterdir())
+    assert json.dumps(HOSTILE)[1:-1] in texts[out / "data" / "texts.js"]
 
 
 def test_deleted_artifacts_become_holes(tmp_path):

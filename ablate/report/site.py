@@ -6,6 +6,7 @@ Layout of the folder (``index.html`` is the page; everything else is what it loa
     assets/report.js      the page logic (vanilla JS shipped with ablate), report.css its styles
     data/table.js         the table, filter facets, Pareto points, study (one JS assignment)
     data/rows/<i>.js      row i's details (curves, configuration, runs, image lists), loaded on demand
+    data/texts.js         the prompts and captions the rows point into (shared: stored once)
     img/<run key>.*.png   copies of the runs' sample-sheet snapshots, samples and failure cases
     .ablate-report        marks the folder as a report (only such a folder is ever replaced)
 
@@ -145,6 +146,7 @@ def write_report(db: Database, out: Path, grid: Optional[str] = None, study: Opt
         subtitle = f"{meta['rows']} rows from {meta['runs']} runs"
         texts = {tmp / "index.html": _page(meta["title"], subtitle),
                  tmp / "data" / "table.js": f"window.ABLATE_DATA = {_js(data.table)};\n",
+                 tmp / "data" / "texts.js": f"ablateTexts({_js(data.texts)});\n",
                  tmp / MARKER: "written by `ablate report`; the folder is replaced whole on the next run\n"}
         texts.update({tmp / "data" / "rows" / f"{d['row']}.js": f"ablateRow({d['row']}, {_js(d)});\n"
                       for d in data.details})

@@ -37,21 +37,24 @@ CURVES = ("train_loss", "val_loss")
 FACET_VALUES = 60  # a key with more distinct values gets no drop-down (the text filter still finds it)
 SAMPLE_COLS, SAMPLE_GAP = 8, 2  # ablate.train.save_sheet's layout of samples.png
 _STEP = re.compile(r"step_(\d+)\.png")
+_UNSET = object()
 
 
 @dataclass
 class SiteData:
     """The report's content. ``table``: what ``data/table.js`` holds (meta, columns, rows,
-    facets, pareto, study); ``details``: one dict per table row (``data/rows/<i>.js``);
+    facets, pareto, study, spec: the configuration entries every row shares); ``details``: one dict per table row (``data/rows/<i>.js``);
     ``copies``: ``{relative destination: source file path}`` of the images to put in the folder;
     ``holes``: artifact files named in the database but missing on disk; ``image_bytes``: the
-    copies' total size."""
+    copies' total size; ``texts``: the lists of prompts and captions that ``prompts`` and
+    ``captions`` in the details point into (``data/texts.js``)."""
 
     table: dict[str, Any]
     details: list[dict[str, Any]]
     copies: dict[str, str] = field(default_factory=dict)
     holes: list[str] = field(default_factory=list)
     image_bytes: int = 0
+    texts: list[list[str]] = field(default_factory=list)
 
 
 def _num(v: Any) -> Optional[float]:
@@ -87,11 +90,10 @@ def _columns(table: pd.DataFrame, shown: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def _sort_values(table: pd.DataFrame, columns: list[dict[str, Any]]) -> list[list[Any]]:
+def _sort_values(bare: pd.DataFrame, columns: list[dict[str, Any]]) -> list[list[Any]]:
     """Per row, per column: the number a metric column sorts by (the mean; a diff column: the
-    difference), None for text columns (the page sorts those by their text)."""
-    bare = table.copy(deep=False)
-    bare.attrs = {}
+    difference), None for text columns (the page sorts those by their text). ``bare``: the
+    table without its attrs."""
     per_col = []
     for c in columns:
         if c["kind"] == "metric":
@@ -113,20 +115,38 @@ def _facets(row_specs: list[dict[str, Any]], methods: Sequence[str]) -> tuple[li
     per_row: list[dict[str, str]] = [{"Method": m} for m in methods]
     facets = [{"key": "Method", "values": sorted(set(methods))}]
     for k in keys:
+        if k == "model.variant":
+            continue
+        # on the raw values first (cheap): does it vary within a variant, or is it set everywhere?
+        seen: dict[str, Any] = {}
+        varies = unset = differs = False
+        first = row_specs[0].get(k, _UNSET)
+        for m, s in zip(methods, row_specs):
+            v = s.get(k, _UNSET)
+            unset |= v is _UNSET
+            differs |= v != first
+            w = seen.setdefault(m, v)
+            if w is not v and w != v:
+                varies = True
+                break
+        if not differs and not varies or not varies and unset:
+            continue
         texts = [_text(s[k]) if k in s else "(unset)" for s in row_specs]
         distinct = set(texts)
-        if len(distinct) < 2 or k == "model.variant":
-            continue
-        within: dict[str, set] = {}
-        for m, t in zip(methods, texts):
-            within.setdefault(m, set()).add(t)
-        if not any(len(v) > 1 for v in within.values()) and "(unset)" in distinct:
-            continue
         for r, t in zip(per_row, texts):
             r[k] = t
         if len(distinct) <= FACET_VALUES:
             facets.append({"key": k, "values": sorted(distinct, key=_natural)})
     return facets, per_row
+
+
+def _common(row_specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The spec entries every row shares (a 10,000-row report then stores them once)."""
+    common = dict(row_specs[0]) if row_specs else {}
+    for spec in row_specs[1:]:
+        for k in [k for k, v in common.items() if k not in spec or spec[k] != v]:
+            del common[k]
+    return common
 
 
 def _natural(text: str) -> tuple:
@@ -145,12 +165,17 @@ def _curve_stats(curve: pd.DataFrame, row_of: dict[int, int]) -> dict[int, dict[
     c["row"] = c["run_id"].map(row_of)
     c = c.dropna(subset=["row"])
     stats = c.groupby(["row", "name", "step"], sort=True)["value"].agg(["mean", "std", "count"]).reset_index()
+    rows, names = stats["row"].to_numpy(), stats["name"].to_numpy(object)
+    steps, counts = stats["step"].to_numpy().tolist(), stats["count"].to_numpy().tolist()
+    means = [_num(v) for v in stats["mean"].to_numpy(float)]
+    stds = [_num(v) if n > 1 else None for v, n in zip(stats["std"].to_numpy(float), counts)]
+    # the (row, name) blocks are contiguous after the sort: cut the columns at their edges, no
+    # per-group frame (10,000 rows x 2 curves of pandas groups would take seconds)
+    edges = np.flatnonzero((rows[1:] != rows[:-1]) | (names[1:] != names[:-1])) + 1
     out: dict[int, dict[str, dict[str, list]]] = {}
-    for (row, name), g in stats.groupby(["row", "name"], sort=False):
-        counts = g["count"].to_numpy()
-        out.setdefault(int(row), {})[name] = {
-            "step": [int(s) for s in g["step"]], "mean": [_num(v) for v in g["mean"]],
-            "std": [_num(v) if n > 1 else None for v, n in zip(g["std"], counts)], "n": [int(n) for n in counts]}
+    for a, b in zip([0, *edges.tolist()], [*edges.tolist(), len(rows)]):
+        out.setdefault(int(rows[a]), {})[str(names[a])] = {
+            "step": [int(x) for x in steps[a:b]], "mean": means[a:b], "std": stds[a:b], "n": counts[a:b]}
     return out
 
 
@@ -189,6 +214,12 @@ class _Images:
 
     def __init__(self, roots: Sequence[Path]):
         self.roots, self.copies, self.holes, self.bytes = [str(r) for r in roots], {}, [], 0
+        self.texts: dict[tuple[str, ...], int] = {}
+
+    def text_list(self, texts: Sequence[str]) -> int:
+        """The index of ``texts`` (prompts, captions) in the report's shared list of text lists:
+        runs of one dataset share their prompts and captions, stored once (``data/texts.js``)."""
+        return self.texts.setdefault(tuple(texts), len(self.texts))
 
     def add(self, source: Optional[str], dest: str, named: str) -> Optional[str]:
         """``dest`` (relative to the report) if ``source`` is a file, else None and a hole."""
@@ -206,7 +237,8 @@ class _Images:
     def sheet(self, run_key: str, seed: int, path: str, expect: set[int]) -> dict[str, Any]:
         """A run's sample-sheet snapshots: prompts, tile, gap, and per step its image or hole."""
         folder = _resolve(path, self.roots)
-        entry: dict[str, Any] = {"seed": seed, "key": run_key, "prompts": [], "tile": None, "gap": 2, "steps": []}
+        entry: dict[str, Any] = {"seed": seed, "key": run_key, "prompts": self.text_list([]), "tile": None, "gap": 2,
+                                 "steps": []}
         try:
             names = os.listdir(folder) if folder is not None else []
             meta = _read_json(os.path.join(folder, "prompts.json")) if "prompts.json" in names else None
@@ -216,7 +248,7 @@ class _Images:
             self.holes.append(os.path.join(path, "prompts.json"))
             entry["missing"] = str(path)
             return entry
-        entry.update(prompts=[str(p) for p in meta.get("prompts", [])], tile=meta.get("tile"),
+        entry.update(prompts=self.text_list([str(p) for p in meta.get("prompts", [])]), tile=meta.get("tile"),
                      gap=int(meta.get("gap", 2)))
         found = {int(m.group(1)): n for n in names if (m := _STEP.fullmatch(n))}
         slug = _slug(run_key)
@@ -239,7 +271,7 @@ class _Images:
             except OSError:
                 pass  # samples without their captions: the page shows the image whole
         return {"seed": seed, "key": run_key, "src": src, "cols": SAMPLE_COLS, "gap": SAMPLE_GAP,
-                "captions": captions, **({} if src else {"missing": path})}
+                "captions": self.text_list(captions), **({} if src else {"missing": path})}
 
     def failures(self, run_key: str, seed: int, path: str) -> dict[str, Any]:
         """A run's failure cases: ``failures.json`` in the artifact folder, ``{"items": [{"file",
@@ -265,13 +297,12 @@ class _Images:
         return entry
 
 
-def _pareto(table: pd.DataFrame, metric: str, cost: str) -> dict[str, Any]:
+def _pareto(bare: pd.DataFrame, metric: str, cost: str) -> dict[str, Any]:
     """Points (row means ± std over seeds of ``metric`` and ``cost``) and the Pareto front
-    (:func:`ablate.report.plots.pareto_front`); ``reason`` instead when the table lacks them."""
+    (:func:`ablate.report.plots.pareto_front`); ``reason`` instead when the table (``bare``:
+    without its attrs) lacks them."""
     from .plots import pareto_front
 
-    bare = table.copy(deep=False)
-    bare.attrs = {}
     for m in (metric, cost):
         if m not in bare.columns:
             return {"reason": f"no {m} in these runs (choose others with --pareto-metric / --pareto-cost)"}
@@ -301,7 +332,12 @@ def collect(db: Database, grid: Optional[str] = None, study: Optional[str] = Non
     if not len(runs):
         where = f"grid {grid!r}" if grid else f"study {study!r}" if study else "the database"
         raise ValueError(f"nothing to report: {where} has no runs yet (`ablate run GRID` makes some)")
-    table = build_table(db, grid, study=study, baseline=baseline, runs=runs)
+    # one spec per configuration (its first run's), for the table's Hyperparameters, the filter
+    # facets and the row pages alike
+    first = runs.groupby("config_key")["run_id"].min()
+    by_run = run_specs(db, first.tolist())
+    specs = {ck: by_run[rid] for ck, rid in first.items() if rid in by_run}
+    table = build_table(db, grid, study=study, baseline=baseline, runs=runs, specs=specs)
     shown = display_table(table)
     columns = _columns(table, shown)
     members = row_members(runs, table)
@@ -316,11 +352,11 @@ def collect(db: Database, grid: Optional[str] = None, study: Optional[str] = Non
     bare = table.copy(deep=False)
     bare.attrs = {}
 
-    first_run = {i: min(ids) for i, ids in enumerate(members) if ids}
-    specs_by_run = run_specs(db, list(first_run.values())) if first_run else {}
-    row_specs = [specs_by_run.get(first_run.get(i, -1), {}) for i in range(len(table))]
+    config_keys, fingerprints = list(bare["config_key"]), list(bare["fingerprint"])
+    row_specs = [specs.get(ck, {}) if isinstance(ck, str) else {} for ck in config_keys]
+    common = _common(row_specs)  # the page merges it with each row's own keys
     facets, facet_values = _facets(row_specs, list(bare["Method"].astype(str)))
-    sort_values = _sort_values(table, columns)
+    sort_values = _sort_values(bare, columns)
     rows = []
     for i, cells in enumerate(shown.itertuples(index=False, name=None)):
         rows.append({"cells": [str(c) for c in cells], "sort": sort_values[i], "marks": marks[i],
@@ -355,14 +391,13 @@ def collect(db: Database, grid: Optional[str] = None, study: Optional[str] = Non
                 "finished": "" if r["finished_at"] is None or r["finished_at"] != r["finished_at"]
                 else str(r["finished_at"])[:19],
                 "metrics": {m: _num(r.get(m)) for m in metric_names}})
-    config_keys, fingerprints = list(bare["config_key"]), list(bare["fingerprint"])
     details = []
     for i in range(len(table)):
         run_list = sorted(run_lists[i], key=lambda r: (r["seed"], r["key"]))
         ck, fp = config_keys[i], fingerprints[i]
         details.append({"row": i, "config_key": ck if isinstance(ck, str) else None,
                         "fingerprint": fp if isinstance(fp, str) else None,
-                        "spec": {k: _text(v) for k, v in sorted(row_specs[i].items())},
+                        "spec": {k: v for k, v in row_specs[i].items() if k not in common},
                         "runs": run_list, "metrics": metric_names, "curves": curve_stats.get(i, {}),
                         **by_row.get(i, {"sheets": [], "samples": [], "failures": []})})
 
@@ -372,5 +407,6 @@ def collect(db: Database, grid: Optional[str] = None, study: Optional[str] = Non
             "baseline": None if base is None else {"label": str(base["label"]), "row": int(base["row"])},
             "runs": int(len(runs)), "rows": int(len(table))}
     return SiteData(table={"meta": meta, "columns": columns, "rows": rows, "facets": facets,
-                           "pareto": _pareto(table, *pareto_axes)},
-                    details=details, copies=images.copies, holes=images.holes, image_bytes=images.bytes)
+                           "pareto": _pareto(bare, *pareto_axes), "spec": common},
+                    details=details, copies=images.copies, holes=images.holes, image_bytes=images.bytes,
+                    texts=[list(t) for t in images.texts])

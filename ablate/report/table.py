@@ -188,8 +188,11 @@ def row_members(runs: pd.DataFrame, table: pd.DataFrame) -> list[list[int]]:
         return out
     data = runs[["run_id", "variant", "config_key", "fingerprint", "status", "finished_at"]].copy()
     _code_identity(data)
+    bare = table.copy(deep=False)
+    bare.attrs = {}  # (pandas deep-copies attrs, the marks of every row, on each column access)
+    cols = [bare[c].tolist() for c in ("Method", "config_key", "fingerprint")]
     where = {(m, ck, fp if isinstance(fp, str) else _UNKNOWN_CODE): i for i, (m, ck, fp) in
-             enumerate(zip(table["Method"], table["config_key"], table["fingerprint"])) if ck is not None}
+             enumerate(zip(*cols)) if isinstance(ck, str)}
     for rid, key in zip(data["run_id"], zip(data["variant"], data["config_key"], data["_code"])):
         i = where.get(key)
         if i is not None:
@@ -508,10 +511,11 @@ def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Reg
                 study: Optional[str] = None, metrics: Optional[Sequence[str]] = None,
                 group_by: Optional[Sequence[str]] = None, sort: Optional[str] = None,
                 baseline: Optional[str] = None, include_superseded: bool = False,
-                runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+                runs: Optional[pd.DataFrame] = None, specs: Optional[dict[str, dict]] = None) -> pd.DataFrame:
     """The numeric results table of ``db`` (``grid``/``study`` runs only when given); see
     :func:`summarize`. ``runs``: :func:`ablate.results.load`'s frame (``spec=False``) of the same
-    selection, when the caller has it (not reloaded unless a group key needs the spec). Superseded runs (old results of a cell retrained with newer code) are
+    selection, when the caller has it (not reloaded unless a group key needs the spec);
+    ``specs``: ``{config_key: flat spec}`` covering at least :func:`config_specs`'s, likewise. Superseded runs (old results of a cell retrained with newer code) are
     left out unless ``include_superseded``. The spec is loaded for every run only when a group
     key needs it; otherwise only one spec per configuration of the variants that have several
     (to name what differs). The registered variants that never ran get their "No" rows in the
@@ -522,7 +526,10 @@ def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Reg
         runs = load(db, grid, study, spec=need_spec)
     if not include_superseded and len(runs):
         runs = runs[runs["status"] != "superseded"].reset_index(drop=True)
-    specs = config_specs(db, runs) if not group_by and len(runs) else None
+    if group_by or not len(runs):
+        specs = None
+    elif specs is None:
+        specs = config_specs(db, runs)
     names = catalog(registry, tuple(runs["variant"].unique()))
     return summarize(runs, names, metrics, group_by, sort, all_variants=grid is None and study is None,
                      specs=specs, overrides=grid is not None or study is not None, baseline=baseline)

@@ -67,7 +67,26 @@
   function hole(text) { return el("div", {"class": "hole", title: text}, el("span", {text: text})); }
 
   // ------------------------------------------------------------------ per-row details, lazily
+  // prompts and captions are shared by many runs: data/texts.js holds each list once, and a
+  // row's sheets and samples name theirs by index (resolved here, when the row arrives)
+  var texts = null, textsWaiting = [];
+  window.ablateTexts = function (t) {
+    texts = t;
+    textsWaiting.forEach(function (cb) { cb(); });
+    textsWaiting = [];
+  };
+  function withTexts(cb) {
+    if (texts) { cb(); return; }
+    textsWaiting.push(cb);
+    if (textsWaiting.length === 1) {
+      var s = el("script", {src: "data/texts.js"});
+      s.onerror = function () { texts = []; cb(); };
+      document.head.appendChild(s);
+    }
+  }
   window.ablateRow = function (i, data) {
+    data.sheets.forEach(function (s) { s.prompts = texts[s.prompts] || []; });
+    data.samples.forEach(function (s) { s.captions = texts[s.captions] || []; });
     details[i] = data;
     (waiting[i] || []).forEach(function (cb) { cb(data); });
     delete waiting[i];
@@ -76,9 +95,11 @@
     if (details[i]) { cb(details[i]); return; }
     if (waiting[i]) { waiting[i].push(cb); return; }
     waiting[i] = [cb];
-    var s = el("script", {src: "data/rows/" + Number(i) + ".js"});
-    s.onerror = function () { cb(null); };
-    document.head.appendChild(s);
+    withTexts(function () {
+      var s = el("script", {src: "data/rows/" + Number(i) + ".js"});
+      s.onerror = function () { (waiting[i] || []).forEach(function (f) { f(null); }); delete waiting[i]; };
+      document.head.appendChild(s);
+    });
   }
   function loadRows(ids, cb) {
     var out = {}, left = ids.length;
@@ -390,11 +411,16 @@
           d.failures.length ? seedPicker(d.failures, failureCards) : el("p", {text: "no failure cases recorded for these runs"}));
       add(more, el("h3", {text: "Runs"}), runsTable(d));
       add(more, el("h3", {text: "Configuration" + (d.config_key ? " " + d.config_key : "")}),
-          el("table", {"class": "kv config"}, Object.keys(d.spec).map(function (k) {
-            return el("tr", null, el("th", {text: k}), el("td", {text: d.spec[k]}));
+          el("table", {"class": "kv config"}, configKeys(d.spec).map(function (k) {
+            var v = k in d.spec ? d.spec[k] : D.spec[k];
+            return el("tr", null, el("th", {text: k}), el("td", {text: typeof v === "string" ? v : JSON.stringify(v)}));
           })));
     });
     return box;
+  }
+  // a row's configuration: the entries all rows share (D.spec) and its own (spec), sorted
+  function configKeys(spec) {
+    return Object.keys(D.spec).filter(function (k) { return !(k in spec); }).concat(Object.keys(spec)).sort();
   }
   function runsTable(d) {
     return el("div", {"class": "scroll"}, el("table", {"class": "runs"},
