@@ -31,9 +31,11 @@ RUNS = [
 ]
 
 
-def spec(variant: str, overrides: dict, seed: int) -> dict:
+def spec(variant: str, overrides: dict, seed: int, steps=STEPS) -> dict:
+    """A resolved spec whose snapshot steps (every train.eval_every up to train.steps) are ``steps``."""
     return RunSpec.model_validate({"model": {"variant": variant, "width": overrides.get("model.width", 96)},
-                                   "train": {"steps": 20, "eval_every": 10}, "seed": seed}).model_dump(mode="json")
+                                   "train": {"steps": max(steps), "eval_every": min(steps)},
+                                   "seed": seed}).model_dump(mode="json")
 
 
 def _images(n: int, seed: int, size: int = 8) -> torch.Tensor:
@@ -64,15 +66,16 @@ def write_artifacts(folder: Path, seed: int, prompts=PROMPTS, steps=STEPS, tile:
     return [("sheet", str(sheet)), ("samples", str(folder / "samples.png")), ("failures", str(fail))]
 
 
-def build(root: Path, grid: str = "g", runs=RUNS) -> tuple[Database, str]:
+def build(root: Path, grid: str = "g", runs=RUNS, steps=STEPS, **artifacts) -> tuple[Database, str]:
     """A fresh database at ``root/results/ablate.db`` holding ``runs`` in ``grid`` (curves
-    ``train_loss`` and ``val_loss`` at :data:`STEPS`; finished runs with their artifacts under
-    ``root/results/runs/<key>``); returns (database, URL)."""
+    ``train_loss`` and ``val_loss`` at ``steps``; finished runs with their artifacts, shaped by
+    ``artifacts`` (:func:`write_artifacts`' options), under ``root/results/runs/<key>``);
+    returns (database, URL)."""
     results = root / "results"
     results.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{results / 'ablate.db'}"
     db = Database(url)
-    cells = [(f"key{i:02d}", v, seed, spec(v, over, seed), {"model.variant": v, **over})
+    cells = [(f"key{i:02d}", v, seed, spec(v, over, seed, steps), {"model.variant": v, **over})
              for i, (v, over, seed, _, _) in enumerate(runs)]
     db.register(grid, cells)
     for (key, *_), (_, _, seed, status, final) in zip(cells, runs):
@@ -80,10 +83,10 @@ def build(root: Path, grid: str = "g", runs=RUNS) -> tuple[Database, str]:
             continue
         tok = db.claim(key)
         db.set_provenance(key, tok, "rev", "f" * 40)
-        db.log_metrics(key, [("train_loss", s, 3.0 / s + seed) for s in STEPS]
-                       + [("val_loss", s, 3.5 / s + seed) for s in STEPS], token=tok)
+        db.log_metrics(key, [("train_loss", s, 3.0 / s + seed) for s in steps]
+                       + [("val_loss", s, 3.5 / s + seed) for s in steps], token=tok)
         if status == "done":
-            db.finish(key, final, write_artifacts(results / "runs" / key, seed), token=tok)
+            db.finish(key, final, write_artifacts(results / "runs" / key, seed, steps=steps, **artifacts), token=tok)
         else:
             db.fail(key, "RuntimeError: <script>alert(3)</script> went wrong\nTraceback ...", token=tok)
     return db, url

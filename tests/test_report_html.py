@@ -238,3 +238,26 @@ def test_bench_report_small(capsys):
     assert "| 200 |" in row and "holes 0" in row  # every snapshot the spec expects was written
     images = int(re.search(r"([\d,]+) images", row).group(1).replace(",", ""))
     assert images == 194 * 4  # the 194 finished runs (4 failed, 2 pending): 3 snapshots + samples each
+
+
+def test_conditioning_cpu_sized_report_stays_small(tmp_path):
+    # grids/conditioning-cpu.yaml's shape: 16 variants x 2 seeds, 6 fixed prompts x 4 snapshots of
+    # 32x32 images, 64 final samples per run, and a failure case each
+    import yaml
+
+    variants = yaml.safe_load(Path(__file__).resolve().parent.parent.joinpath("grids/conditioning-cpu.yaml")
+                              .read_text())["axes"]["model.variant"]
+    runs = [(v, {}, seed, "done", {"fid_domain": 50.0 + i + seed, "align_acc": 0.5, "train_tokens_per_s": 3000.0 + i})
+            for i, v in enumerate(variants) for seed in (0, 1)]
+    prompts = [f"a large red circle in position {k}" for k in range(6)]
+    db, _ = build(tmp_path, "conditioning-cpu", runs, steps=(100, 200, 300, 400), prompts=prompts, tile=32,
+                  n_samples=64)
+    try:
+        info = write_report(db, tmp_path / "out", grid="conditioning-cpu", baseline="transformer", roots=[tmp_path])
+    finally:
+        db.close()
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "out").rglob("*") if f.is_file())
+    images = sum(f.stat().st_size for f in (tmp_path / "results" / "runs").rglob("*.png"))
+    assert info.rows == 16 and info.images == 32 * (4 + 1 + 1) and not info.holes
+    assert on_disk == info.bytes < 10_000_000, on_disk
+    assert on_disk - images < 600_000  # the page, its scripts and data: images are copied once, never inlined
