@@ -261,3 +261,20 @@ def test_conditioning_cpu_sized_report_stays_small(tmp_path):
     assert info.rows == 16 and info.images == 32 * (4 + 1 + 1) and not info.holes
     assert on_disk == info.bytes < 10_000_000, on_disk
     assert on_disk - images < 600_000  # the page, its scripts and data: images are copied once, never inlined
+
+
+def test_a_hostile_grid_name_is_escaped_in_the_page(tmp_path):
+    from reportgrid import RUNS, spec
+
+    name = '</title><script>alert(4)</script>'
+    db, _ = build(tmp_path)
+    try:
+        variant, over, seed, *_ = RUNS[0]
+        db.register(name, [("key00", variant, seed, spec(variant, over, seed), {"model.variant": variant})])
+        write_report(db, tmp_path / "out", grid=name, roots=[tmp_path])
+    finally:
+        db.close()
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "&lt;/title&gt;&lt;script&gt;alert(4)&lt;/script&gt;" in page and name not in page
+    assert len(re.findall(r"<script", page)) == 2
+    assert read_js(tmp_path / "out" / "data" / "table.js")["meta"]["grid"] == name  # data stays data
