@@ -125,6 +125,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The HTML report: one folder (``index.html``, its scripts, data and images) to open offline."""
+    import re
+
     from .db import open_db
     from .report.site import write_report
 
@@ -135,6 +137,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         _check_grid(db, args.grid)
         name = args.grid or (f"study_{args.study}" if args.study else "all")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "report"  # a folder name, never a path
         out = Path(args.out) if args.out else results / "report" / name
         roots = list(dict.fromkeys([Path.cwd(), results.resolve().parent, results.resolve()]))
         try:

@@ -266,8 +266,8 @@ def test_conditioning_cpu_sized_report_stays_small(tmp_path):
 def test_a_hostile_grid_name_is_escaped_in_the_page(tmp_path):
     from reportgrid import RUNS, spec
 
-    name = '</title><script>alert(4)</script>'
-    db, _ = build(tmp_path)
+    name = '</title><script>alert(4)</script>/../../x'
+    db, url = build(tmp_path)
     try:
         variant, over, seed, *_ = RUNS[0]
         db.register(name, [("key00", variant, seed, spec(variant, over, seed), {"model.variant": variant})])
@@ -275,6 +275,10 @@ def test_a_hostile_grid_name_is_escaped_in_the_page(tmp_path):
     finally:
         db.close()
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
-    assert "&lt;/title&gt;&lt;script&gt;alert(4)&lt;/script&gt;" in page and name not in page
+    assert "&lt;/title&gt;&lt;script&gt;alert(4)&lt;/script&gt;" in page and "<script>alert" not in page
     assert len(re.findall(r"<script", page)) == 2
     assert read_js(tmp_path / "out" / "data" / "table.js")["meta"]["grid"] == name  # data stays data
+    # the default folder is named after the grid, never led out of <results>/report by it
+    assert main(["report", "--grid", name, "--db", url, "--results", str(tmp_path / "results")]) == 0
+    made = [p.name for p in (tmp_path / "results" / "report").iterdir()]
+    assert made == ["_title_script_alert_4_script_.._.._x"] and not (tmp_path / "x").exists()
