@@ -3,7 +3,8 @@
 #   - a single-node Slurm: munge, slurmctld and slurmd on localhost, slurm.conf generated for
 #     this machine's cores and memory, one default partition `debug`;
 #   - PostgreSQL on 127.0.0.1:5432 with role `ablate` (password `ablate`, may create databases)
-#     and database `ablate_test`.
+#     and database `ablate_test`;
+#   - headless Chromium and its chromedriver (the HTML report's browser tests; no daemon).
 # Idempotent: a running daemon is left alone. Packages come from Debian (apt) when missing.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -12,6 +13,8 @@ need=()
 command -v slurmctld >/dev/null || need+=(slurm-wlm)
 command -v munged >/dev/null || need+=(munge)
 command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if ((${#need[@]})); then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${need[@]}"

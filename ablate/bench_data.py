@@ -144,6 +144,21 @@ def bench_memory(small: int = 10_000, big: int = 1_000_000, steps: int = 30, bat
     return rows
 
 
+def bench_data(images: int = 2000, image_size: int = 64, small: int = 10_000, big: int = 1_000_000,
+               steps: int = 30, batch: int = 64) -> list[dict[str, Any]]:
+    """All three measurements as rows (``part``: prepare, wait, memory)."""
+    prep = bench_prepare(n_images=images, image_size=image_size)
+    wait = bench_wait(n=small, steps=steps, batch=batch)
+    mem = bench_memory(small=small, big=big, steps=steps, batch=batch)
+    return [{"part": "prepare", **r} for r in prep] + [{"part": "wait", **wait}] + [{"part": "memory", **r} for r in mem]
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """The report of :func:`bench_data`'s rows."""
+    part = {p: [r for r in rows if r["part"] == p] for p in ("prepare", "wait", "memory")}
+    return format_report(part["prepare"], part["wait"][0], part["memory"])
+
+
 def format_report(prep: list[dict[str, Any]], wait: dict[str, Any], mem: list[dict[str, Any]]) -> str:
     lines = ["preparation (one core):",
              *(f"  {r['stage']:<44} {r['images_per_s_per_core']:8.1f} images/s  ({r['images']} in "

@@ -148,6 +148,40 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The HTML report: one folder (``index.html``, its scripts, data and images) to open offline."""
+    import re
+
+    from .db import open_db
+    from .report.site import write_report
+
+    if args.grid and args.study:
+        raise BadInput("--grid and --study: give one (a study's runs are its own pseudo-grid)")
+    results = _results_dir(args.results)
+    db = open_db(args.db, results, create=False)
+    try:
+        _check_grid(db, args.grid)
+        name = args.grid or (f"study_{args.study}" if args.study else "all")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "report"  # a folder name, never a path
+        out = Path(args.out) if args.out else results / "report" / name
+        roots = list(dict.fromkeys([Path.cwd(), results.resolve().parent, results.resolve()]))
+        try:
+            info = write_report(db, out, grid=args.grid, study=args.study, baseline=args.baseline,
+                                pareto_axes=(args.pareto_metric, args.pareto_cost), roots=roots)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        except OSError as exc:
+            raise BadInput(f"--out: cannot write the report to {out}: {exc.strerror or exc}") from None
+    finally:
+        db.close()
+    print(f"{info.index}  ({info.rows} rows, {info.runs} runs, {info.images} images, "
+          f"{info.bytes / 1e6:.1f} MB, {info.seconds:.1f} s)")
+    if info.holes:
+        print(f"{len(info.holes)} artifact file(s) missing, shown as holes: {info.holes[0]}"
+              + (" ..." if len(info.holes) > 1 else ""), file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_variants(args: argparse.Namespace) -> int:
     from .registry import load_registry
 
@@ -375,6 +409,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_table(args)
     if args.suite == "data":
         return _bench_data(args)
+    if args.suite == "report":
+        return _bench_report(args)
     import torch
 
     from .db import open_db
@@ -438,62 +474,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _bench_table(args: argparse.Namespace) -> int:
-    """``ablate bench table``: build a large database, time ``ablate table`` on it (torch-free)."""
+def _cpu_bench(args: argparse.Namespace, suite: str, measure, format_rows) -> int:  # noqa: ANN001
+    """A suite that sets up its own work: open (and check) the database unless ``--no-store``,
+    run ``measure()`` (its rows), print them with ``format_rows``, store them."""
     import platform
 
-    from .bench_table import bench_table, format_rows
     from .db import open_db
 
     db = None if args.no_store else open_db(args.db, _results_dir(args.results))
     try:
         try:
-            rows = bench_table(runs=args.runs, n_metrics=args.metrics, repeats=args.repeats, fmt=args.format,
-                               subprocess_runs=not args.no_subprocess)
+            rows = measure()
         except ValueError as exc:
             raise BadInput(str(exc)) from None
         where = f"cpu, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
-        print(f"ablate bench table ({where})")
+        print(f"ablate bench {suite} ({where})")
         print(format_rows(rows))
-        _record_bench(db, "table", rows, where)
+        if db is not None:
+            from .jobs import code_revision
+
+            session = db.record_bench(suite, rows, device=where, code_rev=code_revision())
+            print(f"(stored as bench {suite} session {session[:12]} in {db!r})")
     finally:
         if db is not None:
             db.close()
     return EXIT_OK
 
 
-def _record_bench(db, suite: str, rows: list, where: str) -> None:  # noqa: ANN001
-    """Store a benchmark's rows in the results database (``db`` None: --no-store)."""
-    if db is None:
-        return
-    from .jobs import code_revision
+def _bench_table(args: argparse.Namespace) -> int:
+    """``ablate bench table``: build a large database, time ``ablate table`` on it (torch-free)."""
+    from .bench_table import bench_table, format_rows
 
-    session = db.record_bench(suite, rows, device=where, code_rev=code_revision())
-    print(f"(stored as bench {suite} session {session[:12]} in {db!r})")
+    return _cpu_bench(args, "table", lambda: bench_table(runs=args.runs, n_metrics=args.metrics, repeats=args.repeats,
+                                                         fmt=args.format, subprocess_runs=not args.no_subprocess),
+                      format_rows)
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    """``ablate bench report``: build a large database, time ``ablate report`` and its page in Chromium."""
+    from .bench_report import bench_report, format_rows
+
+    return _cpu_bench(args, "report", lambda: bench_report(
+        runs=args.runs, repeats=args.repeats, one_config_per_run=args.one_config_per_run,
+        browser=not args.no_browser, subprocess_run=not args.no_subprocess), format_rows)
 
 
 def _bench_data(args: argparse.Namespace) -> int:
     """``ablate bench data``: preparation throughput, training data wait, memory vs store size."""
-    import platform
+    from .bench_data import bench_data, format_rows
 
-    from .bench_data import bench_memory, bench_prepare, bench_wait, format_report
-    from .db import open_db
-
-    db = None if args.no_store else open_db(args.db, _results_dir(args.results))
-    try:
-        prep = bench_prepare(n_images=args.images, image_size=args.image_size)
-        wait = bench_wait(n=args.small, steps=args.steps, batch=args.batch)
-        mem = bench_memory(small=args.small, big=args.big, steps=args.steps, batch=args.batch)
-        where = f"cpu, 1 thread, {platform.python_implementation()} {platform.python_version()}"
-        print(f"ablate bench data ({where})")
-        print(format_report(prep, wait, mem))
-        rows = [{"part": "prepare", **r} for r in prep] + [{"part": "wait", **wait}] + \
-               [{"part": "memory", **r} for r in mem]
-        _record_bench(db, "data", rows, where)
-    finally:
-        if db is not None:
-            db.close()
-    return EXIT_OK
+    return _cpu_bench(args, "data", lambda: bench_data(images=args.images, image_size=args.image_size,
+                                                       small=args.small, big=args.big, steps=args.steps,
+                                                       batch=args.batch), format_rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -569,6 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(pl)
     pl.set_defaults(fn=cmd_plot)
 
+    rp = sub.add_parser("report", help="the results as an HTML report: one folder that opens offline in any browser")
+    rp.add_argument("--grid", help="only this grid's runs")
+    rp.add_argument("--study", help="an Optuna study's trials, with its history, importances and parallel coordinates")
+    rp.add_argument("--out", help="the report's folder (default: <results>/report/<grid | study_NAME | all>); "
+                                  "an earlier report there is replaced")
+    rp.add_argument("--baseline", metavar="VARIANT|CONFIG",
+                    help="add each row's difference to this row with its 95%% Welch interval, as `ablate table`")
+    rp.add_argument("--pareto-metric", default="fid_domain", help="quality axis of the Pareto plot")
+    rp.add_argument("--pareto-cost", default="train_tokens_per_s", help="throughput axis of the Pareto plot")
+    common(rp)
+    rp.set_defaults(fn=cmd_report)
+
     v = sub.add_parser("variants", help="list registered variants")
     v.add_argument("-v", "--verbose", action="store_true", help="also show hyperparameter defaults")
     v.set_defaults(fn=cmd_variants)
@@ -630,6 +674,17 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--no-store", action="store_true", help="print only; do not write the database")
     common(bd)
     bd.set_defaults(fn=cmd_bench)
+    br = bsub.add_parser("report", help="time `ablate report` on a fresh database of 10,000 runs with curves and "
+                                        "images, and its index page in headless Chromium")
+    br.add_argument("--runs", type=int, default=10_000)
+    br.add_argument("--repeats", type=int, default=2)
+    br.add_argument("--one-config-per-run", action="store_true",
+                    help="every run its own configuration (10,000 table rows, a large study's shape)")
+    br.add_argument("--no-browser", action="store_true", help="time only the build")
+    br.add_argument("--no-subprocess", action="store_true", help="time only the in-process build")
+    br.add_argument("--no-store", action="store_true", help="print only; do not write the database")
+    common(br)
+    br.set_defaults(fn=cmd_bench)
     for sp in (bo, bs, bl):
         sp.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
         sp.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")

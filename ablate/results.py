@@ -234,11 +234,14 @@ def load(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = No
 
 
 def curves(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = None,
-           names: Optional[Sequence[str]] = None, results: Optional[Path] = None) -> pd.DataFrame:
+           names: Optional[Sequence[str]] = None, results: Optional[Path] = None,
+           runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """Metrics by step, long form: ``run_id, key, variant, seed, hyper, name, step, value``,
-    sorted by run, name and step. ``names`` limits the metrics (e.g. ``["train_loss", "val_loss"]``)."""
+    sorted by run, name and step. ``names`` limits the metrics (e.g. ``["train_loss", "val_loss"]``).
+    ``runs``: :func:`load`'s frame of the same ``grid`` and ``study``, when the caller has it
+    (saves loading it again; a frame of another selection gives wrong identity columns)."""
     with _opened(db, results) as d:
-        runs = load(d, grid, study, spec=False)[["run_id", "key", "variant", "seed", "hyper"]]
+        runs = (load(d, grid, study, spec=False) if runs is None else runs)[["run_id", "key", "variant", "seed", "hyper"]]
         ids = _run_ids(grid, study)
         q = select(Metric.run_id, Metric.name, Metric.step, Metric.value).where(Metric.step.is_not(None))
         if ids is not None:
@@ -253,10 +256,13 @@ def curves(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = 
 
 
 def artifacts(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = None,
-              kind: Optional[str] = None, results: Optional[Path] = None) -> pd.DataFrame:
-    """Files runs produced: ``run_id, key, variant, seed, hyper, status, kind, path``."""
+              kind: Optional[str] = None, results: Optional[Path] = None,
+              runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Files runs produced: ``run_id, key, variant, seed, hyper, status, kind, path``. ``runs``:
+    as for :func:`curves`."""
     with _opened(db, results) as d:
-        runs = load(d, grid, study, spec=False)[["run_id", "key", "variant", "seed", "hyper", "status"]]
+        runs = (load(d, grid, study, spec=False) if runs is None else runs)[
+            ["run_id", "key", "variant", "seed", "hyper", "status"]]
         q = select(Artifact.run_id, Artifact.kind, Artifact.path)
         if kind is not None:
             q = q.where(Artifact.kind == kind)

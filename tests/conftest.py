@@ -68,11 +68,15 @@ PG_ADMIN_URL = os.environ.get("ABLATE_TEST_PG_URL",
                               "postgresql+psycopg://ablate:ablate@127.0.0.1:5432/ablate_test")
 
 
-def _service_missing(what: str, why: str) -> None:
-    msg = f"{what} not available ({why}); start it with `bash .ci/services.sh`"
+def unavailable(msg: str) -> None:
+    """Skip a test whose service or tool is missing, saying how to get it; in CI (CI set) fail."""
     if os.environ.get("CI"):
         pytest.fail(f"{msg} -- CI must run this test", pytrace=False)
     pytest.skip(msg)
+
+
+def _service_missing(what: str, why: str) -> None:
+    unavailable(f"{what} not available ({why}); start it with `bash .ci/services.sh`")
 
 
 @pytest.fixture
@@ -123,3 +127,15 @@ def any_db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'test.db'}"
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's chromium and chromium-driver, through Selenium) for a module."""
+    from ablate.report import browser as chromium
+
+    why = chromium.missing()
+    if why:
+        unavailable(f"headless Chromium not available: {why}")
+    with chromium.chromium() as driver:
+        yield driver

@@ -153,6 +153,53 @@ def config_hypers(data: pd.DataFrame, specs: Optional[dict[str, dict]], override
     return out
 
 
+def _code_identity(data: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
+    """Add ``_fp`` (the run's fingerprint, ``-`` where unknown), ``_newest`` (its configuration's
+    newest code: that of the latest finished run), ``_stale`` and ``_code`` (the code version
+    whose row the run joins: its own when finished; unfinished runs have no numbers and join
+    their configuration's current-code row) to ``data`` in place. Returns ``(newest per
+    config_key, finished mask)``."""
+    data["_fp"] = data["fingerprint"].astype(object).where(data["fingerprint"].notna(), _UNKNOWN_CODE)
+    finished = data["status"].isin(FINISHED).to_numpy()
+    fin = data[finished]
+    if len(fin):
+        when = pd.to_datetime(fin["finished_at"], errors="coerce")
+        newest = fin.assign(_when=when).sort_values(["_when", "run_id"], na_position="first", kind="stable") \
+            .groupby("config_key", sort=False)["_fp"].last()
+    else:
+        newest = pd.Series(dtype=object)
+    data["_newest"] = data["config_key"].map(newest)
+    has_newest = data["_newest"].notna().to_numpy()
+    data["_stale"] = finished & has_newest & (data["_fp"] != data["_newest"]).to_numpy()
+    data["_code"] = data["_fp"].where(finished, data["_newest"].where(has_newest, _UNKNOWN_CODE))
+    return newest, finished
+
+
+def row_members(runs: pd.DataFrame, table: pd.DataFrame) -> list[list[int]]:
+    """The run ids behind each row of a configuration table (:func:`summarize` without
+    ``group_by``, on the same ``runs``): a run belongs to the row of its variant, configuration
+    and code version, exactly as :func:`summarize` pooled it (unfinished runs with their
+    configuration's current-code row). Rows of variants that never ran get ``[]``. Raises
+    ValueError for a table of pooled rows (``group_by``), whose rows are not configurations."""
+    if list(table.attrs.get("group_by", CONFIG_GROUP)) != list(CONFIG_GROUP):
+        raise ValueError("row_members: the table pools configurations (group_by); rows are not configurations")
+    out: list[list[int]] = [[] for _ in range(len(table))]
+    if not len(runs):
+        return out
+    data = runs[["run_id", "variant", "config_key", "fingerprint", "status", "finished_at"]].copy()
+    _code_identity(data)
+    bare = table.copy(deep=False)
+    bare.attrs = {}  # (pandas deep-copies attrs, the marks of every row, on each column access)
+    cols = [bare[c].tolist() for c in ("Method", "config_key", "fingerprint")]
+    where = {(m, ck, fp if isinstance(fp, str) else _UNKNOWN_CODE): i for i, (m, ck, fp) in
+             enumerate(zip(*cols)) if isinstance(ck, str)}
+    for rid, key in zip(data["run_id"], zip(data["variant"], data["config_key"], data["_code"])):
+        i = where.get(key)
+        if i is not None:
+            out[i].append(int(rid))
+    return out
+
+
 def summarize(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Optional[Sequence[str]] = None,
               group_by: Optional[Sequence[str]] = None, sort: Optional[str] = None,
               all_variants: bool = True, specs: Optional[dict[str, dict]] = None, overrides: bool = False,
@@ -208,21 +255,7 @@ def summarize(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Optiona
         if k != "fingerprint":
             data[k] = _hashable(data[k])
 
-    # code identity: each config's newest code is that of its latest finished run
-    data["_fp"] = data["fingerprint"].astype(object).where(data["fingerprint"].notna(), _UNKNOWN_CODE)
-    finished = data["status"].isin(FINISHED).to_numpy()
-    fin = data[finished]
-    if len(fin):
-        when = pd.to_datetime(fin["finished_at"], errors="coerce")
-        newest = fin.assign(_when=when).sort_values(["_when", "run_id"], na_position="first", kind="stable") \
-            .groupby("config_key", sort=False)["_fp"].last()
-    else:
-        newest = pd.Series(dtype=object)
-    data["_newest"] = data["config_key"].map(newest)
-    has_newest = data["_newest"].notna().to_numpy()
-    data["_stale"] = finished & has_newest & (data["_fp"] != data["_newest"]).to_numpy()
-    # unfinished runs have no numbers: they join their configuration's current-code row
-    data["_code"] = data["_fp"].where(finished, data["_newest"].where(has_newest, _UNKNOWN_CODE))
+    newest, finished = _code_identity(data)
     if "fingerprint" in keys:  # (group_by names it)
         data["fingerprint"] = data["_code"]
 
@@ -477,19 +510,26 @@ def config_specs(db: Database, runs: pd.DataFrame) -> dict[str, dict]:
 def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Registry] = None,
                 study: Optional[str] = None, metrics: Optional[Sequence[str]] = None,
                 group_by: Optional[Sequence[str]] = None, sort: Optional[str] = None,
-                baseline: Optional[str] = None, include_superseded: bool = False) -> pd.DataFrame:
+                baseline: Optional[str] = None, include_superseded: bool = False,
+                runs: Optional[pd.DataFrame] = None, specs: Optional[dict[str, dict]] = None) -> pd.DataFrame:
     """The numeric results table of ``db`` (``grid``/``study`` runs only when given); see
-    :func:`summarize`. Superseded runs (old results of a cell retrained with newer code) are
+    :func:`summarize`. ``runs``: :func:`ablate.results.load`'s frame (``spec=False``) of the same
+    selection, when the caller has it (not reloaded unless a group key needs the spec);
+    ``specs``: ``{config_key: flat spec}`` covering at least :func:`config_specs`'s, likewise. Superseded runs (old results of a cell retrained with newer code) are
     left out unless ``include_superseded``. The spec is loaded for every run only when a group
     key needs it; otherwise only one spec per configuration of the variants that have several
     (to name what differs). The registered variants that never ran get their "No" rows in the
     whole-database table only: a grid's or a study's table lists what that grid or study ran."""
     need_spec = any(k not in ("variant", "method", "Method", "model.variant", "hyper", "seed", "config",
                               "config_key", "fingerprint") for k in (group_by or ()))
-    runs = load(db, grid, study, spec=need_spec)
+    if runs is None or need_spec:
+        runs = load(db, grid, study, spec=need_spec)
     if not include_superseded and len(runs):
         runs = runs[runs["status"] != "superseded"].reset_index(drop=True)
-    specs = config_specs(db, runs) if not group_by and len(runs) else None
+    if group_by or not len(runs):
+        specs = None
+    elif specs is None:
+        specs = config_specs(db, runs)
     names = catalog(registry, tuple(runs["variant"].unique()))
     return summarize(runs, names, metrics, group_by, sort, all_variants=grid is None and study is None,
                      specs=specs, overrides=grid is not None or study is not None, baseline=baseline)
