@@ -202,6 +202,9 @@ def test_report_of_a_small_real_grid(browser, tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0 and rep.stderr == "", rep.stderr
     index = results / "report" / "real" / "index.html"
+    # the judge scored images of 20-step models wrong: each run saved failure cases, the report carries them
+    assert len(list(results.glob("runs/*/failures/failures.json"))) == 2
+    assert list((results / "report" / "real" / "img").glob("*.failure.*.png"))
     load_report(browser, index)
     assert len(browser.find_elements("css selector", "#results tbody tr")) == 2
     for b in browser.find_elements("css selector", "#results tbody input.pick-box"):

@@ -267,6 +267,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         from ablate.eval import evaluate_images
+        from ablate.eval.failures import write_failures
 
         test = self.prep.splits.test
         n = min(self.spec.eval.n_images, len(test))
@@ -283,6 +284,9 @@ class Trainer:
         metrics = evaluate_images(images, test.captions[:n], attrs, test, self.prep.judge,
                                   self.spec.eval, self.device)
         metrics["sample_images_per_s"] = n / sample_s
+        self.failures_path = write_failures(self.out_dir / "failures", self.prep.splits.name, images,
+                                            test.captions[:n], attrs, getattr(test, "heldout", None),
+                                            self.prep.judge)
         return metrics
 
     def artifacts(self) -> list[tuple[str, str]]:
@@ -294,6 +298,8 @@ class Trainer:
             out.append(("samples", str(self.samples_path)))
         if (self.out_dir / "sheet" / "prompts.json").exists():
             out.append(("sheet", str(self.out_dir / "sheet")))
+        if getattr(self, "failures_path", None) is not None:
+            out.append(("failures", str(self.failures_path)))
         return out
 
     # -- sample-sheet snapshots ------------------------------------------------------------------
