@@ -34,11 +34,13 @@ def _results_dir(arg: Optional[str]) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from .db import open_db
     from .grid import check_inputs, load_grid
+    from .prep_jobs import plan
     from .report import write_results
     from .scheduler import launch
 
     grid = load_grid(Path(args.grid), tuple(args.set or ()))
     check_inputs(grid)
+    plan([c.spec for c in grid.cells])  # shards, model paths, sizes: bad input before anything is written
     results = _results_dir(args.results)
     db = open_db(args.db, results)
     try:

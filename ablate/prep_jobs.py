@@ -78,9 +78,12 @@ def plan(specs: list[RunSpec]) -> dict[str, tuple[RunSpec, dict[str, int]]]:
     (ConfigError naming the field) without decoding anything."""
     from .data.encode import StreamedSplits
     from .data.sources import STREAMING
+    from .tokenizer.pretrained import check_pretrained
 
     out: dict[str, tuple[RunSpec, dict[str, int]]] = {}
     for spec in specs:
+        if spec.tokenizer.kind == "diffusers":
+            check_pretrained(spec.tokenizer.path, spec.data.image_size)
         key = prep_key(spec)  # validates data paths, shard lists and the tokenizer path
         if key in out:
             continue

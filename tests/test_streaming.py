@@ -2,6 +2,7 @@
 preparation into the token store, on real files the tests write."""
 from __future__ import annotations
 
+import re
 import tarfile
 
 import numpy as np
@@ -255,3 +256,42 @@ def test_folder_refuses_paths_out_of_the_folder(tmp_path, how):
         folder.read_index(root)
     with pytest.raises(ConfigError, match="data.path"):
         sources.shards(DataSpec(name="folder", path=str(root)), "train")
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing_shard", r"data.urls: shard '.*train-00002.tar' does not exist \(and 5 more of 8\)"),
+    ("not_vqmodel", r"tokenizer.path: .* holds a 'AutoencoderKL', not a diffusers VQModel"),
+    ("indivisible", r"data.image_size \(18\) is not divisible by the pretrained tokenizer's downsampling factor 4"),
+    ("unset_var", r"data.urls: \$ABLATE_NOPE is not set"),
+])
+def test_bad_real_data_input_is_one_line_exit_2_and_nothing_written(tmp_path, breakage, message, capsys,
+                                                                     monkeypatch):
+    pytest.importorskip("diffusers")
+    import yaml
+
+    from ablate.cli import main
+
+    pattern, _, _ = write_shards(tmp_path / "shards", "train", 2, 4)
+    vq = tiny_vqmodel(tmp_path / "vq")
+    data = {"name": "webdataset", "urls": pattern, "val_urls": pattern, "test_urls": pattern, "image_size": 16}
+    tok = {"kind": "diffusers", "path": str(vq)}
+    if breakage == "missing_shard":
+        data["urls"] = pattern.replace("{00000..00001}", "{00000..00007}")
+    elif breakage == "not_vqmodel":
+        (tmp_path / "vae").mkdir()
+        (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+        tok["path"] = str(tmp_path / "vae")
+    elif breakage == "indivisible":
+        data["image_size"] = 18
+    else:
+        monkeypatch.delenv("ABLATE_NOPE", raising=False)
+        data["urls"] = "$ABLATE_NOPE/train-{00000..00001}.tar"
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "bad", "base": {"data": data, "tokenizer": tok},
+                                    "axes": {"model.variant": ["transformer"]}}))
+    results = tmp_path / "results"
+    for cmd in (["run", str(grid)], ["prepare", str(grid)], ["prepare", str(grid), "--dry-run"]):
+        code = main([*cmd, "--results", str(results)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and re.search(message, err), err
+    assert not list(results.rglob("*.db")) and not (results / "cache").exists()

@@ -21,7 +21,7 @@ from torch import Tensor
 from ablate.config import ConfigError, content_hash
 from ablate.utils import expand_path
 
-__all__ = ["PretrainedVQ", "load_pretrained", "pretrained_key"]
+__all__ = ["PretrainedVQ", "check_pretrained", "load_pretrained", "pretrained_key"]
 
 ENCODE_BATCH = 32
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -40,6 +40,16 @@ def _config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"tokenizer.path: {str(path)!r} holds a {cfg.get('_class_name')!r}, not a "
                           "diffusers VQModel (for aMUSEd give its vqvae/ subfolder)")
     return cfg
+
+
+def check_pretrained(path: str, image_size: int) -> None:
+    """Without loading weights: ``path`` holds a VQModel whose downsampling divides
+    ``image_size`` (ConfigError naming the field otherwise)."""
+    cfg = _config(Path(expand_path(path, "tokenizer.path")))
+    down = 2 ** (len(cfg.get("block_out_channels") or [0]) - 1)
+    if image_size % down:
+        raise ConfigError(f"data.image_size ({image_size}) is not divisible by the pretrained "
+                          f"tokenizer's downsampling factor {down} (tokenizer.path {path})")
 
 
 def pretrained_key(path: str) -> str:
