@@ -10,6 +10,7 @@ from pydantic import ValidationError
 import ablate.tokenizer.vqvae as vqvae
 from ablate.config import RunSpec, TokenizerSpec, format_validation_error, run_key
 from ablate.tokenizer import VQVAE, get_tokenizer, tokenizer_key
+from ablate.tokenizer.health import CodebookCollapse
 from ablate.tokenizer.stages import _Run, fit, resize, schedule
 from ablate.tokenizer.vqgan import (LPIPS, PatchGAN, WeightsEMA, adaptive_weight, hinge_d_loss, load_lpips,
                                     lpips_state_from)
@@ -280,13 +281,13 @@ def test_collapsed_tokenizer_fails_loudly_also_from_the_cache(tmp_path, monkeypa
     lines: list[str] = []
     get_tokenizer(tiny(downsample=16, steps=2, warmup_steps=2), "flat", same, same[:16], tmp_path, log=lines.append)
     assert "not checked for collapse" in lines[-1], "a smoke-test tokenizer (no step past warmup) is only logged"
-    with pytest.raises(vqvae.CodebookCollapse) as err:
+    with pytest.raises(CodebookCollapse) as err:
         get_tokenizer(spec, "flat", same, same[:16], tmp_path, log=lambda s: None)
     msg = str(err.value)
     assert "collapsed: 1 of 32 codes" in msg and "downsample: 16" in msg and "tokenizer.act: silu" in msg
     assert "\n" not in msg
     monkeypatch.setattr(vqvae, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
-    with pytest.raises(vqvae.CodebookCollapse):
+    with pytest.raises(CodebookCollapse):
         get_tokenizer(spec, "flat", same, same[:16], tmp_path, log=lambda s: None)
 
 

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from ablate.config import TokenizerSpec
 from ablate.tokenizer.vqgan import PatchGAN, WeightsEMA, adaptive_weight, hinge_d_loss, load_lpips
-from ablate.tokenizer.vqvae import TOKENIZER_VERSION, VQVAE, code_stats
+from ablate.tokenizer.health import code_stats
+from ablate.tokenizer.vqvae import TOKENIZER_VERSION, VQVAE
 from ablate.utils import atomic_torch_save, torch_load
 
 CHECKPOINT_EVERY = 250  # optimizer steps between training checkpoints (and at every stage's end)

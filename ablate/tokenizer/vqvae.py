@@ -10,6 +10,14 @@ with codebook + commitment losses). Codes unused for ``restart_after`` steps are
 from encoder outputs of the batch, which keeps codebook usage high on data as repetitive as
 ``shapes``.
 
+Training (:mod:`ablate.tokenizer.stages`) runs one fully convolutional model through
+``tokenizer.stages`` of rising resolution, with the VQGAN recipe's pieces
+(:mod:`ablate.tokenizer.vqgan`) where switched on; the defaults are the plain MSE VQ-VAE, bit
+for bit. A tokenizer whose encoder died (ReLU, no gradient: measured on the 16-token shapes
+tokenizer at seed 0, 9 of 512 codes) is refused with :class:`~ablate.tokenizer.health.CodebookCollapse`; ``act: silu``
+trains it (91% of the codes); the cosine lookup does not (12 codes: a dead encoder maps every
+patch to one vector, whatever the metric).
+
 Legend: n images, C code_dim, K codebook_size, (h, w) token grid, H x W pixels.
 """
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate.config import TokenizerSpec, content_hash, drop_later_defaults
+from ablate.tokenizer.health import check_collapse, code_stats, stage_metrics
 from ablate.utils import atomic_torch_save, cache_path, torch_load
 
 if TYPE_CHECKING:
@@ -316,15 +325,6 @@ def train_vqvae(spec: TokenizerSpec, train_images: Tensor, device: torch.device 
     return train_tokenizer(spec, train_images, device, log).model
 
 
-def code_stats(codes: Tensor, K: int) -> dict[str, float]:
-    """Codebook health of long codes [...] from a K-code book: ``codebook_usage`` (share of the K
-    codes that occur) and ``perplexity`` (exp of the entropy of their frequencies)."""
-    hist = torch.bincount(codes.flatten().cpu(), minlength=K).double()
-    p = hist / hist.sum().clamp_min(1)
-    nz = p[p > 0]
-    return {"codebook_usage": float((hist > 0).double().mean()), "perplexity": float(torch.exp(-(nz * nz.log()).sum()))}
-
-
 @torch.no_grad()
 def evaluate_vqvae(model: VQVAE, images: Tensor) -> dict[str, float]:
     """Reconstruction and code statistics on uint8 images [n, 3, H, W] (through encode -> decode,
@@ -333,38 +333,6 @@ def evaluate_vqvae(model: VQVAE, images: Tensor) -> dict[str, float]:
     recon = model.decode(codes)
     mse = (recon.float() - images.float()).div(255.0).pow(2).mean().item()
     return {"tok_recon_mse": mse, **{f"tok_{k}": v for k, v in code_stats(codes, model.codebook_size).items()}}
-
-
-class CodebookCollapse(RuntimeError):
-    """A trained tokenizer that uses almost none of its codes (``str(err)``: one line, the remedy)."""
-
-
-# a tokenizer using fewer than this share of the codes it could use on the validation images
-# (min(K, validation tokens)) has collapsed; healthy ones use most (measured: 98-99% of 512 codes
-# on shapes, against 9 codes = 1.8% for the seed-0 tokenizer whose encoder died)
-COLLAPSE_SHARE = 0.05
-
-
-def check_collapse(spec: TokenizerSpec, metrics: dict[str, float], n_tokens: int, key: str,
-                   log: Callable[[str], None] = print) -> None:
-    """Raise :class:`CodebookCollapse` when the validation codes show a collapsed tokenizer:
-    fewer than max(2, COLLAPSE_SHARE * min(K, n_tokens)) distinct codes. Tokenizers trained no
-    longer than their warmup (smoke tests: 20 steps use 1 of 32 codes at any seed) are only
-    logged: they never had the learning rate to collapse or to recover."""
-    used = round(metrics["tok_codebook_usage"] * spec.codebook_size)
-    if used >= max(2.0, COLLAPSE_SHARE * min(spec.codebook_size, n_tokens)):
-        return
-    if spec.total_steps <= spec.warmup_steps:
-        log(f"tokenizer {key}: {used} of {spec.codebook_size} codes used after {spec.total_steps} steps "
-            f"(within its {spec.warmup_steps} warmup steps: not checked for collapse)")
-        return
-    settings = ", ".join(f"{k}: {v}" for k, v in drop_later_defaults(spec, spec.model_dump(mode="json")).items()
-                         if k in ("codebook_size", "downsample", "act", "lookup", "lr", "seed", "steps", "stages"))
-    raise CodebookCollapse(
-        f"tokenizer {key} collapsed: {used} of {spec.codebook_size} codes used on the validation images "
-        f"(perplexity {metrics['tok_perplexity']:.1f}, recon mse {metrics['tok_recon_mse']:.4f}) with "
-        f"tokenizer {{{settings}}}; a relu encoder that died does this: set tokenizer.act: silu, or "
-        f"another tokenizer.seed, or a lower tokenizer.lr")
 
 
 # ----------------------------------------------------------------------------------------- caches
@@ -415,14 +383,6 @@ def _load_cached(file: Path, spec: TokenizerSpec, image_size: tuple[int, int], d
     return model.to(device).eval(), metrics
 
 
-def stage_metrics(stages: list[dict[str, float]]) -> dict[str, float]:
-    """Per-stage health as metrics ``tok_stage<i>_<name>`` (only for schedules of several stages)."""
-    if len(stages) < 2:
-        return {}
-    return {f"tok_stage{int(r['stage'])}_{k}": float(v) for r in stages for k, v in r.items()
-            if k in ("recon_mse", "codebook_usage", "perplexity", "restarts")}
-
-
 def get_tokenizer(spec: TokenizerSpec, data_key: str, train_images: Tensor, val_images: Tensor,
                   cache_root: Path, device: torch.device | str = "cpu",
                   log: Callable[[str], None] = print) -> tuple[VQVAE, dict[str, float], str]:
@@ -438,7 +398,7 @@ def get_tokenizer(spec: TokenizerSpec, data_key: str, train_images: Tensor, val_
     whenever the images do: it is the only thing the cache knows about them.
 
     Training checkpoints go to ``train_state.pt`` beside the cache file, so a killed job resumes
-    inside its stage. Raises :class:`CodebookCollapse` for a collapsed tokenizer (see
+    inside its stage. Raises :class:`~ablate.tokenizer.health.CodebookCollapse` for a collapsed tokenizer (see
     :func:`check_collapse`), also when it comes from the cache (it is kept there: the error
     repeats until a setting changes).
     """
