@@ -434,10 +434,12 @@ def format_validation_error(err: Exception, source: str = "") -> str:
                 msg += f" (accepted: {', '.join(sorted(parent.model_fields))})"
         elif e["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be")
+        elif e["type"] == "value_error":  # a validator's own message, which names its fields
+            msg = msg.removeprefix("Value error, ")
         more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         got = e.get("input")
         got_s = f"; got {got!r}" if got is not None and not isinstance(got, dict) and e["type"] != "extra_forbidden" else ""
-        return f"{where}{loc}: {msg}{got_s}{more}"
+        return f"{where}{loc + ': ' if loc else ''}{msg}{got_s}{more}"
     return f"{where}{err}"
 
 
