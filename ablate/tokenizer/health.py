@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ablate.config import TokenizerSpec, drop_later_defaults
+from ablate.config import TokenizerSpec
 
 
 def code_stats(codes: Tensor, K: int) -> dict[str, float]:
@@ -42,8 +42,8 @@ def check_collapse(spec: TokenizerSpec, metrics: dict[str, float], n_tokens: int
         log(f"tokenizer {key}: {used} of {spec.codebook_size} codes used after {spec.total_steps} steps "
             f"(within its {spec.warmup_steps} warmup steps: not checked for collapse)")
         return
-    settings = ", ".join(f"{k}: {v}" for k, v in drop_later_defaults(spec, spec.model_dump(mode="json")).items()
-                         if k in ("codebook_size", "downsample", "act", "lookup", "lr", "seed", "steps", "stages"))
+    shown = ("codebook_size", "downsample", "act", "lookup", "lr", "seed")
+    settings = ", ".join(f"{k}: {getattr(spec, k)}" for k in shown) + f", steps: {spec.total_steps}"
     raise CodebookCollapse(
         f"tokenizer {key} collapsed: {used} of {spec.codebook_size} codes used on the validation images "
         f"(perplexity {metrics['tok_perplexity']:.1f}, recon mse {metrics['tok_recon_mse']:.4f}) with "
