@@ -180,6 +180,13 @@ class TokenizerSpec(Closed):
         """Optimizer steps of the whole schedule: ``steps``, or the stages' steps summed."""
         return sum(st.steps for st in self.stages) if self.stages else self.steps
 
+    @property
+    def images_drawn(self) -> int:
+        """Training images the schedule draws (with repeats): steps x batch (x grad_accum), summed."""
+        if not self.stages:
+            return self.steps * self.batch_size
+        return sum(st.steps * st.batch_size * st.grad_accum for st in self.stages)
+
 
 class TextSpec(Closed):
     """Text encoder: ``learned`` (trained with the generator), ``minilm`` (frozen, offline),

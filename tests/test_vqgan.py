@@ -82,6 +82,9 @@ def test_stage_settings_are_checked_with_one_line_errors():
     assert "must end at data.image_size (32)" in line and "\n" not in line
     spec = RunSpec.model_validate({**tree, "tokenizer": {"stages": [stage, {**stage, "image_size": 32}]}})
     assert spec.tokenizer.total_steps == 6
+    assert spec.tokenizer.images_drawn == 24 and tiny().images_drawn == 400 * 16
+    accum = TokenizerSpec(stages=[stage, {**stage, "grad_accum": 2}])
+    assert accum.images_drawn == 12 + 24, "streamed data: the head of the split the stages can see"
     st = schedule(spec.tokenizer, (32, 32))
     assert [(s.image_size, s.start, s.end) for s in st] == [((16, 16), 0, 3), ((32, 32), 3, 6)]
     assert [(s.batch_size, s.grad_accum, s.steps) for s in schedule(tiny(), (16, 24))] == [(16, 1, 400)]
