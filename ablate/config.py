@@ -76,9 +76,20 @@ class DataSpec(Closed):
         return self
 
 
+class StageSpec(Closed):
+    """One resolution of a progressive tokenizer schedule (``tokenizer.stages``)."""
+
+    image_size: int = Field(ge=8, le=1024, description="square side the images are resized to (area)")
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    steps: int = Field(ge=1, description="optimizer steps at this resolution")
+
+
 class TokenizerSpec(Closed):
     """Image -> grid of discrete codes: ``vqvae`` (a conv VQ-VAE trained here) or ``diffusers``
-    (a frozen pretrained ``VQModel`` at ``path``; the other fields do not apply to it)."""
+    (a frozen pretrained ``VQModel`` at ``path``; the other fields do not apply to it). The VQ-VAE's
+    VQGAN options (``disc_weight``, ``lpips_weights``, ``l1_weight``, ``ema_weights``) give the
+    recipe of Esser et al.; at their defaults it is the plain MSE VQ-VAE of before."""
 
     kind: Literal["vqvae", "diffusers"] = Field("vqvae", json_schema_extra=LATER)
     path: Optional[str] = Field(None, json_schema_extra=LATER,
@@ -101,6 +112,40 @@ class TokenizerSpec(Closed):
     lr: float = Field(5e-3, gt=0)
     warmup_steps: int = Field(50, ge=1)
     seed: int = 0
+    # the VQGAN recipe, progressive resolution, codebook lookup (issue 19)
+    act: Literal["relu", "silu"] = Field(
+        "relu", json_schema_extra=LATER,
+        description="encoder/decoder nonlinearity; silu cannot die (measured: a relu encoder of the "
+                    "16-token shapes tokenizer died at seed 0 and used 9 of 512 codes)")
+    lookup: Literal["euclidean", "cosine"] = Field(
+        "euclidean", json_schema_extra=LATER,
+        description="nearest code by L2 distance, or by cosine between l2-normalised encoder outputs "
+                    "and codes (ViT-VQGAN; code_dim is then the factorised lookup dimension)")
+    l1_weight: float = Field(0.0, ge=0, json_schema_extra=LATER, description="L1 pixel loss weight")
+    l2_weight: float = Field(1.0, ge=0, json_schema_extra=LATER, description="L2 (MSE) pixel loss weight")
+    lpips_weights: Optional[str] = Field(
+        None, json_schema_extra=LATER,
+        description="local LPIPS (VGG16 layout) state-dict file (.pt/.pth/.safetensors): adds the "
+                    "perceptual loss; nothing is downloaded")
+    perceptual_weight: float = Field(1.0, ge=0, json_schema_extra=LATER,
+                                     description="weight of the LPIPS loss (only with lpips_weights)")
+    disc_weight: float = Field(
+        0.0, ge=0, json_schema_extra=LATER,
+        description="PatchGAN hinge loss weight, times the adaptive weight (0: no discriminator)")
+    disc_start: int = Field(0, ge=0, json_schema_extra=LATER,
+                            description="optimizer steps before the discriminator is switched on")
+    disc_layers: int = Field(3, ge=1, le=6, json_schema_extra=LATER,
+                             description="stride-2 layers of the PatchGAN (its patch grows with them)")
+    disc_channels: int = Field(64, ge=4, json_schema_extra=LATER, description="PatchGAN first-layer channels")
+    ema_weights: float = Field(
+        0.0, ge=0, lt=1, json_schema_extra=LATER,
+        description="decay of an EMA of the encoder, quantizer and decoder weights, which then encode "
+                    "and decode (0: none; not ema_decay, the codebook's own update)")
+    stages: list[StageSpec] = Field(
+        default_factory=list, json_schema_extra=LATER,
+        description="progressive resolution: [{image_size, batch_size, grad_accum, steps}, ...], one "
+                    "fully convolutional model across them; replaces steps and batch_size (empty: one "
+                    "stage at data.image_size)")
 
     @model_validator(mode="after")
     def _diffusers_needs_path(self) -> "TokenizerSpec":
@@ -115,6 +160,32 @@ class TokenizerSpec(Closed):
         if v < 1 or v & (v - 1):
             raise ValueError(f"tokenizer.downsample must be a power of two (1, 2, 4, 8, ...), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> "TokenizerSpec":
+        if not self.stages:
+            return self
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"tokenizer.{name} is set per stage when tokenizer.stages is given; "
+                                 f"remove tokenizer.{name} (or tokenizer.stages)")
+        for i, st in enumerate(self.stages):
+            if st.image_size % self.downsample:
+                raise ValueError(f"tokenizer.stages[{i}].image_size ({st.image_size}) must be a multiple "
+                                 f"of tokenizer.downsample ({self.downsample})")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole schedule: ``steps``, or the stages' steps summed."""
+        return sum(st.steps for st in self.stages) if self.stages else self.steps
+
+    @property
+    def images_drawn(self) -> int:
+        """Training images the schedule draws (with repeats): steps x batch (x grad_accum), summed."""
+        if not self.stages:
+            return self.steps * self.batch_size
+        return sum(st.steps * st.batch_size * st.grad_accum for st in self.stages)
 
 
 class TextSpec(Closed):
@@ -277,6 +348,15 @@ class RunSpec(Closed):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _stages_end_at_data_size(self) -> "RunSpec":
+        sizes = [st.image_size for st in self.tokenizer.stages]
+        if sizes and (sizes[-1] != self.data.image_size or max(sizes) > self.data.image_size):
+            raise ValueError(f"tokenizer.stages image sizes {sizes} must end at data.image_size "
+                             f"({self.data.image_size}) and never exceed it: the last stage trains at "
+                             "the resolution the tokenizer encodes")
+        return self
+
 
 def canonical_json(obj: Any) -> str:
     """Stable JSON: sorted keys, no whitespace, floats as Python reprs."""
@@ -361,10 +441,12 @@ def format_validation_error(err: Exception, source: str = "") -> str:
                 msg += f" (accepted: {', '.join(sorted(parent.model_fields))})"
         elif e["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be")
+        elif e["type"] == "value_error":  # a validator's own message, which names its fields
+            msg = msg.removeprefix("Value error, ")
         more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         got = e.get("input")
         got_s = f"; got {got!r}" if got is not None and not isinstance(got, dict) and e["type"] != "extra_forbidden" else ""
-        return f"{where}{loc}: {msg}{got_s}{more}"
+        return f"{where}{loc + ': ' if loc else ''}{msg}{got_s}{more}"
     return f"{where}{err}"
 
 

@@ -135,7 +135,7 @@ def load_tokenizer(spec: RunSpec, splits: Any, results_dir: Path, device: torch.
     """(tokenizer, its ``tok_*`` metrics, its cache key): the pretrained one at
     ``tokenizer.path`` (frozen; its reconstruction still measured on validation images), or the
     VQ-VAE trained once on the training images (streaming data: the first
-    ``min(n_train, steps x batch_size)`` of them, as many as its training can see)."""
+    ``min(n_train, tokenizer.images_drawn)`` of them, as many as its training can see)."""
     from .tokenizer import evaluate_vqvae, get_tokenizer
     from .tokenizer.pretrained import load_pretrained
 
@@ -146,7 +146,7 @@ def load_tokenizer(spec: RunSpec, splits: Any, results_dir: Path, device: torch.
     if hasattr(splits, "train"):
         train = splits.train.images
     else:
-        train = splits.head("train", min(spec.data.n_train, t.steps * t.batch_size)).images
+        train = splits.head("train", min(spec.data.n_train, t.images_drawn)).images
     return get_tokenizer(t, splits.image_key, train, splits.val.images, results_dir, device, log=say)
 
 

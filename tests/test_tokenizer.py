@@ -155,14 +155,14 @@ def test_get_tokenizer_caches_and_reloads(data, tmp_path, monkeypatch):
     lines: list[str] = []
     vq1, m1, key = get_tokenizer(spec, "squares-v1", train, val, tmp_path, "cpu", log=lines.append)
     assert any("training" in s for s in lines)
-    assert set(m1) == {"tok_recon_mse", "tok_codebook_usage", "tok_perplexity", "tok_train_s"}
+    assert set(m1) == {"tok_recon_mse", "tok_codebook_usage", "tok_perplexity", "tok_restarts", "tok_train_s"}
     assert m1["tok_train_s"] > 0
     assert (tmp_path / "cache" / "tokenizer" / key / "vqvae.pt").exists()
 
     def no_training(*a, **k):
         raise AssertionError("a cached tokenizer was retrained")
 
-    monkeypatch.setattr(vqvae, "train_vqvae", no_training)
+    monkeypatch.setattr(vqvae, "train_tokenizer", no_training)
     vq2, m2, key2 = get_tokenizer(spec, "squares-v1", train, val, tmp_path, "cpu", log=lines.append)
     assert key2 == key and m2 == m1
     assert not vq2.training

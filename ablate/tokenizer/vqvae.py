@@ -10,6 +10,14 @@ with codebook + commitment losses). Codes unused for ``restart_after`` steps are
 from encoder outputs of the batch, which keeps codebook usage high on data as repetitive as
 ``shapes``.
 
+Training (:mod:`ablate.tokenizer.stages`) runs one fully convolutional model through
+``tokenizer.stages`` of rising resolution, with the VQGAN recipe's pieces
+(:mod:`ablate.tokenizer.vqgan`) where switched on; the defaults are the plain MSE VQ-VAE, bit
+for bit. A tokenizer whose encoder died (ReLU, no gradient: measured on the 16-token shapes
+tokenizer at seed 0, 9 of 512 codes) is refused with :class:`~ablate.tokenizer.health.CodebookCollapse`; ``act: silu``
+trains it (91% of the codes); the cosine lookup does not (12 codes: a dead encoder maps every
+patch to one vector, whatever the metric).
+
 Legend: n images, C code_dim, K codebook_size, (h, w) token grid, H x W pixels.
 """
 from __future__ import annotations
@@ -17,16 +25,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate.config import TokenizerSpec, content_hash, drop_later_defaults
+from ablate.tokenizer.health import check_collapse, code_stats, stage_metrics
 from ablate.utils import atomic_torch_save, cache_path, torch_load
+
+if TYPE_CHECKING:
+    from ablate.tokenizer.stages import Trained
 
 # Bump when the architecture or training recipe changes: old caches then miss instead of loading
 # weights into a module that no longer matches them.
@@ -34,16 +45,22 @@ TOKENIZER_VERSION = 1
 ENCODE_BATCH = 512
 
 
-class ResBlock(nn.Module):
-    """x + conv1x1(relu(conv3x3(relu(x)))): cheap refinement at a fixed resolution."""
+def _act(spec: TokenizerSpec) -> type[nn.Module]:
+    """``tokenizer.act``: ReLU (the original) or SiLU, which has no dead region."""
+    return nn.SiLU if spec.act == "silu" else nn.ReLU
 
-    def __init__(self, c: int) -> None:
+
+class ResBlock(nn.Module):
+    """x + conv1x1(act(conv3x3(act(x)))): cheap refinement at a fixed resolution."""
+
+    def __init__(self, c: int, act: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c, c, 3, padding=1)
         self.conv2 = nn.Conv2d(c, c, 1)
+        self.act = act()
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+        return x + self.conv2(self.act(self.conv1(self.act(x))))
 
 
 def _stage_channels(hidden: int, n_down: int) -> list[int]:
@@ -55,6 +72,7 @@ class Encoder(nn.Module):
     def __init__(self, spec: TokenizerSpec) -> None:
         super().__init__()
         n_down = int(math.log2(spec.downsample))
+        act = _act(spec)
         layers: list[nn.Module] = []
         c_in = 3
         if n_down == 0:
@@ -62,13 +80,13 @@ class Encoder(nn.Module):
             c_in = spec.hidden
         for i, c in enumerate(_stage_channels(spec.hidden, n_down)):
             if i:
-                layers.append(nn.ReLU())
+                layers.append(act())
             layers.append(nn.Conv2d(c_in, c, 4, stride=2, padding=1))
             c_in = c
         if c_in != spec.hidden:
-            layers += [nn.ReLU(), nn.Conv2d(c_in, spec.hidden, 3, padding=1)]
-        layers += [ResBlock(spec.hidden) for _ in range(spec.res_blocks)]
-        layers += [nn.ReLU(), nn.Conv2d(spec.hidden, spec.code_dim, 1)]
+            layers += [act(), nn.Conv2d(c_in, spec.hidden, 3, padding=1)]
+        layers += [ResBlock(spec.hidden, act) for _ in range(spec.res_blocks)]
+        layers += [act(), nn.Conv2d(spec.hidden, spec.code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,17 +99,23 @@ class Decoder(nn.Module):
         super().__init__()
         n_down = int(math.log2(spec.downsample))
         chans = _stage_channels(spec.hidden, n_down)[::-1]  # token resolution -> full resolution
+        act = _act(spec)
         layers: list[nn.Module] = [nn.Conv2d(spec.code_dim, spec.hidden, 3, padding=1)]
-        layers += [ResBlock(spec.hidden) for _ in range(spec.res_blocks)]
+        layers += [ResBlock(spec.hidden, act) for _ in range(spec.res_blocks)]
         c_in = spec.hidden
         for i in range(n_down):
             c_out = chans[i + 1] if i + 1 < n_down else 16
-            layers += [nn.ReLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+            layers += [act(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
             c_in = c_out
         # 1x1 to pixels: a 3x3 conv at full resolution cost as much as the rest of the decoder
         # for no visible gain; dropping the per-pixel nonlinearity altogether doubled the MSE.
-        layers += [nn.ReLU(), nn.Conv2d(c_in, 3, 1 if n_down else 3, padding=0 if n_down else 1)]
+        layers += [act(), nn.Conv2d(c_in, 3, 1 if n_down else 3, padding=0 if n_down else 1)]
         self.net = nn.Sequential(*layers)
+
+    @property
+    def last(self) -> Tensor:
+        """The output conv's weight: where the VQGAN adaptive weight compares gradient norms."""
+        return self.net[-1].weight
 
     def forward(self, q: Tensor) -> Tensor:
         """q: [n, C, h, w] -> pixels [n, 3, H, W], nominally in [0, 1] (unclamped)."""
@@ -99,7 +123,11 @@ class Decoder(nn.Module):
 
 
 class Quantizer(nn.Module):
-    """Nearest-neighbour codebook lookup with EMA or straight-through learning and dead-code restarts."""
+    """Nearest-neighbour codebook lookup with EMA or straight-through learning and dead-code restarts.
+
+    ``lookup: cosine`` (ViT-VQGAN) l2-normalises encoder outputs and codes before the lookup, so
+    the lookup is by angle, every code lies on the unit sphere where the data is, and the decoder
+    sees unit vectors; ``code_dim`` is then the factorised (low) lookup dimension."""
 
     def __init__(self, spec: TokenizerSpec) -> None:
         super().__init__()
@@ -108,8 +136,10 @@ class Quantizer(nn.Module):
         self.decay = spec.ema_decay
         self.commitment = spec.commitment
         self.restart_after = spec.restart_after if spec.dead_code_restart else 0
+        self.cosine = spec.lookup == "cosine"
         self.eps = 1e-5
         embed = torch.randn(self.K, self.C) / math.sqrt(self.C)
+        embed = self._space(embed)
         if self.kind == "st":
             self.embed = nn.Parameter(embed)
         else:
@@ -117,22 +147,28 @@ class Quantizer(nn.Module):
             self.register_buffer("cluster_size", torch.zeros(self.K))
             self.register_buffer("embed_sum", embed.clone())
         self.register_buffer("initialised", torch.tensor(False))
-        # Steps since each code was last chosen; training-only bookkeeping, not part of the state.
+        # Steps since each code was last chosen: training bookkeeping outside the state dict (cached
+        # weights of before load as they are); the training checkpoint saves it.
         self._idle = torch.zeros(self.K, dtype=torch.long)
         self.restarts = 0
 
+    def _space(self, x: Tensor) -> Tensor:
+        """The lookup space: unit vectors with ``lookup: cosine``, else ``x`` itself."""
+        return F.normalize(x, dim=-1) if self.cosine else x
+
     def codes(self, z: Tensor) -> Tensor:
-        """z: [m, C] -> nearest code index [m] (squared L2), in row chunks so that the distance
-        matrix stays small for large codebooks."""
-        e = self.embed
+        """z: [m, C] -> nearest code index [m] (squared L2 in the lookup space), in row chunks so
+        that the distance matrix stays small for large codebooks."""
+        e = self._space(self.embed)
+        z = self._space(z)
         e2 = e.pow(2).sum(1)[None]  # [1, K]
         rows = max(1, 2**22 // self.K)
         return torch.cat([(e2 - 2 * c @ e.t()).argmin(1) for c in z.split(rows)]) if z.shape[0] else \
             torch.zeros(0, dtype=torch.long, device=z.device)
 
     def lookup(self, idx: Tensor) -> Tensor:
-        """idx: [...] long -> code vectors [..., C]."""
-        return F.embedding(idx, self.embed)
+        """idx: [...] long -> code vectors [..., C] (unit vectors with ``lookup: cosine``)."""
+        return F.embedding(idx, self._space(self.embed))
 
     @torch.no_grad()
     def _init_from(self, z: Tensor, gen: torch.Generator) -> None:
@@ -152,7 +188,7 @@ class Quantizer(nn.Module):
         n = self.cluster_size.sum()
         # Laplace smoothing keeps a code that lost all its vectors from dividing by zero.
         smoothed = (self.cluster_size + self.eps) / (n + self.K * self.eps) * n
-        self.embed.copy_(self.embed_sum / smoothed[:, None])
+        self.embed.copy_(self._space(self.embed_sum / smoothed[:, None]))
 
     @torch.no_grad()
     def _restart_dead(self, z: Tensor, err: Tensor, counts: Tensor, gen: torch.Generator) -> None:
@@ -167,6 +203,7 @@ class Quantizer(nn.Module):
         w = w if float(w.sum()) > 0 else torch.ones_like(w)
         pick = torch.multinomial(w, dead.numel(), replacement=True, generator=gen).to(z.device)
         new = z[pick] + 1e-3 * z.std() * torch.randn(dead.numel(), self.C, generator=gen).to(z.device)
+        new = self._space(new)
         dead_d = dead.to(z.device)
         self.embed.data[dead_d] = new
         if self.kind == "ema":
@@ -182,7 +219,7 @@ class Quantizer(nn.Module):
         randomness from ``gen`` so a run is reproducible.
         """
         n, C, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, C)  # [n*h*w, C]
+        flat = self._space(z.permute(0, 2, 3, 1).reshape(-1, C))  # [n*h*w, C]
         if self.training and gen is not None and not bool(self.initialised):
             self._init_from(flat.detach(), gen)
         idx = self.codes(flat.detach())
@@ -271,65 +308,21 @@ class VQVAE(nn.Module):
 
 # --------------------------------------------------------------------------------------- training
 
-def _lr_at(step: int, spec: TokenizerSpec) -> float:
-    """Linear warmup, then cosine decay to 5% of ``lr`` (the last steps polish the reconstructions)."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
-    t = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
-    return spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+def train_tokenizer(spec: TokenizerSpec, train_images: Tensor, device: torch.device | str = "cpu",
+                    log: Callable[[str], None] = print, **kw: Any) -> "Trained":
+    """:func:`ablate.tokenizer.stages.fit` (stages, VQGAN losses, EMA weights, checkpoints): the
+    trained tokenizer with its raw weights and per-stage health. ``kw`` goes to ``fit``."""
+    from ablate.tokenizer.stages import fit  # stages imports this module
 
-
-def _rng_scope(device: torch.device) -> contextlib.AbstractContextManager:
-    """Seed torch for weight init without disturbing the caller's global random state."""
-    devices = [device] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
-
-
-def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """AdamW, fused where this torch supports it: with ~20 small tensors the per-tensor update
-    loop cost a tenth of every step on CPU."""
-    kw = dict(lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    try:
-        return torch.optim.AdamW(model.parameters(), fused=True, **kw)
-    except (RuntimeError, TypeError):  # older torch: fused only on CUDA
-        return torch.optim.AdamW(model.parameters(), **kw)
+    return fit(spec, train_images, device, log, **kw)
 
 
 def train_vqvae(spec: TokenizerSpec, train_images: Tensor, device: torch.device | str = "cpu",
                 log: Callable[[str], None] = print) -> VQVAE:
-    """Train a VQ-VAE on uint8 images [n, 3, H, W] for ``spec.steps`` steps; deterministic given
-    ``spec.seed`` (on a fixed device and thread count). Returns the model in eval mode."""
-    device = torch.device(device)
-    H, W = train_images.shape[2:]
-    with _rng_scope(device):
-        torch.manual_seed(spec.seed)
-        model = VQVAE(spec, (H, W)).to(device)
-    gen = torch.Generator().manual_seed(spec.seed + 1)  # batches and code restarts
-    opt = _adamw(model, spec.lr)
-    data = train_images.to(device)
-    n = data.shape[0]
-    perm, pos = torch.randperm(n, generator=gen), 0
-    model.train()
-    every = max(1, spec.steps // 10)
-    for step in range(spec.steps):
-        if pos + spec.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + spec.batch_size]
-        pos += spec.batch_size
-        target = data[idx.to(device)].float().div(255.0)  # [b, 3, H, W] in [0, 1]
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, spec)
-        recon, codes, vq_loss = model(target * 2 - 1, gen)
-        mse = F.mse_loss(recon, target)
-        loss = mse + vq_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % every == 0 or step == 0:
-            used = codes.unique().numel() / spec.codebook_size
-            log(f"tokenizer step {step + 1}/{spec.steps}: mse {mse.item():.5f} "
-                f"batch code usage {used:.2f} restarts {model.quantizer.restarts}")
-    return model.eval()
+    """Train a tokenizer on uint8 images [n, 3, H, W]; deterministic given ``spec.seed`` (on a
+    fixed device and thread count). Returns the model that encodes (the EMA weights with
+    ``tokenizer.ema_weights``) in eval mode."""
+    return train_tokenizer(spec, train_images, device, log).model
 
 
 @torch.no_grad()
@@ -339,23 +332,21 @@ def evaluate_vqvae(model: VQVAE, images: Tensor) -> dict[str, float]:
     codes = model.encode(images)
     recon = model.decode(codes)
     mse = (recon.float() - images.float()).div(255.0).pow(2).mean().item()
-    hist = torch.bincount(codes.flatten().cpu(), minlength=model.codebook_size).double()
-    p = hist / hist.sum()
-    nz = p[p > 0]
-    return {
-        "tok_recon_mse": mse,
-        "tok_codebook_usage": float((hist > 0).double().mean()),
-        "tok_perplexity": float(torch.exp(-(nz * nz.log()).sum())),
-    }
+    return {"tok_recon_mse": mse, **{f"tok_{k}": v for k, v in code_stats(codes, model.codebook_size).items()}}
 
 
 # ----------------------------------------------------------------------------------------- caches
 
 def tokenizer_key(spec: TokenizerSpec, data_key: str, image_size: tuple[int, int]) -> str:
-    """Identity of a trained tokenizer: data, image size, every spec field and the code version."""
+    """Identity of a trained tokenizer: data, image size, every spec field (those added later only
+    when set, so older keys stand), the LPIPS weights by content, and the code version."""
+    tok = drop_later_defaults(spec, spec.model_dump(mode="json"))
+    if spec.lpips_weights:
+        from ablate.tokenizer.vqgan import file_digest
+
+        tok["lpips_weights"] = file_digest(spec.lpips_weights)
     return content_hash({"data": data_key, "image_size": list(image_size),
-                         "tokenizer": drop_later_defaults(spec, spec.model_dump(mode="json")),
-                         "version": TOKENIZER_VERSION})
+                         "tokenizer": tok, "version": TOKENIZER_VERSION})
 
 
 @contextlib.contextmanager
@@ -377,6 +368,8 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _load_cached(file: Path, spec: TokenizerSpec, image_size: tuple[int, int], device: torch.device,
                  log: Callable[[str], None]) -> tuple[VQVAE, dict[str, float]] | None:
+    """The cached tokenizer: ``state`` holds the weights that encode (EMA ones when the spec
+    averages weights; ``raw_state`` then holds the raw ones, kept for inspection only)."""
     if not file.exists():
         return None
     try:
@@ -399,9 +392,15 @@ def get_tokenizer(spec: TokenizerSpec, data_key: str, train_images: Tensor, val_
     Returns (model in eval mode on ``device``, metrics, tok_key). Metrics are measured on
     ``val_images`` right after training and stored with the weights: ``tok_recon_mse`` (mean squared
     error on [0, 1] pixels), ``tok_codebook_usage`` (share of the K codes used), ``tok_perplexity``
-    (exp of the entropy of code usage) and ``tok_train_s`` (seconds the training took, also on a
-    cache hit). ``data_key`` must change whenever the images do: it is the only thing the cache
-    knows about them.
+    (exp of the entropy of code usage), ``tok_restarts`` (dead-code restarts), ``tok_train_s``
+    (seconds the training took, also on a cache hit), and with several stages
+    ``tok_stage<i>_{recon_mse,codebook_usage,perplexity,restarts}``. ``data_key`` must change
+    whenever the images do: it is the only thing the cache knows about them.
+
+    Training checkpoints go to ``train_state.pt`` beside the cache file, so a killed job resumes
+    inside its stage. Raises :class:`~ablate.tokenizer.health.CodebookCollapse` for a collapsed tokenizer (see
+    :func:`check_collapse`), also when it comes from the cache (it is kept there: the error
+    repeats until a setting changes).
     """
     device = torch.device(device)
     image_size = (int(train_images.shape[2]), int(train_images.shape[3]))
@@ -412,19 +411,26 @@ def get_tokenizer(spec: TokenizerSpec, data_key: str, train_images: Tensor, val_
         with _file_lock(file.parent / ".lock"):
             hit = _load_cached(file, spec, image_size, device, log)  # another job may have finished it
             if hit is None:
-                log(f"tokenizer {key}: training {spec.steps} steps on {train_images.shape[0]} images")
-                t0 = time.perf_counter()
-                model = train_vqvae(spec, train_images, device, log)
-                train_s = time.perf_counter() - t0
-                metrics = {**evaluate_vqvae(model, val_images), "tok_train_s": train_s}
-                atomic_torch_save({"version": TOKENIZER_VERSION, "spec": spec.model_dump_json(),
-                                   "image_size": list(image_size), "metrics": metrics,
-                                   "state": {k: v.cpu() for k, v in model.state_dict().items()}}, file)
+                log(f"tokenizer {key}: training {spec.total_steps} steps on {train_images.shape[0]} images")
+                state_file = file.parent / "train_state.pt"
+                res = train_tokenizer(spec, train_images, device, log, val_images=val_images,
+                                      state_file=state_file)
+                model = res.model
+                metrics = {**evaluate_vqvae(model, val_images), "tok_restarts": float(res.restarts),
+                           **stage_metrics(res.stages), "tok_train_s": res.train_s}
+                blob = {"version": TOKENIZER_VERSION, "spec": spec.model_dump_json(),
+                        "image_size": list(image_size), "metrics": metrics, "stages": res.stages,
+                        "state": {k: v.cpu() for k, v in model.state_dict().items()}}
+                if res.raw is not None:
+                    blob["raw_state"] = {k: v.cpu() for k, v in res.raw.items()}
+                atomic_torch_save(blob, file)
+                state_file.unlink(missing_ok=True)
                 hit = (model, metrics)
                 log(f"tokenizer {key}: val mse {metrics['tok_recon_mse']:.5f}, code usage "
                     f"{metrics['tok_codebook_usage']:.2f}, perplexity {metrics['tok_perplexity']:.1f}, "
-                    f"{train_s:.1f}s")
+                    f"{res.train_s:.1f}s")
     model, metrics = hit
+    check_collapse(spec, metrics, int(val_images.shape[0]) * model.grid[0] * model.grid[1], key, log)
     return model, metrics, key
 
 
