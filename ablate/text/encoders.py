@@ -131,10 +131,9 @@ class LearnedTextEncoder(TextEncoder):
 
     def featurize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """-> (ids long [n, T] padded with PAD, mask bool [n, T])."""
-        ids = torch.full((len(captions), self.max_len), PAD, dtype=torch.long)
-        for i, c in enumerate(captions):
-            row = self.ids_of(c)
-            ids[i, : len(row)] = torch.tensor(row)
+        rows = [self.ids_of(c) for c in captions]
+        ids = torch.tensor([r + [PAD] * (self.max_len - len(r)) for r in rows], dtype=torch.long)
+        ids = ids.reshape(len(captions), self.max_len)  # also for an empty list
         return ids, ids != PAD
 
     def null_features(self, n: int) -> tuple[Tensor, Tensor]:

@@ -74,6 +74,14 @@ def fit(state: Any, stream: Any, step_loss: StepLoss, spec: Any, hooks: Hooks) -
     Steps from ``spec.train.throughput_warmup`` on are timed into ``state.train_s`` (and their
     data reading into ``state.data_s``); ``state.first_step_at`` / ``last_step_at`` are this
     attempt's wall-clock times of its first step's start and latest step's end."""
+    try:
+        _fit(state, stream, step_loss, spec, hooks)
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()
+
+
+def _fit(state: Any, stream: Any, step_loss: StepLoss, spec: Any, hooks: Hooks) -> None:
     t = spec.train
     cuda = next(state.model.parameters()).device.type == "cuda"
     while state.step < t.steps:

@@ -2,11 +2,14 @@
 
 ``stream.train_batch(step)`` is a pure function of the step (and of the rank and world size):
 the data position never needs saving, and a resumed or re-ranked job reads exactly the batches
-an uninterrupted one would.
+an uninterrupted one would. Because it is, the next step's batch can be read ahead in a
+background thread while this step computes (reading the memory-mapped codes and featurizing
+captions mostly overlaps with the model's compute, which releases the GIL).
 """
 from __future__ import annotations
 
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Optional
 
 import torch
 
@@ -49,6 +52,8 @@ class TokenStream:
         self.features = CaptionFeatures(encoder, data, device, cache)
         self.sampler = StepSampler(len(data["train"]), batch_size, seed)
         self.null = tuple(t.to(device) for t in encoder.null_features(1))
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._ahead: Optional[tuple[tuple[int, int, int], Future]] = None
 
     def batch(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes long [b, L], text features [b, T, F], mask [b, T]) of samples ``idx`` of ``split``."""
@@ -56,6 +61,29 @@ class TokenStream:
         feats, mask = self.features(split, idx)
         return codes, feats, mask
 
-    def train_batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The training batch of ``step`` (rank ``rank``'s share of it when ``world > 1``)."""
+    def _read(self, step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.batch("train", self.sampler.indices(step, rank, world))
+
+    def train_batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training batch of ``step`` (rank ``rank``'s share of it when ``world > 1``); starts
+        reading step + 1's batch in the background."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (step, rank, world):
+            out = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].cancel()
+            out = self._read(step, rank, world)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-batch")
+        self._ahead = ((step + 1, rank, world), self._pool.submit(self._read, step + 1, rank, world))
+        return out
+
+    def close(self) -> None:
+        """Stop reading ahead (the thread ends; a later train_batch starts it again)."""
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
