@@ -4,8 +4,9 @@ metrics of generated images (``fid_domain``, ``kid_domain``, ``precision_domain`
 from __future__ import annotations
 
 from ablate.eval.judge import Judge, get_judge, judge_key, train_judge
-from ablate.eval.metrics import (alignment, blank_mask, check_eval_spec, clip_score, count_components,
-                                 domain_metrics, evaluate_images, fid_domain, fragment_mask, inception_fid,
+from ablate.eval.standard import check_eval_spec, clip_score, inception_fid
+from ablate.eval.metrics import (alignment, blank_mask, count_components,
+                                 domain_metrics, evaluate_images, fid_domain, fragment_mask,
                                  judge_report, kid_domain, pixel_std, precision_recall)
 
 __all__ = ["Judge", "get_judge", "judge_key", "train_judge", "alignment", "blank_mask", "check_eval_spec",

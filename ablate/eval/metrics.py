@@ -33,7 +33,6 @@ Every metric is computed or absent, never a placeholder:
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -44,6 +43,7 @@ from ablate.config import EvalSpec
 from ablate.data import DatasetSplits, ImageTextSet, parse_caption
 from ablate.data.shapes import HeldOut, relation_holds
 from ablate.eval.judge import Judge, grid_targets
+from ablate.eval.standard import _feed, check_eval_spec, clip_score, inception_fid
 from ablate.utils import expand_path
 
 FOREGROUND_DELTA = 0.15  # colour distance from the background that counts as foreground
@@ -192,13 +192,6 @@ class JudgeFeatures(nn.Module):
         return self.judge.features(images).to(self.out_dtype)
 
 
-def _feed(metric, fake: torch.Tensor, real: torch.Tensor, device: torch.device):
-    for imgs, is_real in ((real, True), (fake, False)):
-        for i in range(0, imgs.shape[0], _CHUNK):
-            metric.update(imgs[i:i + _CHUNK].to(device), real=is_real)
-    return metric.compute()
-
-
 def fid_domain(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device: torch.device) -> float:
     """FID in the judge's feature space between two uint8 image sets (>= 2 images each)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -272,70 +265,6 @@ def domain_metrics(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device:
     precision, recall = precision_recall(judge.features(fake), judge.features(real), k)
     return {"fid_domain": fid_domain(judge, fake, real, device), "kid_domain": kid, "kid_domain_std": kid_std,
             "precision_domain": precision, "recall_domain": recall}
-
-
-def check_eval_spec(spec: EvalSpec) -> None:
-    """Fail early (one line naming the field) when an optional metric is asked for but cannot run."""
-    if spec.inception_weights is not None:
-        if not Path(expand_path(spec.inception_weights, "eval.inception_weights")).is_file():
-            raise FileNotFoundError(f"eval.inception_weights: no file at {spec.inception_weights!r} "
-                                    "(a local FID Inception weights .pth; nothing is downloaded)")
-        try:
-            import torch_fidelity  # noqa: F401
-        except ImportError:
-            raise ImportError("eval.inception_weights needs torch-fidelity and torchvision "
-                              "(pip install torch-fidelity torchvision), or leave it unset") from None
-    if spec.clip_model is not None and not (Path(expand_path(spec.clip_model, "eval.clip_model"))
-                                            / "config.json").is_file():
-        raise FileNotFoundError(f"eval.clip_model: {spec.clip_model!r} is not a local transformers CLIP "
-                                "directory (with config.json and the processor files)")
-
-
-def inception_fid(weights: str, fake: torch.Tensor, real: torch.Tensor, device: torch.device) -> float:
-    """Standard FID (Inception pool3, 2048-d) with weights from a local file."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    metric = FrechetInceptionDistance(feature=2048, normalize=False,
-                                      feature_extractor_weights_path=str(weights)).to(device)
-    return float(_feed(metric, fake, real, device))
-
-
-class _ClipEmbeddings(nn.Module):
-    """A CLIPModel whose ``get_*_features`` return the projected embeddings as tensors: since
-    transformers 5 they return a model output (embeddings in ``pooler_output``), which
-    torchmetrics 1.9's CLIPScore cannot normalise."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    @staticmethod
-    def _tensor(out) -> torch.Tensor:
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
-        return self._tensor(self.model.get_image_features(*args, **kwargs))
-
-    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
-        return self._tensor(self.model.get_text_features(*args, **kwargs))
-
-
-def clip_score(model_dir: str, images: torch.Tensor, captions: list[str], device: torch.device) -> float:
-    """Mean torchmetrics CLIPScore (100 * cosine, floored at 0) of images and their captions,
-    with a CLIP model and processor loaded from a local directory only."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
-
-    def load():
-        model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
-        return _ClipEmbeddings(model), CLIPProcessor.from_pretrained(model_dir, local_files_only=True)
-
-    metric = CLIPScore(model_name_or_path=load).to(device)
-    with torch.no_grad():
-        for i in range(0, images.shape[0], _CHUNK):
-            metric.update(list(images[i:i + _CHUNK].to(device)), captions[i:i + _CHUNK])
-    return float(metric.compute())
 
 
 def evaluate_images(images: torch.Tensor, captions: list[str], attrs: Optional[list], real: ImageTextSet,
