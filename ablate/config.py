@@ -287,6 +287,20 @@ class EvalSpec(Closed):
     judge_width: int = Field(32, ge=4, description="channels of the judge's conv trunk")
     fragment_components: int = Field(
         3, ge=1, description="an image with more foreground components than this counts as fragments")
+    # the domain CLIP judge: a small contrastive image-text model trained on the real pairs
+    clip_judge: Optional[bool] = Field(
+        None, json_schema_extra=LATER,
+        description="the domain CLIP judge (clip_domain, and fid_domain/kid_domain on data without "
+                    "attribute labels): null = wherever the train split has enough pairs, true = "
+                    "required (an error where it cannot be trained), false = off")
+    clip_steps: int = Field(500, ge=1, json_schema_extra=LATER,
+                            description="training steps of the domain CLIP judge")
+    clip_batch_size: int = Field(128, ge=2, json_schema_extra=LATER,
+                                 description="pairs per step of the CLIP judge (its InfoNCE negatives)")
+    clip_lr: float = Field(2e-3, gt=0, json_schema_extra=LATER, description="peak learning rate of the CLIP judge")
+    clip_width: int = Field(32, ge=4, json_schema_extra=LATER, description="channels of the CLIP judge's image tower")
+    clip_images: int = Field(50000, ge=2, json_schema_extra=LATER,
+                             description="streamed data: training pairs the CLIP judge reads (the first N)")
     # sample-sheet snapshots only observe training (own RNG, EMA weights, no_grad): same results
     sheet_prompts: int = Field(
         6, ge=0, le=64, json_schema_extra=LATER,

@@ -12,8 +12,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
 
-from .config import RunSpec
-from .prepare import PREP_PARTS, prep_key
+from .config import ConfigError, RunSpec
+from .prepare import PREP_PARTS, cache_keys, prep_key
 
 __all__ = ["prepare_job", "encode_job", "run_preparation", "plan", "SLURM_ENCODE_TASKS"]
 
@@ -78,12 +78,18 @@ def plan(specs: list[RunSpec]) -> dict[str, tuple[RunSpec, dict[str, int]]]:
     (ConfigError naming the field) without decoding anything."""
     from .data.encode import StreamedSplits
     from .data.sources import STREAMING
+    from .eval.clip_judge import MIN_PAIRS
+    from .eval.standard import check_eval_spec
     from .tokenizer.pretrained import check_pretrained
 
     out: dict[str, tuple[RunSpec, dict[str, int]]] = {}
     for spec in specs:
         if spec.tokenizer.kind == "diffusers":
             check_pretrained(spec.tokenizer.path, spec.data.image_size)
+        check_eval_spec(spec.eval)
+        if spec.eval.clip_judge and spec.data.name not in STREAMING and spec.data.n_train < MIN_PAIRS:
+            raise ConfigError(f"eval.clip_judge: true needs at least {MIN_PAIRS} training pairs, data.n_train is "
+                              f"{spec.data.n_train} (raise data.n_train, or set eval.clip_judge: false)")
         key = prep_key(spec)  # validates data paths, shard lists and the tokenizer path
         if key in out:
             continue
@@ -139,7 +145,7 @@ def parts_needed(spec: RunSpec) -> tuple[str, ...]:
 
     out = []
     for part in PREP_PARTS:
-        if part == "judge" and judge_kind(spec.data.name) is None:
+        if part == "judge" and judge_kind(spec.data.name) is None and cache_keys(spec)["clip"] is None:
             continue
         if part == "tokenizer" and spec.tokenizer.kind == "diffusers" and spec.data.name in STREAMING:
             continue
@@ -149,7 +155,6 @@ def parts_needed(spec: RunSpec) -> tuple[str, ...]:
 
 def _finished_shards(spec: RunSpec, results_dir: Path) -> int:
     from .data.encode import StreamedSplits, store_progress, store_root
-    from .prepare import cache_keys
 
     splits = StreamedSplits(spec.data)
     done = store_progress(splits, store_root(results_dir, splits.image_key, cache_keys(spec)["tokenizer"]))
@@ -168,7 +173,6 @@ def describe(todo: dict[str, tuple[RunSpec, dict[str, int]]], results_dir: Optio
     """One line per preparation: data, tokenizer, and for streaming data its shards per split
     (``finished/total`` in the token store under ``results_dir`` when given)."""
     from .data.encode import StreamedSplits, store_progress, store_root
-    from .prepare import cache_keys
 
     lines = []
     for k, (spec, shards) in todo.items():

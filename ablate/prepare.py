@@ -1,4 +1,5 @@
-"""Shared preparation of a cell: dataset, VQ tokenizer and token cache, the dataset's judge.
+"""Shared preparation of a cell: dataset, VQ tokenizer and token cache, the dataset's judges
+(the attribute judge of labelled data, the domain CLIP judge of captioned data).
 
 Every piece is trained once and cached on disk under a key made from exactly the settings that
 decide it; :func:`cache_keys` computes those keys from a spec without loading anything, and
@@ -43,6 +44,7 @@ def _cache_keys(spec_json: str) -> tuple[tuple[str, Optional[str]], ...]:
     from . import data as _data
     from .data.encode import StreamedSplits
     from .data.sources import STREAMING
+    from .eval.clip_judge import clip_cache_key, clip_judge_enabled
     from .eval.judge import judge_cache_key, judge_kind
 
     spec = RunSpec.model_validate_json(spec_json)
@@ -52,18 +54,22 @@ def _cache_keys(spec_json: str) -> tuple[tuple[str, Optional[str]], ...]:
     else:
         _, image_key = _data.data_key(d)
     kind = judge_kind(d.name)
+    clip = None
+    if clip_judge_enabled(spec.eval, None if d.name in STREAMING else d.n_train):
+        clip = clip_cache_key(image_key, spec.eval, d.image_size, d.n_train)
     return (("tokenizer", _tokenizer_key(spec, image_key)),
-            ("judge", judge_cache_key(image_key, kind, spec.eval) if kind else None))
+            ("judge", judge_cache_key(image_key, kind, spec.eval) if kind else None),
+            ("clip", clip))
 
 
 def cache_keys(spec: RunSpec) -> dict[str, Optional[str]]:
-    """``{"tokenizer": key, "judge": key or None}``: the cache keys :func:`prepare` will use
+    """``{"tokenizer": key, "judge": key or None, "clip": key or None}``: the cache keys :func:`prepare` will use
     (the same functions make them), computed from the spec alone."""
     return dict(_cache_keys(canonical_json(spec.model_dump(mode="json"))))
 
 
 def prep_key(spec: RunSpec) -> str:
-    """Cells whose tokenizer and judge caches are the same share one preparation job."""
+    """Cells whose tokenizer and judges' caches are the same share one preparation job."""
     return content_hash({**cache_keys(spec), "device": spec.train.device})
 
 
@@ -78,6 +84,7 @@ class Prepared:
     judge: Any  # Judge | None
     metrics: dict[str, float]  # tokenizer and judge quality
     limits: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> samples used (streaming)
+    clip: Any = None  # DomainClip | None
 
     def split(self, name: str) -> Any:
         """The store's reader of split ``name`` (the first ``data.n_<split>`` samples when
@@ -90,23 +97,24 @@ class Prepared:
         return reader
 
 
-PREP_PARTS = ("tokenizer", "judge")  # parallel jobs; a cell's own preparation adds "store"
+PREP_PARTS = ("tokenizer", "judge")  # parallel jobs ("judge": both judges); a cell's own preparation adds "store"
 CELL_PARTS = (*PREP_PARTS, "store")
 
 
 def prepare(spec: RunSpec, results_dir: Path, device: torch.device, say: Callable[[str], None] = print,
             parts: tuple[str, ...] = CELL_PARTS, safe_point: Callable[[], None] = lambda: None) -> Prepared:
-    """Dataset -> VQ tokenizer -> token cache, and the dataset's judge; trained once, then cached.
+    """Dataset -> VQ tokenizer -> token cache, and the dataset's judges; trained once, then cached.
 
     ``parts`` limits the work to some of the pieces (the scheduler builds them as parallel jobs).
     ``safe_point()`` is called between phases (every cache is written atomically): it may raise
     to stop there, e.g. on a preemption signal; the phases done stay cached.
     """
     from .eval import get_judge, judge_report
+    from .eval.clip_judge import get_clip_judge
 
     splits = open_splits(spec.data, results_dir)
     streamed = not hasattr(splits, "train")
-    vq, tok_key, store, judge, metrics = None, "", None, None, {}
+    vq, tok_key, store, judge, clip, metrics = None, "", None, None, None, {}
     if "tokenizer" in parts or "store" in parts:
         # keyed by the images alone: the shuffled-caption control shares the tokenizer
         vq, tok_metrics, tok_key = load_tokenizer(spec, splits, results_dir, device, say)
@@ -121,13 +129,16 @@ def prepare(spec: RunSpec, results_dir: Path, device: torch.device, say: Callabl
     if "judge" in parts:
         # the judge learns what the images show (``labels``), never the (maybe shuffled) captions
         judge = get_judge(splits, spec.eval, results_dir, device, log=say)
-        if judge is not None and store is not None:
+        safe_point()
+        if cache_keys(spec)["clip"] is not None:  # the true pairs, never a control's shuffled ones
+            clip = get_clip_judge(splits, spec.eval, results_dir, device, log=say)
+        if (judge is not None or clip is not None) and store is not None:
             safe_point()
-            metrics.update(judge_report(splits, judge, spec.eval, device))
+            metrics.update(judge_report(splits, judge, spec.eval, device, clip))
             safe_point()
-            metrics.update(tokenizer_ceiling(spec, splits, vq, store, judge, device))
+            metrics.update(tokenizer_ceiling(spec, splits, vq, store, judge, device, clip))
     limits = splits.limits if streamed else {}
-    return Prepared(splits, vq, tok_key, store, judge, metrics, limits)
+    return Prepared(splits, vq, tok_key, store, judge, metrics, limits, clip)
 
 
 def load_tokenizer(spec: RunSpec, splits: Any, results_dir: Path, device: torch.device,
@@ -170,15 +181,17 @@ def _memory_store(splits: Any, vq: Any, tok_key: str, results_dir: Path) -> Any:
 
 
 def tokenizer_ceiling(spec: RunSpec, splits: Any, vq: Any, store: Any, judge: Any,
-                      device: torch.device) -> dict[str, float]:
-    """The judge's scores on the tokenizer's reconstructions of real test images: the best a
-    generator over these tokens can reach (``tok_align_acc``, ``tok_fid_domain``, ...)."""
+                      device: torch.device, clip: Any = None) -> dict[str, float]:
+    """The judges' scores on the tokenizer's reconstructions of real test images: the best a
+    generator over these tokens can reach (``tok_align_acc``, ``tok_fid_domain``,
+    ``tok_clip_domain``, ...)."""
     from .eval import evaluate_images
 
     n = min(spec.eval.n_images, len(splits.test))
     recon = vq.decode(store.split("test").codes(torch.arange(n)).view(n, *vq.grid))
     attrs = splits.test.attrs[:n] if splits.test.attrs is not None else None
-    scores = evaluate_images(recon, splits.test.captions[:n], attrs, splits.test, judge, spec.eval, device)
-    return {f"tok_{k}": v for k, v in scores.items() if k.startswith(("align_acc", "fid_domain"))}
+    scores = evaluate_images(recon, splits.test.captions[:n], attrs, splits.test, judge, spec.eval, device, clip)
+    return {f"tok_{k}": v for k, v in scores.items() if k.startswith(("align_acc", "fid_domain", "clip_domain"))
+            and not k.endswith("_se")}
 
 

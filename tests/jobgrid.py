@@ -19,7 +19,7 @@ base:
   model: {{width: {width}, depth: {depth}, heads: 2}}
   train: {{steps: {steps}, batch_size: {batch}, warmup_steps: 5, log_every: 10, eval_every: 50, checkpoint_every: {ckpt}, throughput_warmup: 1}}
   sample: {{steps: 3, batch_size: 32}}
-  eval: {{n_images: 32, judge_steps: 30}}
+  eval: {{n_images: 32, judge_steps: 30, clip_steps: 30}}
 {axes}seeds: [0]
 launcher: {launcher}
 """

@@ -13,7 +13,7 @@ from ablate.config import ConfigError, DataSpec, RunSpec
 from ablate.data import sources
 from ablate.data.encode import StreamedSplits, encode_store
 from ablate.tokenizer.pretrained import load_pretrained
-from tests.scale_data import add_member, pickle_bomb, png_bytes, shapes_images, tiny_vqmodel, write_shards
+from scale_data import add_member, pickle_bomb, png_bytes, shapes_images, tiny_vqmodel, write_shards
 
 pytest.importorskip("webdataset")
 

@@ -50,8 +50,9 @@ _MIN_POOL = 10  # fixed pools need at least 1 val and 2 test images (FID needs t
 class ImageTextSet:
     """One split. ``images``: uint8 [n, 3, H, W]; ``captions``: n strings; ``attrs``: per image,
     what its caption describes (shapes: list of object dicts; digits: ``[{"digit": d}]``;
-    folder: None). ``true_attrs`` is set only where the captions were shuffled: it then holds what
-    each image really shows (use :attr:`labels` to get that in every case). ``heldout``: the
+    folder: None). ``true_attrs`` and ``true_captions`` are set only where the captions were
+    shuffled: they then hold what each image really shows and says (use :attr:`labels` and
+    :attr:`pair_captions` to get that in every case). ``heldout``: the
     combinations the dataset keeps out of training (shapes; None elsewhere or when none is)."""
 
     images: torch.Tensor
@@ -59,6 +60,7 @@ class ImageTextSet:
     attrs: Optional[list[list[dict]]]
     true_attrs: Optional[list[list[dict]]] = field(default=None, repr=False)
     heldout: Optional[_shapes.HeldOut] = field(default=None, repr=False)
+    true_captions: Optional[list[str]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -75,12 +77,17 @@ class ImageTextSet:
         """What each image shows (ground truth for classifiers), captions shuffled or not."""
         return self.true_attrs if self.true_attrs is not None else self.attrs
 
+    @property
+    def pair_captions(self) -> list[str]:
+        """Each image's true caption (what a judge of image-text pairs learns), shuffled or not."""
+        return self.true_captions if self.true_captions is not None else self.captions
+
     def subset(self, idx: Any) -> "ImageTextSet":
         """The images at ``idx`` (a slice, list or int array), with their captions and attrs."""
         ids = list(range(len(self)))[idx] if isinstance(idx, slice) else [int(i) for i in idx]
         pick = (lambda xs: None if xs is None else [xs[i] for i in ids])  # noqa: E731
         return ImageTextSet(self.images[ids], [self.captions[i] for i in ids], pick(self.attrs),
-                            pick(self.true_attrs), self.heldout)
+                            pick(self.true_attrs), self.heldout, pick(self.true_captions))
 
 
 @dataclass
@@ -251,6 +258,6 @@ def load_dataset(spec: DataSpec, cache_root: Optional[Path] = None) -> DatasetSp
         perm = np.random.default_rng([spec.seed, 99]).permutation(len(tr))
         sets["train"] = ImageTextSet(tr.images, [tr.captions[i] for i in perm],
                                      None if tr.attrs is None else [tr.attrs[i] for i in perm],
-                                     true_attrs=tr.attrs, heldout=held)
+                                     true_attrs=tr.attrs, heldout=held, true_captions=tr.captions)
     return DatasetSplits(spec.name, sets["train"], sets["val"], sets["test"], key, image_key,
                          spec.image_size, spec.max_objects if spec.name == "shapes" else 1, spec)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -64,24 +64,40 @@ class StreamedSplits:
         self.image_size, self.max_objects = spec.image_size, 1
         self.limits = {"train": spec.n_train, "val": spec.n_val, "test": spec.n_test}
 
-    def head(self, split: str, n: int) -> Any:
+    def head(self, split: str, n: int, size: Optional[int] = None) -> Any:
         """The first ``n`` usable samples of ``split`` (fewer if the split is smaller), decoded
-        in shard order: the same samples, in the same order, as the store's first ``n``."""
+        in shard order: the same samples, in the same order, as the store's first ``n``.
+        ``size``: images resized to ``size`` x ``size`` as they are read (antialiased), so that
+        many large images fit in memory."""
         from ablate.data import ImageTextSet
 
-        images, captions = [], []
+        images, captions, pending = [], [], []
+
+        def flush() -> None:
+            batch = torch.from_numpy(np.stack(pending))
+            if size is not None and batch.shape[-1] != size:
+                batch = torch.nn.functional.interpolate(batch.float(), size=(size, size), mode="bilinear",
+                                                        antialias=True, align_corners=False)
+                batch = batch.round().clamp(0, 255).to(torch.uint8)
+            images.append(batch)
+            pending.clear()
+
         for shard in self.shards[split]:
             it, _ = sources.read_shard(self.spec, shard)
             for image, caption in it:
-                images.append(image)
+                pending.append(image)
                 captions.append(caption)
-                if len(images) >= n:
+                if len(pending) == 256:
+                    flush()
+                if len(captions) >= n:
                     break
-            if len(images) >= n:
+            if len(captions) >= n:
                 break
-        if not images:
+        if pending:
+            flush()
+        if not captions:
             raise ValueError(f"data: split {split!r} has no usable sample")
-        return ImageTextSet(torch.from_numpy(np.stack(images)), captions, None)
+        return ImageTextSet(torch.cat(images), captions, None)
 
     @functools.cached_property
     def val(self) -> Any:

@@ -2,9 +2,14 @@
 
 Every metric is computed or absent, never a placeholder:
 
-- ``fid_domain``: Frechet distance in the judge's penultimate feature space (torchmetrics
+- ``fid_domain``: Frechet distance in a judge's penultimate feature space (torchmetrics
   ``FrechetInceptionDistance`` with the judge as its feature module), the n generated images vs
-  the first n real test images (the images of their captions). Needs a judge (shapes, digits).
+  the first n real test images (the images of their captions). The attribute judge's features
+  where the data has one (shapes, digits), else the domain CLIP judge's (any captioned data).
+- ``clip_domain`` (with ``clip_domain_se``): 100 x the mean cosine between each generated image
+  and its caption under the domain CLIP judge (:mod:`ablate.eval.clip_judge`); its ceiling
+  ``clip_domain_real`` and chance level ``clip_domain_shuffled`` (real test pairs, and real
+  images with other images' captions) come from :func:`judge_report`.
 - ``kid_domain`` / ``kid_domain_std``: torchmetrics ``KernelInceptionDistance`` on the same
   features, unbiased at small n, with its spread over random subsets (:func:`kid_domain`).
 - ``precision_domain`` / ``recall_domain``: improved precision and recall (k-NN manifolds,
@@ -33,7 +38,7 @@ Every metric is computed or absent, never a placeholder:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -42,6 +47,7 @@ import torch.nn as nn
 from ablate.config import EvalSpec
 from ablate.data import DatasetSplits, ImageTextSet, parse_caption
 from ablate.data.shapes import HeldOut, relation_holds
+from ablate.eval.clip_judge import DomainClip, clip_metrics, clip_references
 from ablate.eval.judge import Judge, grid_targets
 from ablate.eval.standard import _feed, check_eval_spec, clip_score, inception_fid
 from ablate.utils import expand_path
@@ -178,11 +184,12 @@ def alignment(name: str, seen: list[list[dict]], captions: list[str], attrs: Opt
 
 
 class JudgeFeatures(nn.Module):
-    """The judge as a torchmetrics feature extractor: uint8 [B, 3, H, W] -> float [B, F]
+    """A judge (attribute or domain CLIP: anything with ``features(images)`` and
+    ``num_features``) as a torchmetrics feature extractor: uint8 [B, 3, H, W] -> float [B, F]
     (``dtype``: float32, or float64 where a metric sums many kernel values in its own dtype).
     ``num_features`` spares torchmetrics its probe forward pass."""
 
-    def __init__(self, judge: Judge, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, judge: Any, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.judge = judge
         self.num_features = judge.num_features
@@ -192,7 +199,7 @@ class JudgeFeatures(nn.Module):
         return self.judge.features(images).to(self.out_dtype)
 
 
-def fid_domain(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device: torch.device) -> float:
+def fid_domain(judge: Any, fake: torch.Tensor, real: torch.Tensor, device: torch.device) -> float:
     """FID in the judge's feature space between two uint8 image sets (>= 2 images each)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -206,7 +213,7 @@ def kid_subset_size(n_fake: int, n_real: int) -> int:
     return min(n_fake, n_real, 1000, max(2, min(n_fake, n_real) // 2))
 
 
-def kid_domain(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device: torch.device,
+def kid_domain(judge: Any, fake: torch.Tensor, real: torch.Tensor, device: torch.device,
                subsets: int = 100) -> tuple[float, float]:
     """``(mean, std)`` of torchmetrics ``KernelInceptionDistance`` (cubic polynomial kernel MMD,
     unbiased at any n) in the judge's feature space, over ``subsets`` random subsets of
@@ -255,7 +262,7 @@ def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = 3) -> tupl
     return float(_inside(fake, real, r_real).double().mean()), float(_inside(real, fake, r_fake).double().mean())
 
 
-def domain_metrics(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device: torch.device,
+def domain_metrics(judge: Any, fake: torch.Tensor, real: torch.Tensor, device: torch.device,
                    k: int = 3) -> dict[str, float]:
     """The distribution metrics in the judge's feature space, two uint8 image sets (>= 2 each):
     ``fid_domain``, ``kid_domain`` with ``kid_domain_std``, ``precision_domain`` and
@@ -268,10 +275,13 @@ def domain_metrics(judge: Judge, fake: torch.Tensor, real: torch.Tensor, device:
 
 
 def evaluate_images(images: torch.Tensor, captions: list[str], attrs: Optional[list], real: ImageTextSet,
-                    judge: Optional[Judge], spec: EvalSpec, device: torch.device) -> dict[str, float]:
+                    judge: Optional[Judge], spec: EvalSpec, device: torch.device,
+                    clip: Optional[DomainClip] = None) -> dict[str, float]:
     """Score generated ``images`` (uint8 [n, 3, H, W]) made for ``captions`` against ``real``
     (held-out real test images). ``attrs`` (the captions' ground truth, or None) is checked
     against the parsed captions; ``real.heldout`` splits alignment into seen and held-out.
+    ``judge``: the attribute judge (alignment, domain features); ``clip``: the domain CLIP judge
+    (``clip_domain``, and the domain features where there is no attribute judge).
 
     The distribution metrics (``fid_domain``, ``kid_domain``, ``precision_domain``,
     ``recall_domain``, ``fid``) compare the n images with the *first n* real images, the images
@@ -289,10 +299,13 @@ def evaluate_images(images: torch.Tensor, captions: list[str], attrs: Optional[l
     }
     if judge is not None:
         out.update(alignment(judge.kind, judge.read(images), captions, attrs, real.heldout))
+    if clip is not None:
+        out.update(clip_metrics(clip, images, captions))
     ref = real.images[:images.shape[0]]
     enough = images.shape[0] >= 2 and len(ref) >= 2  # a covariance needs two samples
-    if judge is not None and spec.fid_domain and enough:
-        out.update(domain_metrics(judge, images, ref, device))
+    features = judge if judge is not None else clip
+    if features is not None and spec.fid_domain and enough:
+        out.update(domain_metrics(features, images, ref, device))
     if spec.inception_weights is not None and enough:
         out["fid"] = inception_fid(expand_path(spec.inception_weights, "eval.inception_weights"),
                                    images, ref, device)
@@ -302,23 +315,38 @@ def evaluate_images(images: torch.Tensor, captions: list[str], attrs: Optional[l
 
 
 def judge_report(splits: DatasetSplits, judge: Optional[Judge], spec: EvalSpec,
-                 device: torch.device) -> dict[str, float]:
+                 device: torch.device, clip: Optional[DomainClip] = None) -> dict[str, float]:
     """Reference values on *real* images, the ceilings and floors a reader compares with:
     ``judge_acc`` (shapes: every cell's colour/shape/size-or-empty right; digits: class right),
     ``align_acc_real`` and ``align_acc_heldout_real`` (alignment of real test images with their
-    true captions, seen and held-out), ``blank_rate_real``, ``fragment_rate_real``, and the
-    floors of the distribution metrics, two real samples of the test distribution at the
-    generated set's size (``splits.reference`` standing for the generated set; it is val except
-    on shapes): ``fid_domain_real``, ``kid_domain_real`` (``kid_domain_std_real``),
-    ``precision_domain_real``, ``recall_domain_real`` on the first ``n_domain_real`` images of
-    each, n = min(eval.n_images, test size), fewer where the reference is smaller (then the
-    floors are of that smaller n)."""
+    true captions, seen and held-out), ``blank_rate_real``, ``fragment_rate_real``; with the
+    domain CLIP judge ``clip_domain_real`` (ceiling) and ``clip_domain_shuffled`` (chance) on
+    the first n test pairs; and the floors of the distribution metrics, two real samples of the
+    test distribution at the generated set's size (``splits.reference`` standing for the
+    generated set; it is val except on shapes): ``fid_domain_real``, ``kid_domain_real``
+    (``kid_domain_std_real``), ``precision_domain_real``, ``recall_domain_real`` on the first
+    ``n_domain_real`` images of each, n = min(eval.n_images, test size), fewer where the
+    reference is smaller (then the floors are of that smaller n)."""
     test = splits.test
     out = {"blank_rate_real": float(blank_mask(test.images, spec.blank_threshold).float().mean()),
            "fragment_rate_real": float(fragment_mask(test.images, spec).float().mean())}
-    if judge is None:
-        return out
-    labels = test.labels
+    if judge is not None:
+        out.update(_attribute_references(judge, test))
+    ref = splits.reference
+    n = min(spec.n_images, len(test), len(ref))  # the generated set's size, or ref's if smaller
+    if clip is not None and n >= 2:
+        out.update(clip_references(clip, test.images[:n], test.captions[:n]))
+    features = judge if judge is not None else clip
+    if features is not None and spec.fid_domain and n >= 2:
+        floors = domain_metrics(features, ref.images[:n], test.images[:n], device)
+        out.update({f"{k}_real": v for k, v in floors.items()})
+        out["n_domain_real"] = float(n)
+    return out
+
+
+def _attribute_references(judge: Judge, test: ImageTextSet) -> dict[str, float]:
+    """``judge_acc`` and the alignment of real test images with their true captions."""
+    labels, out = test.labels, {}
     if judge.kind == "shapes":
         pr = judge.grid_probs(test.images)
         pred = torch.stack([pr[k].argmax(-1) for k in _ATTRS], -1)  # [n, 3, 3, 3]
@@ -328,10 +356,4 @@ def judge_report(splits: DatasetSplits, judge: Optional[Judge], spec: EvalSpec,
         out["judge_acc"] = float(np.mean([s[0]["digit"] == t[0]["digit"] for s, t in zip(seen, labels)]))
     align = alignment(judge.kind, judge.read(test.images), test.captions, test.attrs, test.heldout)
     out.update({f"{k}_real": align[k] for k in ("align_acc", "align_acc_heldout") if k in align})
-    ref = splits.reference
-    n = min(spec.n_images, len(test), len(ref))  # the generated set's size, or ref's if smaller
-    if spec.fid_domain and n >= 2:
-        floors = domain_metrics(judge, ref.images[:n], test.images[:n], device)
-        out.update({f"{k}_real": v for k, v in floors.items()})
-        out["n_domain_real"] = float(n)
     return out

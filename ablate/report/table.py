@@ -50,6 +50,7 @@ METRIC_COLUMNS: list[tuple[str, str, Optional[bool], str]] = [
     ("align_acc", "Align acc ↑", True, "{:.3f}"),
     ("align_acc_heldout", "Align acc held-out ↑", True, "{:.3f}"),
     ("clip_score", "CLIP score ↑", True, "{:.3f}"),
+    ("clip_domain", "CLIP (domain) ↑", True, "{:.1f}"),
     ("blank_rate", "Blank ↓", False, "{:.3f}"),
     ("fragment_rate", "Fragments ↓", False, "{:.3f}"),
     ("train_tokens_per_s", "Train tok/s ↑", True, "{:.0f}"),

@@ -282,7 +282,7 @@ class Trainer:
         attrs = test.attrs[:n] if test.attrs is not None else None
         self.safe_point()
         metrics = evaluate_images(images, test.captions[:n], attrs, test, self.prep.judge,
-                                  self.spec.eval, self.device)
+                                  self.spec.eval, self.device, self.prep.clip)
         metrics["sample_images_per_s"] = n / sample_s
         self.failures_path = write_failures(self.out_dir / "failures", self.prep.splits.name, images,
                                             test.captions[:n], attrs, getattr(test, "heldout", None),
