@@ -126,6 +126,24 @@ def cmd_table(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_agree(args: argparse.Namespace) -> int:
+    """Spearman agreement of two metrics over a grid's configurations."""
+    from .db import open_db
+    from .report.agree import agreement, format_agreement
+
+    db = open_db(args.db, _results_dir(args.results), create=False)
+    try:
+        _check_grid(db, args.grid)
+        try:
+            res = agreement(db, args.grid, args.metric_a, args.metric_b)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        print(format_agreement(res, args.grid, args.metric_a, args.metric_b), end="")
+    finally:
+        db.close()
+    return EXIT_OK
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Loss curves, metric bars, the Pareto plot and sample sheets from the database (PNG + SVG)."""
     from .db import open_db
@@ -591,6 +609,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="write here (markdown: instead of <results>/RESULTS.md)")
     common(t)
     t.set_defaults(fn=cmd_table)
+
+    ag = sub.add_parser("agree", help="does metric A rank a grid's configurations like metric B? "
+                                      "(Spearman rho, bootstrap interval, permutation p)")
+    ag.add_argument("grid", help="grid name")
+    ag.add_argument("metric_a", help="e.g. clip_domain")
+    ag.add_argument("metric_b", help="e.g. align_acc")
+    common(ag)
+    ag.set_defaults(fn=cmd_agree)
 
     pl = sub.add_parser("plot", help="loss curves, metric bars, Pareto plot and sample sheets (PNG + SVG)")
     pl.add_argument("--grid", help="only this grid's runs")

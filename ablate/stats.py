@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["significant", "t_halfwidth", "t_quantile", "welch_interval"]
+__all__ = ["rank_agreement", "significant", "t_halfwidth", "t_quantile", "welch_interval"]
 
 
 def t_quantile(p: Any, df: Any) -> np.ndarray:
@@ -64,3 +64,35 @@ def significant(low: Any, high: Any) -> np.ndarray:
     low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
     with np.errstate(invalid="ignore"):
         return (low > 0) | (high < 0)
+
+
+def rank_agreement(a: Any, b: Any, resamples: int = 10000, level: float = 0.95,
+                   seed: int = 0) -> dict[str, float]:
+    """Does metric ``a`` rank configurations like metric ``b``? Spearman's rho of two equally
+    long arrays of per-configuration values (n >= 3, NaN-free), with a one-sided permutation
+    p-value (``p``: the share of ``resamples`` random pairings whose rho is at least the
+    observed one, counted with the observed pairing) and a percentile bootstrap ``level``
+    interval over configurations (``low``, ``high``). Ties get average ranks. Flip the sign of
+    a metric where lower is better before comparing it with one where higher is."""
+    from scipy.stats import rankdata
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 3 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError(f"rank_agreement: need two finite 1-d arrays of the same length >= 3, got {a.shape} "
+                         f"and {b.shape}")
+
+    def rho(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # rows of x and y: samples
+        rx, ry = rankdata(x, axis=-1), rankdata(y, axis=-1)
+        rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (rx * ry).sum(-1) / np.sqrt((rx ** 2).sum(-1) * (ry ** 2).sum(-1))
+
+    g = np.random.default_rng(seed)
+    observed = float(rho(a, b))
+    perms = np.argsort(g.random((resamples, len(a))), axis=1)
+    p = (1 + np.sum(rho(np.broadcast_to(a, perms.shape), b[perms]) >= observed - 1e-12)) / (resamples + 1)
+    idx = g.integers(0, len(a), (resamples, len(a)))
+    boot = rho(a[idx], b[idx])
+    boot = boot[np.isfinite(boot)]  # resamples that drew one configuration only have no ranking
+    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]) if len(boot) else (np.nan, np.nan)
+    return {"rho": observed, "p": float(p), "low": float(low), "high": float(high), "n": float(len(a))}

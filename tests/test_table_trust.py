@@ -292,3 +292,34 @@ def test_zero_spread_on_both_sides_claims_nothing():
     assert not significant(low, high)
     _, low, high, _ = welch_interval(0.22, 0.01, 2, 0.19, 0.0, 2)
     assert np.isfinite(low) and np.isfinite(high), "one side with spread gives an interval"
+
+
+# ---- ablate agree: does one metric rank configurations like another? ---------------------------
+
+def test_agree_matches_scipy_and_respects_directions(tmp_path, capsys):
+    db = Database(f"sqlite:///{tmp_path / 'a.db'}")
+    g = np.random.default_rng(3)
+    truth = g.normal(size=8)
+    for i, v in enumerate(["transformer", "uvit", "mamba-prefix", "mamba-xattn", "m-mamba", "hybrid-gsa",
+                           "mamba-text-A", "mamba-text-B"]):
+        acc = [truth[i] + 0.05, truth[i] - 0.05]
+        # the judge's score tracks the truth with noise; fid goes the other way (lower is better)
+        clip = [10 * truth[i] + g.normal(), 10 * truth[i] + g.normal()]
+        _runs(db, "ag", v, {"align_acc": acc, "clip_domain": clip, "fid_domain": [-a for a in acc]},
+              fingerprint="f1")
+    from ablate.report.agree import agreement
+
+    res = agreement(db, "ag", "clip_domain", "align_acc", resamples=2000)
+    means = res["table"]
+    assert res["configs"]["rho"] == pytest.approx(st.spearmanr(means["clip_domain"], means["align_acc"]).statistic)
+    assert res["configs"]["rho"] > 0.7 and res["configs"]["p"] < 0.05 and res["configs"]["low"] <= res["configs"]["rho"]
+    # fid_domain is lower-better: negated, it ranks like align_acc exactly
+    assert agreement(db, "ag", "fid_domain", "align_acc", resamples=200)["configs"]["rho"] == pytest.approx(1.0)
+    # another code version for one configuration: refused, not pooled
+    _runs(db, "ag", "uvit", {"align_acc": [0.1], "clip_domain": [1.0], "fid_domain": [0.0]}, fingerprint="f2",
+          first_seed=5)
+    with pytest.raises(ValueError, match="several code versions"):
+        agreement(db, "ag", "clip_domain", "align_acc")
+    db.close()
+    assert main(["agree", "ag", "clip_domain", "nope", "--db", f"sqlite:///{tmp_path / 'a.db'}"]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -43,7 +43,7 @@ class StudyError(GridError):
 # final metrics a run writes (see ablate.jobs / ablate.train / ablate.eval) that make sense as
 # objectives; the data's own ceilings (judge_acc, *_real, tok_*) do not depend on the trial
 OBJECTIVE_METRICS = (
-    "fid_domain", "fid", "clip_score", "align_acc", "align_colour", "align_shape", "align_size",
+    "fid_domain", "kid_domain", "clip_domain", "fid", "clip_score", "align_acc", "align_colour", "align_shape", "align_size",
     "align_position", "align_acc_two", "blank_rate", "fragment_rate", "val_loss", "train_loss",
     "train_tokens_per_s", "sample_images_per_s", "peak_mem_mb", "params", "backbone_params",
     "train_s", "wall_s")
@@ -62,8 +62,12 @@ def _metric_problem(metric: str, spec: RunSpec) -> Optional[str]:
     if metric == "clip_score" and not e.clip_model:
         return "clip_score is computed only with eval.clip_model (a local CLIP model directory)"
     judged = d.name in ("shapes", "digits")
-    if metric == "fid_domain" and not (judged and e.fid_domain):
-        return "fid_domain needs the dataset's judge (shapes or digits data) and eval.fid_domain: true"
+    clip = e.clip_judge is not False
+    if metric in ("fid_domain", "kid_domain") and not ((judged or clip) and e.fid_domain):
+        return f"{metric} needs a judge (the attribute judge of shapes or digits, or eval.clip_judge not false) " \
+               "and eval.fid_domain: true"
+    if metric == "clip_domain" and not clip:
+        return "clip_domain needs the domain CLIP judge: leave eval.clip_judge unset or true"
     if metric.startswith("align_") and not judged:
         return f"{metric} needs captions with known attributes (data.name shapes or digits)"
     if metric in ("align_colour", "align_shape", "align_size", "align_position", "align_acc_two") \
