@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from .config import ConfigError
 from .db import DBError
+from .weights import add_commands as add_weights_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -751,6 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-plots", action="store_true", help="show: print only, write no plots")
     common(st)
     st.set_defaults(fn=cmd_study)
+    add_weights_commands(sub)
     return p
 
 

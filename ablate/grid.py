@@ -266,3 +266,13 @@ def check_inputs(grid: Grid) -> None:
         if s.eval.clip_model and not Path(expand_path(s.eval.clip_model, "eval.clip_model")).is_dir():
             raise GridError(f"{grid.source}: eval.clip_model: directory {s.eval.clip_model} does not exist "
                             "(give a local CLIP model directory, or leave it unset)")
+    named = {(c.spec.eval.inception_weights, c.spec.eval.clip_model): c.spec.eval for c in grid.cells}
+    named.pop((None, None), None)
+    if named:  # the weights' format, names and shapes, the CLIP directory's files: before any job runs
+        from ablate.eval.standard import check_eval_spec
+
+        for spec in named.values():
+            try:
+                check_eval_spec(spec)
+            except ConfigError as exc:
+                raise GridError(f"{grid.source}: {exc}") from None

@@ -18,6 +18,7 @@ from ablate.eval import (alignment, check_eval_spec, count_components, evaluate_
 from ablate.eval import judge as judge_mod
 from ablate.eval import metrics as metrics_mod
 from ablate.data.shapes import BACKGROUND, COLOURS, HeldOut
+from clip_tiny import tiny_clip
 
 CPU = torch.device("cpu")
 # few judge steps keep the file fast; 300 steps of 64 reach ~0.9 all-correct on shapes
@@ -367,35 +368,8 @@ def test_optional_metrics_fail_early_when_misconfigured(tmp_path):
     check_eval_spec(EvalSpec())
 
 
-def _tiny_clip(root):
-    """A randomly initialised CLIP (and processor with a byte-level vocabulary) saved to ``root``:
-    enough to run the CLIPScore wiring offline; its scores mean nothing."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    root.mkdir(parents=True)
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(vocab_file=str(root / "vocab.json"), merges_file=str(root / "merges.txt"))
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    cfg = CLIPConfig(text_config=dict(small, vocab_size=len(vocab), bos_token_id=bos, eos_token_id=eos,
-                                      pad_token_id=eos),
-                     vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(root)
-    proc.save_pretrained(root)
-    return root
-
-
 def test_clip_score_from_local_directory(tmp_path):
-    root = _tiny_clip(tmp_path / "clip")
+    root = tiny_clip(tmp_path / "clip")
     d = load_dataset(DataSpec(name="shapes", n_train=16, n_val=8, n_test=8))
     spec = EvalSpec(clip_model=str(root))
     m = evaluate_images(d.test.images, d.test.captions, None, d.test, None, spec, CPU)
