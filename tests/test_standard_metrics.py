@@ -132,6 +132,18 @@ def test_standard_floors(weights, clip_dir, monkeypatch):
     assert standard_floors(d.val.images, d.test.images, d.test.captions, 3, EvalSpec(), CPU) == {}
 
 
+def test_every_run_records_the_standard_floors(weights, clip_dir):
+    """judge_report (what a run's preparation records) carries them at the generated set's n."""
+    from ablate.eval import judge_report
+
+    d = load_dataset(DataSpec(name="shapes", n_train=16, n_val=8, n_test=8))
+    spec = EvalSpec(inception_weights=str(weights), clip_model=str(clip_dir), n_images=3, fid_domain=False)
+    rep = judge_report(d, None, spec, CPU)
+    want = standard_floors(d.reference.images, d.test.images, d.test.captions, 3, spec, CPU)
+    assert set(want) == {"fid_real", "clip_score_real", "clip_score_shuffled"}
+    assert {k: rep[k] for k in want} == pytest.approx(want)
+
+
 def test_clip_reads_the_captions(clip_dir):
     """The tiny CLIP's text tower sees the words (a tokenizer that maps every caption to the same
     unknown tokens would make the shuffled control equal the real score by construction)."""

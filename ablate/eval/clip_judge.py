@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ablate.config import ConfigError, EvalSpec, TextSpec, content_hash
 from ablate.eval.judge import _augment, _conv, _file_lock
+from ablate.eval.standard import derangement
 from ablate.text.encoders import PAD, LearnedTextEncoder, build_vocab
 from ablate.utils import atomic_torch_save, atomic_write_bytes, cache_path, torch_load
 
@@ -288,14 +289,6 @@ def _image_size(splits: Any) -> int:
     return splits.image_size if hasattr(splits, "image_size") else splits.spec.image_size
 
 
-def derangement(n: int, seed: int = 0) -> torch.Tensor:
-    """A fixed-seed permutation of range(n) that moves every index (n >= 2): the shuffled-caption
-    pairing of the chance level."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    return torch.roll(perm, 1)[torch.argsort(perm)]  # i -> the element after i in a random cycle
-
-
 def clip_metrics(model: DomainClip, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """``clip_domain``: 100 x mean cosine of each image with its caption, and its standard error
     ``clip_domain_se`` over the images."""
@@ -312,6 +305,6 @@ def clip_references(model: DomainClip, images: torch.Tensor, captions: list[str]
     their true captions, n >= 2): ``clip_domain_real`` (each image with its own caption) and
     ``clip_domain_shuffled`` (each image with another image's caption, a fixed derangement)."""
     real = clip_metrics(model, images, captions)["clip_domain"]
-    perm = derangement(len(captions)).tolist()
+    perm = derangement(len(captions))
     chance = clip_metrics(model, images, [captions[i] for i in perm])["clip_domain"]
     return {"clip_domain_real": real, "clip_domain_shuffled": chance}

@@ -49,7 +49,7 @@ from ablate.data import DatasetSplits, ImageTextSet, parse_caption
 from ablate.data.shapes import HeldOut, relation_holds
 from ablate.eval.clip_judge import DomainClip, clip_metrics, clip_references
 from ablate.eval.judge import Judge, grid_targets
-from ablate.eval.standard import _feed, check_eval_spec, clip_score, inception_fid
+from ablate.eval.standard import _feed, check_eval_spec, clip_score, inception_fid, standard_floors
 from ablate.utils import expand_path
 
 FOREGROUND_DELTA = 0.15  # colour distance from the background that counts as foreground
@@ -323,7 +323,9 @@ def judge_report(splits: DatasetSplits, judge: Optional[Judge], spec: EvalSpec,
     domain CLIP judge ``clip_domain_real`` (ceiling) and ``clip_domain_shuffled`` (chance) on
     the first n test pairs; and the floors of the distribution metrics, two real samples of the
     test distribution at the generated set's size (``splits.reference`` standing for the
-    generated set; it is val except on shapes): ``fid_domain_real``, ``kid_domain_real``
+    generated set; it is val except on shapes): ``fid_real`` (with Inception weights; and with a
+    CLIP model ``clip_score_real`` / ``clip_score_shuffled``, see
+    :func:`~ablate.eval.standard.standard_floors`), ``fid_domain_real``, ``kid_domain_real``
     (``kid_domain_std_real``), ``precision_domain_real``, ``recall_domain_real`` on the first
     ``n_domain_real`` images of each, n = min(eval.n_images, test size), fewer where the
     reference is smaller (then the floors are of that smaller n)."""
@@ -341,6 +343,7 @@ def judge_report(splits: DatasetSplits, judge: Optional[Judge], spec: EvalSpec,
         floors = domain_metrics(features, ref.images[:n], test.images[:n], device)
         out.update({f"{k}_real": v for k, v in floors.items()})
         out["n_domain_real"] = float(n)
+    out.update(standard_floors(ref.images, test.images, test.captions, n, spec, device))
     return out
 
 
