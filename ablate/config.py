@@ -256,6 +256,18 @@ class TrainSpec(Closed):
     throughput_warmup: int = Field(10, ge=0, description="steps excluded from train_tokens_per_s")
     threads: int = Field(0, ge=0, description="torch threads in the job; 0 = the launcher's cpus_per_job")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", json_schema_extra=LATER,
+        description="autocast dtype of training and sampling (fp16 with a gradient scaler); the selective "
+                    "scan keeps its state and sums in fp32")
+    grad_accum: int = Field(1, ge=1, json_schema_extra=LATER,
+                            description="micro-batches of batch_size per optimizer step (global batch = "
+                                        "batch_size x processes x grad_accum); schedule, EMA and logs count steps")
+    compile: bool = Field(False, json_schema_extra=LATER,
+                          description="torch.compile the generator (a failure falls back to eager, logged)")
+    activation_checkpointing: bool = Field(
+        False, json_schema_extra=LATER,
+        description="recompute each backbone layer in the backward pass instead of storing its activations")
 
 
 class SampleSpec(Closed):

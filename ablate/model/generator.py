@@ -93,37 +93,56 @@ def mask_ratio(u: torch.Tensor) -> torch.Tensor:
     return torch.cos(0.5 * math.pi * u)
 
 
-def random_mask(codes: torch.Tensor, mask_id: int,
-                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows(x: torch.Tensor, share: tuple[int, int]) -> torch.Tensor:
+    """Rows ``s::S`` of ``x`` for ``share = (s, S)``: share s's part of a global draw."""
+    s, n = share
+    return x if n == 1 else x[s::n]
+
+
+def random_mask(codes: torch.Tensor, mask_id: int, generator: Optional[torch.Generator] = None,
+                share: tuple[int, int] = (0, 1), return_total: bool = False) -> tuple[torch.Tensor, ...]:
     """Mask each row of ``codes: [B, L]`` at a cosine-scheduled ratio (at least one token).
 
-    Returns ``(inputs [B, L] with mask_id at masked places, masked [B, L] bool)``.
+    Returns ``(inputs [B, L] with mask_id at masked places, masked [B, L] bool)``, and with
+    ``return_total`` the number of masked tokens in the whole global batch. ``share = (s, S)``:
+    ``codes`` are rows ``s::S`` of a global batch of ``S * B`` rows (a rank's or a micro-batch's
+    part); the random numbers are drawn for the global batch and this share's rows kept, so S
+    shares are masked exactly as the one global batch would be.
     """
     b, length = codes.shape
-    u = torch.rand(b, generator=generator, device="cpu").to(codes.device)
-    n_mask = torch.clamp((mask_ratio(u) * length).ceil().long(), 1, length)  # [B]
-    scores = torch.rand(b, length, generator=generator, device="cpu").to(codes.device)
+    u = torch.rand(b * share[1], generator=generator, device="cpu")
+    n_all = torch.clamp((mask_ratio(u) * length).ceil().long(), 1, length)  # [S*B]
+    scores = _rows(torch.rand(b * share[1], length, generator=generator, device="cpu"), share).to(codes.device)
+    n_mask = _rows(n_all, share).to(codes.device)  # [B]
     # the n_mask smallest scores of each row are masked: rank < n_mask
     ranks = scores.argsort(dim=1).argsort(dim=1)
     masked = ranks < n_mask.unsqueeze(1)
-    return torch.where(masked, torch.full_like(codes, mask_id), codes), masked
+    inputs = torch.where(masked, torch.full_like(codes, mask_id), codes)
+    return (inputs, masked, int(n_all.sum())) if return_total else (inputs, masked)
 
 
 def masked_loss(logits: torch.Tensor, codes: torch.Tensor, masked: torch.Tensor,
-                label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy on masked positions only. ``logits: [B, L, K]``, ``codes, masked: [B, L]``."""
-    return F.cross_entropy(logits[masked], codes[masked], label_smoothing=label_smoothing)
+                label_smoothing: float = 0.0, total: Optional[int] = None) -> torch.Tensor:
+    """Cross-entropy on masked positions only. ``logits: [B, L, K]``, ``codes, masked: [B, L]``.
+    The mean over them, or with ``total`` their sum / ``total`` (a share's part of the global
+    batch's mean: the shares' parts add up to it exactly)."""
+    if total is None:
+        return F.cross_entropy(logits[masked], codes[masked], label_smoothing=label_smoothing)
+    return F.cross_entropy(logits[masked], codes[masked], label_smoothing=label_smoothing, reduction="sum") / total
 
 
 def drop_text(feats: torch.Tensor, mask: torch.Tensor, null_feats: torch.Tensor, null_mask: torch.Tensor,
-              p: float, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace each caption by the null caption with probability ``p`` (classifier-free guidance).
+              p: float, generator: Optional[torch.Generator] = None,
+              share: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each caption by the null caption with probability ``p`` (classifier-free guidance);
+    ``share`` as in :func:`random_mask`.
 
     ``feats: [B, T(, Dt)]``, ``mask: [B, T]``; ``null_feats``/``null_mask`` have batch size 1.
     """
     if p <= 0:
         return feats, mask
-    drop = torch.rand(feats.shape[0], generator=generator, device="cpu").to(feats.device) < p  # [B]
+    drop = _rows(torch.rand(feats.shape[0] * share[1], generator=generator, device="cpu"), share)
+    drop = drop.to(feats.device) < p  # [B]
     shape = (-1,) + (1,) * (feats.dim() - 1)
     feats = torch.where(drop.view(shape), null_feats.to(feats.dtype).expand_as(feats), feats)
     mask = torch.where(drop.view(-1, 1), null_mask.expand_as(mask), mask)

@@ -437,6 +437,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     ``A_scale [b, d]`` (positive, with A ``[d, n]``) makes A per sample: ``A_b = A_scale_b * A``.
     The CUDA path folds it into delta and u (:mod:`ablate.ops.cuda`); the CPU paths take the
     ``[b, d, n]`` product."""
+    if torch.is_autocast_enabled(u.device.type):
+        # the state and its sums stay fp32 under autocast (as in mamba-ssm); inputs may be half
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  initial_state, A_scale, impl=impl)
     fn = _dispatch(u, B, C, impl)
     if A_scale is not None:
         if A.dim() != 2 or A_scale.shape != (u.shape[0], A.shape[0]):

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ablate.train.precision import make_scaler
 from ablate.utils import atomic_torch_save, torch_load
 
 __all__ = ["TrainState", "lr_factor", "param_groups", "latest_checkpoint", "remove_checkpoints"]
@@ -66,21 +67,31 @@ class TrainState:
     """Model, EMA, AdamW, schedule, step and counters of one run (``spec``: its TrainSpec)."""
 
     def __init__(self, model: nn.Module, spec: Any, device: torch.device):
-        self.model, self.spec = model, spec
+        self.model, self.spec, self.device = model, spec, device
+        self.net: Any = model  # what a step calls: the model, compiled and/or DDP-wrapped
         self.ema = copy.deepcopy(model).requires_grad_(False) if spec.ema_decay > 0 else None
         self.opt = torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas,
                                      fused=device.type == "cuda")
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, spec))
+        self.scaler = make_scaler(getattr(spec, "precision", "fp32"), device)
         self.step = 0
         for name, value in COUNTERS.items():
             setattr(self, name, value)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` (scaled first under fp16); they add up over micro-batches."""
+        self.scaler.scale(loss).backward()
+
     def optimizer_step(self) -> None:
-        """Apply the gradients of step ``self.step``: clip, AdamW, schedule, EMA."""
+        """Apply the gradients of step ``self.step``: (unscale,) clip, AdamW, schedule, EMA.
+        Under fp16 a step whose gradients overflowed is skipped by the scaler (its scale halves)."""
         t = self.spec
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)
         if t.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.sched.step()
         if self.ema is not None:
             # warm EMA: short runs must not average in the random initialisation
@@ -93,12 +104,15 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else {},
+                "scaler": self.scaler.state_dict(),
                 **{name: getattr(self, name) for name in COUNTERS}}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
+        if st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(st["ema"])
         self.step = int(st["step"])

@@ -53,7 +53,7 @@ class TokenStream:
         self.sampler = StepSampler(len(data["train"]), batch_size, seed)
         self.null = tuple(t.to(device) for t in encoder.null_features(1))
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._ahead: Optional[tuple[tuple[int, int, int], Future]] = None
+        self._ahead: Optional[tuple[tuple[int, int, int], Future]] = None  # (step, share, shares)
 
     def batch(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes long [b, L], text features [b, T, F], mask [b, T]) of samples ``idx`` of ``split``."""
@@ -61,22 +61,27 @@ class TokenStream:
         feats, mask = self.features(split, idx)
         return codes, feats, mask
 
-    def _read(self, step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.batch("train", self.sampler.indices(step, rank, world))
+    def _read(self, step: int, share: int, shares: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.batch("train", self.sampler.indices(step, share, shares))
 
-    def train_batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The training batch of ``step`` (rank ``rank``'s share of it when ``world > 1``); starts
-        reading step + 1's batch in the background."""
+    def train_batch(self, step: int, share: int = 0, shares: int = 1,
+                    stride: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training batch of ``step``, or share ``share`` of ``shares`` of it (rows
+        ``share::shares``: a rank's micro-batch); starts reading the next share this process
+        will ask for in the background: ``share + stride`` of the same step (``stride``: the
+        number of ranks), else its first share of step + 1."""
+        key = (step, share, shares)
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == (step, rank, world):
+        if ahead is not None and ahead[0] == key:
             out = ahead[1].result()
         else:
             if ahead is not None:
                 ahead[1].cancel()
-            out = self._read(step, rank, world)
+            out = self._read(*key)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-batch")
-        self._ahead = ((step + 1, rank, world), self._pool.submit(self._read, step + 1, rank, world))
+        nxt = (step, share + stride, shares) if share + stride < shares else (step + 1, share % stride, shares)
+        self._ahead = (nxt, self._pool.submit(self._read, *nxt))
         return out
 
     def close(self) -> None:

@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 
 from ablate.config import RunSpec
+from ablate.dist import SINGLE, Dist
 from ablate.model import Generator, aux_losses, masked_loss, random_mask, sample_tokens
 from ablate.registry import load_registry
 from ablate.train import loop
 from ablate.train.loop import Hooks, Interrupted
+from ablate.train.precision import CompiledOrEager, autocast, checkpoint_layers, compile_model, enable_tf32
 from ablate.train.state import TrainState, latest_checkpoint
 from ablate.train.stream import TokenStream
 from ablate.utils import atomic_torch_save, peak_memory, step_seed
@@ -82,10 +84,11 @@ class Trainer:
     def __init__(self, spec: RunSpec, prep: Any, device: torch.device, out_dir: Path,
                  log_metrics: Callable[[list[tuple[str, Optional[int], float]]], None] = lambda rows: None,
                  say: Callable[[str], None] = print, interrupt: Callable[[], bool] = lambda: False,
-                 attempt: Optional[str] = None):
+                 attempt: Optional[str] = None, dist: Dist = SINGLE):
         from ablate.text import build_text_encoder
 
         self.spec, self.prep, self.device, self.out_dir = spec, prep, device, Path(out_dir)
+        self.dist = dist
         self.log_metrics, self.say = log_metrics, say
         # asked at every step boundary and between sampling batches: stop there (preemption)?
         # It may also raise (the job lost its claim), which ends the attempt without a write.
@@ -94,7 +97,9 @@ class Trainer:
         self.data = {name: prep.split(name) for name in ("train", "val", "test")}
         torch.manual_seed(spec.seed)  # every parameter, the learned text encoder's too, from the seed
         self.text = build_text_encoder(spec.text, self.data["train"].iter_captions(), results_dir, device)
-        self.stream = TokenStream(self.data, self.text, device, spec.train.batch_size, spec.seed, spec.text.cache)
+        t = spec.train
+        self.global_batch = t.batch_size * t.grad_accum * dist.world
+        self.stream = TokenStream(self.data, self.text, device, self.global_batch, spec.seed, spec.text.cache)
         store = prep.store
         variant = load_registry().get(spec.model.variant)
         model = Generator(variant, variant.Config(**spec.model.params), self.text,
@@ -102,6 +107,7 @@ class Trainer:
                           width=spec.model.width, depth=spec.model.depth, heads=spec.model.heads,
                           text_len=spec.text.max_len, dropout=spec.model.dropout).to(device)
         self.state = TrainState(model, spec.train, device)
+        self.state.net = self._runner(model)
         self.state.first_step_at = None  # when this attempt's first step began (not checkpointed)
         self.state.last_step_at = None  # when its latest step ended
         self.sheet_s = 0.0  # seconds of sample-sheet snapshots in this attempt (not in train_s)
@@ -152,15 +158,31 @@ class Trainer:
         return self.stream.batch(split, idx)
 
     # -- training ------------------------------------------------------------------------------
+    def _runner(self, model: nn.Module) -> Any:
+        """What a training step calls: ``model`` with its layers checkpointed, compiled (with a
+        logged fallback to eager), wrapped for data parallelism when there are several ranks."""
+        t = self.spec.train
+        enable_tf32(self.device)
+        if t.activation_checkpointing and not checkpoint_layers(model.backbone):
+            self.say(f"train.activation_checkpointing: variant {self.spec.model.variant} has no layers/blocks "
+                     "list to checkpoint; training without")
+        net = self.dist.wrap(model)
+        if t.compile:
+            net = CompiledOrEager(net, compile_model(net, self.say), self.say)
+        return net
+
     def _loss(self, model: nn.Module, codes: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor,
-              g: Optional[torch.Generator]) -> torch.Tensor:
+              g: Optional[torch.Generator], share: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """The training loss of codes ``[B, L]`` under captions ``feats [B, T, F]``/``mask``:
-        mask a random share of tokens, predict them, plus the backbone's auxiliary losses."""
-        inputs, masked = random_mask(codes, model.mask_id, generator=g)
+        mask a random share of tokens, predict them, plus the backbone's auxiliary losses. For
+        ``share = (s, S)`` with S > 1, this share's part of the global batch's loss (the
+        auxiliary losses, means of their own, count 1/S each)."""
+        inputs, masked, total = random_mask(codes, self.model.mask_id, generator=g, share=share, return_total=True)
         logits, aux = model(inputs, feats, mask, targets=codes, masked=masked)
-        loss = masked_loss(logits, codes, masked, self.spec.train.label_smoothing)
+        loss = masked_loss(logits, codes, masked, self.spec.train.label_smoothing,
+                           total=None if share[1] == 1 else total)
         for v in aux_losses(aux).values():
-            loss = loss + v
+            loss = loss + (v if share[1] == 1 else v / share[1])
         return loss
 
     def _warm_up(self) -> None:
@@ -177,7 +199,7 @@ class Trainer:
         if step != self.step:
             raise ValueError(f"train_step({step}): the state is at step {self.step}")
         t = self.spec.train
-        return loop.train_step(self.state, self.stream, self._loss, self.spec.seed, t.cond_dropout)
+        return loop.train_step(self.state, self.stream, self._loss, self.spec.seed, t.cond_dropout, self.dist)
 
     @torch.no_grad()
     def val_loss(self) -> float:
@@ -189,8 +211,9 @@ class Trainer:
         for i in range(0, n, 256):
             codes, feats, mask = self.batch("val", torch.arange(i, min(n, i + 256)))
             inputs, masked = random_mask(codes, self.model.mask_id, generator=g)
-            logits, _ = self.model(inputs, feats, mask)
-            total += masked_loss(logits, codes, masked).item() * int(masked.sum())
+            with autocast(self.spec.train.precision, self.device):
+                logits, _ = self.model(inputs, feats, mask)
+            total += masked_loss(logits.float(), codes, masked).item() * int(masked.sum())
             count += int(masked.sum())
         return total / max(1, count)
 
@@ -224,18 +247,21 @@ class Trainer:
             self.peak_mem_mb = mb if not math.isfinite(self.peak_mem_mb) else max(self.peak_mem_mb, mb)
 
     def _train(self) -> None:
-        loop.fit(self.state, self.stream, self._loss, self.spec, RunHooks(self))
+        loop.fit(self.state, self.stream, self._loss, self.spec, RunHooks(self), self.dist)
 
     # -- results -------------------------------------------------------------------------------
     def final_metrics(self) -> dict[str, float]:
-        t = self.spec.train
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         out = {"params": float(n_params),
                "backbone_params": float(sum(p.numel() for p in self.model.backbone.parameters())),
                "train_loss": self.last_train_loss, "val_loss": self.last_val_loss,
                "train_steps": float(self.step)}
+        if self.global_batch != self.spec.train.batch_size:  # samples per optimizer step, all ranks
+            out["global_batch"] = float(self.global_batch)
+        if self.dist.world > 1:
+            out["world_size"] = float(self.dist.world)
         if self.timed_steps:
-            out["train_tokens_per_s"] = self.timed_steps * t.batch_size * self.model.seq_len / self.train_s
+            out["train_tokens_per_s"] = self.timed_steps * self.global_batch * self.model.seq_len / self.train_s
             out["train_s"] = self.train_s
             out["data_wait_share"] = self.data_s / self.train_s  # of the timed step time
         if self.sheet_s:
@@ -255,7 +281,8 @@ class Trainer:
         for i in range(0, n, bs):
             self.safe_point()
             _, feats, mask = self.batch(split, torch.arange(i, min(n, i + bs)))
-            codes.append(sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g))
+            with autocast(self.spec.train.precision, self.device):
+                codes.append(sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g))
         h, w = self.prep.store.grid
         return self.prep.vq.decode(torch.cat(codes).view(-1, h, w))
 
@@ -328,7 +355,8 @@ class Trainer:
         model.eval()
         g = torch.Generator(self.device).manual_seed(_step_seed(self.spec.seed, 0, salt=777))
         _, feats, mask = self.batch("test", torch.arange(k))
-        codes = sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g)
+        with autocast(self.spec.train.precision, self.device):
+            codes = sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g)
         h, w = self.prep.store.grid
         images = self.prep.vq.decode(codes.view(-1, h, w)).cpu()  # uint8 [k, 3, H, W]
         folder = self.out_dir / "sheet"
