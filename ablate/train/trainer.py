@@ -44,6 +44,8 @@ class RunHooks(Hooks):
 
     def after_step(self, state: TrainState, loss: float) -> None:
         tr, t, step = self.tr, self.tr.spec.train, state.step
+        if not tr.dist.main:  # one rank logs, validates, snapshots and checkpoints
+            return
         state.loss_acc, state.loss_n = state.loss_acc + loss, state.loss_n + 1
         if step % t.log_every == 0 or step == t.steps:
             state.last_train_loss = state.loss_acc / state.loss_n
@@ -62,6 +64,8 @@ class RunHooks(Hooks):
         return self.tr.interrupt()
 
     def checkpoint(self, state: TrainState) -> None:
+        if not self.tr.dist.main:
+            return
         self.tr.log_metrics(self.rows)
         self.rows = []
         if self.saved_at != state.step:
@@ -69,6 +73,8 @@ class RunHooks(Hooks):
             self.saved_at = state.step
 
     def finish(self, state: TrainState) -> None:
+        if not self.tr.dist.main:
+            return
         self.tr.log_metrics(self.rows)
         self.rows = []
 
@@ -271,28 +277,42 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def generate(self, n: int, split: str = "test", model: Optional[nn.Module] = None) -> torch.Tensor:
-        """Sample images for the first ``n`` captions of ``split``: uint8 ``[n, 3, H, W]``."""
+    def generate(self, n: int, split: str = "test", model: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
+        """Sample images for the first ``n`` captions of ``split``: uint8 ``[n, 3, H, W]``. With
+        several ranks each samples a contiguous part (its own seed; rank 0's is the one-process
+        seed) and rank 0 gets them all; the other ranks get None."""
         model = model or self.ema or self.model
         model.eval()
-        g = torch.Generator(self.device).manual_seed(_step_seed(self.spec.seed, 0, salt=4242))
+        rank, world = self.dist.rank, self.dist.world
+        g = torch.Generator(self.device).manual_seed(_step_seed(self.spec.seed, rank, salt=4242))
         bs = self.spec.sample.batch_size
+        part = -(-n // world)  # captions per rank (the last may have fewer)
+        lo, hi = min(n, rank * part), min(n, (rank + 1) * part)
         codes = []
-        for i in range(0, n, bs):
+        for i in range(0, part, bs):  # as many safe points on every rank
             self.safe_point()
-            _, feats, mask = self.batch(split, torch.arange(i, min(n, i + bs)))
+            if lo + i >= hi:
+                continue
+            _, feats, mask = self.batch(split, torch.arange(lo + i, min(hi, lo + i + bs)))
             with autocast(self.spec.train.precision, self.device):
                 codes.append(sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g))
         h, w = self.prep.store.grid
-        return self.prep.vq.decode(torch.cat(codes).view(-1, h, w))
+        mine = torch.cat(codes) if codes else torch.zeros(0, h * w, dtype=torch.long, device=self.device)
+        every = self.dist.gather_tensors(mine)
+        return None if every is None else self.prep.vq.decode(every.to(self.device).view(-1, h, w))
 
-    def safe_point(self) -> None:
+    def safe_point(self, collective: bool = True) -> None:
         """Outside training (sampling, evaluation), where stopping loses nothing: the checkpoint
-        of the last step is on disk, and a resumed job redoes the evaluation (deterministic)."""
-        if self.interrupt():
+        of the last step is on disk, and a resumed job redoes the evaluation (deterministic).
+        With several ranks every rank stops if any was asked to (``collective``: all ranks call
+        it at the same points)."""
+        asked = self.interrupt()
+        if self.dist.any(asked) if collective else asked:
             raise Interrupted(self.step)
 
     def evaluate(self) -> dict[str, float]:
+        """Sample the first ``eval.n_images`` test captions (split across ranks) and score them
+        on rank 0; the other ranks return {}."""
         from ablate.eval import evaluate_images
         from ablate.eval.failures import write_failures
 
@@ -303,11 +323,13 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         sample_s = time.perf_counter() - t0
+        if images is None:
+            return {}
         self.samples_path = self.out_dir / "samples.png"
         save_sheet(images[:64].cpu(), self.samples_path)
         (self.out_dir / "samples.txt").write_text("\n".join(test.captions[:64]) + "\n")
         attrs = test.attrs[:n] if test.attrs is not None else None
-        self.safe_point()
+        self.safe_point(collective=False)
         metrics = evaluate_images(images, test.captions[:n], attrs, test, self.prep.judge,
                                   self.spec.eval, self.device, self.prep.clip)
         metrics["sample_images_per_s"] = n / sample_s
