@@ -342,6 +342,8 @@ class SlurmSpec(Closed):
     qos: Optional[str] = None
     constraint: Optional[str] = None
     array_parallelism: int = Field(32, ge=1, description="jobs of the array running at once")
+    nodes: int = Field(1, ge=1, description="nodes per cell: each runs one task per GPU (gpus_per_job), "
+                                            "or launcher.tasks_per_job tasks without GPUs")
     extra: dict[str, Any] = Field(default_factory=dict, description="further sbatch options, e.g. {exclude: node3}")
 
 
@@ -356,6 +358,10 @@ class LauncherSpec(Closed):
     lost_after_s: float = Field(180.0, gt=0, description="a running cell whose heartbeat is older is lost, then resumed")
     prepare_tasks: int = Field(0, ge=0, description="streaming data: tasks that encode the shards into the "
                                                     "token store (0: one per local job slot, 16 on Slurm)")
+    tasks_per_job: int = Field(
+        1, ge=1, description="processes (ranks) training one cell together with DDP: locally, and per node on "
+                             "Slurm without GPUs (with GPUs: one per GPU); the global batch is "
+                             "train.batch_size x ranks x train.grad_accum")
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
 

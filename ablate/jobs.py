@@ -28,7 +28,8 @@ import torch
 from .config import RunSpec
 from .db import Database
 from .db.store import ENV_URL, DBError, NotOwner
-from .prepare import prepare
+from .dist import SINGLE, Dist, TorchDist
+from .prepare import CELL_PARTS, prepare
 from .utils import pick_device, seed_everything
 
 log = logging.getLogger("ablate.job")
@@ -166,18 +167,24 @@ def run_job(key: str, db_url: Optional[str], results_dir: str, threads: int = 1,
 
     torch.set_num_threads(max(1, threads))
     db = Database(job_db_url(db_url), create=False)
+    dist = SINGLE
     try:
         run = db.run(key)
         if run is None:
             return {"key": key, "status": "missing"}
+        spec = RunSpec.model_validate(run.spec)
+        dist = job_dist(spec)
+        if not dist.main:  # the other ranks never write: rank 0 tells them whether to train
+            return follow(key, spec, Path(results_dir), dist)
         if run.status == "done":
+            dist.broadcast_object(False)
             return {"key": key, "status": "done", "skipped": True}
         job_id = job_id_here()
         token = db.claim(key, job_id=job_id)
+        dist.broadcast_object(token is not None)
         if token is None:
             return {"key": key, "status": db.run(key).status, "skipped": True}
         preempt.install()
-        spec = RunSpec.model_validate(run.spec)
         t0 = time.time()
         try:
             db.set_provenance(key, token, code_revision(), variant_fingerprint(spec.model.variant))
@@ -187,7 +194,7 @@ def run_job(key: str, db_url: Optional[str], results_dir: str, threads: int = 1,
                     return preempt.requested()
 
                 result = train_and_evaluate(spec, key, db, token, Path(results_dir), interrupt=interrupt,
-                                            on_metrics=on_metrics)
+                                            on_metrics=on_metrics, dist=dist)
                 hb.check()
             result.final["wall_s"] = time.time() - t0
             # the harness's own cost around the work: process start to the first training step
@@ -228,12 +235,67 @@ def run_job(key: str, db_url: Optional[str], results_dir: str, threads: int = 1,
             why = preempt.hand_over()  # submitit: checkpoint(), requeue, exit
             return {"key": key, "status": "pending", "error": f"interrupted ({why})"}
         except BaseException as exc:  # also KeyboardInterrupt / SystemExit from a timeout signal
+            if dist.world > 1 and peer_lost(exc):  # another rank died: resumable, not the run's fault
+                why = f"a rank of the {dist.world} was lost ({type(exc).__name__}: {str(exc)[:300]}); resumable"
+                db.release(key, token, "lost", why)
+                return {"key": key, "status": "lost", "error": why}
             db.fail(key, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", token)
             if not isinstance(exc, Exception):
                 raise
             return {"key": key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     finally:
         db.close()
+        dist.close()
+
+
+def job_dist(spec: RunSpec) -> Dist:
+    """This job's ranks: one process, or the tasks the launcher started for the cell (submitit's
+    ``tasks_per_node``, locally or on Slurm), joined into a process group (gloo on CPU, NCCL on
+    CUDA) whose collectives time out after ``$ABLATE_DIST_TIMEOUT_S`` (default 1800 s), so that
+    the ranks of a cell whose peer died exit instead of hanging."""
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        n = env.num_tasks
+    except Exception:  # not inside a submitit job (in-process callers, tests): one process
+        return SINGLE
+    if n <= 1:
+        return SINGLE
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    device = pick_device(spec.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    return TorchDist(float(os.environ.get("ABLATE_DIST_TIMEOUT_S", "1800")), device.type)
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank is gone (its process
+    died: the connection closed, or the collective timed out)."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "connection closed", "connection reset", "timed out", "timeout", "broken pipe", "gloo", "nccl",
+        "distbackenderror"))
+
+
+def follow(key: str, spec: RunSpec, results_dir: Path, dist: Dist) -> dict[str, Any]:
+    """A rank other than 0: train and sample the cell with the others if rank 0 claimed it;
+    never touches the database. Its exit status is informative only: rank 0 records the run."""
+    from . import preempt
+    from .train import Interrupted
+
+    if not dist.broadcast_object(None):
+        return {"key": key, "status": "skipped", "rank": dist.rank}
+    preempt.install()
+    try:
+        train_and_evaluate(spec, key, None, None, results_dir, interrupt=preempt.requested, dist=dist)
+        return {"key": key, "status": "done", "rank": dist.rank}
+    except Interrupted as exc:
+        return {"key": key, "status": "pending", "rank": dist.rank, "error": f"interrupted at step {exc.step}"}
+    except Exception as exc:  # rank 0 decides what the run's status is
+        return {"key": key, "status": "failed", "rank": dist.rank, "error": f"{type(exc).__name__}: {exc}"}
 
 
 class CellJob:
@@ -253,11 +315,14 @@ class CellJob:
         return DelayedSubmission(self, *args, **kwargs)
 
 
-def train_and_evaluate(spec: RunSpec, key: str, db: Database, token: str, results_dir: Path,
+def train_and_evaluate(spec: RunSpec, key: str, db: Optional[Database], token: Optional[str], results_dir: Path,
                        interrupt: Callable[[], bool] = lambda: False,
-                       on_metrics: Optional[Callable[[list], None]] = None) -> Result:
+                       on_metrics: Optional[Callable[[list], None]] = None, dist: Dist = SINGLE) -> Result:
     """Train the cell's generator, sample the test captions, evaluate; return final metrics.
-    ``on_metrics`` sees each batch of curve rows after it is written (see :func:`run_job`)."""
+    ``on_metrics`` sees each batch of curve rows after it is written (see :func:`run_job`).
+    With several ranks (``dist``) every rank trains and samples; rank 0 alone prepares first
+    (the others then load its caches), writes, evaluates and returns the metrics (the others
+    return an empty result, and ``db`` is None there)."""
     from .train import Interrupted, Trainer
 
     device = pick_device(spec.train.device)
@@ -269,24 +334,36 @@ def train_and_evaluate(spec: RunSpec, key: str, db: Database, token: str, result
         if interrupt():
             raise Interrupted(0)
 
-    prep = prepare(spec, results_dir, device, say, safe_point=safe_point)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if not dist.main:
+        dist.barrier()  # rank 0 has prepared (built and cached everything)
+    # the other ranks train and sample: they load the data and tokens, never the judges
+    parts = CELL_PARTS if dist.main else tuple(p for p in CELL_PARTS if p != "judge")
+    prep = prepare(spec, results_dir, device, say, parts=parts, safe_point=safe_point)
+    if dist.main and dist.world > 1:
+        dist.barrier()
     safe_point()
 
     def log_metrics(rows: list) -> None:
+        if db is None:
+            return
         db.log_metrics(key, rows, token)
         if on_metrics is not None:
             on_metrics(rows)
 
-    trainer = Trainer(spec, prep, device, run_dir(results_dir, key),
-                      log_metrics=log_metrics, say=say, interrupt=interrupt, attempt=token[:12])
-    if trainer.step == 0:
+    trainer = Trainer(spec, prep, device, run_dir(results_dir, key), log_metrics=log_metrics, say=say,
+                      interrupt=interrupt, attempt=token[:12] if token else None, dist=dist)
+    if trainer.step == 0 and db is not None:
         db.clear_curves(key, token)
     trainer.train()
     trainer.safe_point()
     final = dict(prep.metrics)
     final.update(trainer.final_metrics())
     final.update(trainer.evaluate())
-    trainer.safe_point()
+    if not dist.main:
+        return Result()
+    trainer.safe_point(collective=False)
     bad = {k: v for k, v in final.items() if not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"non-finite final metrics: {bad}")

@@ -83,6 +83,12 @@ def resolve_executor(kind: str) -> str:
     return kind
 
 
+def job_result(job: Any) -> Any:
+    """A submitted job's result: rank 0's where the job ran several tasks (one cell over DDP
+    ranks; the other ranks' results are informative only)."""
+    return job.results()[0] if getattr(job, "num_tasks", 1) > 1 else job.result()
+
+
 def local_gpus() -> int:
     try:
         import torch
@@ -92,8 +98,18 @@ def local_gpus() -> int:
         return 0
 
 
-def slurm_parameters(folder: Path, launcher: LauncherSpec) -> dict[str, Any]:
-    """submitit ``SlurmExecutor.update_parameters`` arguments from the grid's ``launcher.slurm``."""
+def cell_tasks(kind: str, launcher: LauncherSpec) -> tuple[int, int]:
+    """(nodes, tasks per node) of one cell's job: one process per GPU on Slurm with GPUs, else
+    ``launcher.tasks_per_job`` (locally one node)."""
+    if kind == "slurm":
+        sl = launcher.slurm
+        return sl.nodes, (sl.gpus_per_job if sl.gpus_per_job else launcher.tasks_per_job)
+    return 1, (launcher.tasks_per_job if kind == "local" else 1)
+
+
+def slurm_parameters(folder: Path, launcher: LauncherSpec, tasks: tuple[int, int] = (1, 1)) -> dict[str, Any]:
+    """submitit ``SlurmExecutor.update_parameters`` arguments from the grid's ``launcher.slurm``;
+    ``tasks``: (nodes, tasks per node) of the jobs (a cell across several GPUs or nodes)."""
     sl = launcher.slurm
     params: dict[str, Any] = {
         "time": sl.time_min, "cpus_per_task": sl.cpus_per_job, "mem": f"{sl.mem_gb}GB",
@@ -101,6 +117,8 @@ def slurm_parameters(folder: Path, launcher: LauncherSpec) -> dict[str, Any]:
         "signal_delay_s": 120, "setup": [f"export {k}={v}" for k, v in LOCAL_JOB_ENV.items()]}
     if sl.gpus_per_job:
         params["gpus_per_node"] = sl.gpus_per_job
+    if tasks != (1, 1):
+        params.update(nodes=tasks[0], ntasks_per_node=tasks[1])
     for name in ("partition", "account", "qos", "constraint"):
         if getattr(sl, name):
             params[name] = getattr(sl, name)
@@ -109,9 +127,10 @@ def slurm_parameters(folder: Path, launcher: LauncherSpec) -> dict[str, Any]:
     return params
 
 
-def make_executor(kind: str, folder: Path, launcher: LauncherSpec, gpu: Optional[int] = None):
+def make_executor(kind: str, folder: Path, launcher: LauncherSpec, gpu: Optional[int] = None,
+                  tasks: tuple[int, int] = (1, 1)):
     """A submitit executor for ``kind`` with the launcher's settings. ``gpu``: the one device a
-    local job may see (one job per GPU)."""
+    local job may see (one job per GPU); ``tasks``: (nodes, tasks per node) of each job."""
     import submitit
 
     if kind == "local":
@@ -119,6 +138,8 @@ def make_executor(kind: str, folder: Path, launcher: LauncherSpec, gpu: Optional
             os.environ.setdefault(k, v)  # inherited by the job processes submitit starts
         ex = submitit.LocalExecutor(folder=str(folder / "%j"))
         params: dict[str, Any] = {"timeout_min": launcher.timeout_min}
+        if tasks[1] > 1:
+            params["tasks_per_node"] = tasks[1]
         if gpu is not None:
             params.update(gpus_per_node=1, visible_gpus=(gpu,))
         ex.update_parameters(**params)
@@ -127,7 +148,7 @@ def make_executor(kind: str, folder: Path, launcher: LauncherSpec, gpu: Optional
         ex.update_parameters(timeout_min=launcher.timeout_min)
     elif kind == "slurm":
         ex = submitit.SlurmExecutor(folder=str(folder / "%j"))
-        ex.update_parameters(**slurm_parameters(folder, launcher))
+        ex.update_parameters(**slurm_parameters(folder, launcher, tasks))
     else:
         raise ValueError(f"--executor: unknown executor {kind!r}; accepted: {', '.join(EXECUTORS)}")
     return ex
@@ -168,7 +189,7 @@ def _wait_slurm(jobs: dict[str, Any], on_done, poll_s: float = 2.0, grace_s: flo
         for name, job in list(left.items()):
             if job.paths.result_pickle.exists():
                 try:
-                    res: Any = job.result()
+                    res: Any = job_result(job)
                 except Exception as exc:
                     res = exc
             elif active is not None and job.job_id not in active:
@@ -242,7 +263,7 @@ def _pool(executors: list, tasks: list[tuple[str, Any, tuple]], slots: int, on_d
         for name, (job, t0, slot) in list(running.items()):
             if job.done():
                 try:
-                    res: Any = job.result()
+                    res: Any = job_result(job)
                 except Exception as exc:  # the job process died or submitit failed
                     res = exc
                 del running[name]
@@ -255,14 +276,15 @@ def _pool(executors: list, tasks: list[tuple[str, Any, tuple]], slots: int, on_d
 class _Runner:
     """Submits a stage's tasks on one executor kind and calls back as each ends."""
 
-    def __init__(self, kind: str, folder: Path, launcher: LauncherSpec, slots: int, db: Database):
+    def __init__(self, kind: str, folder: Path, launcher: LauncherSpec, slots: int, db: Database,
+                 tasks: tuple[int, int] = (1, 1)):
         self.kind, self.slots, self.db = kind, slots, db
-        gpus = local_gpus() if kind == "local" else 0
+        gpus = local_gpus() if kind == "local" and tasks[1] == 1 else 0
         if gpus:
             self.slots = min(slots, gpus)
             self.executors = [make_executor(kind, folder, launcher, gpu=i) for i in range(self.slots)]
         else:
-            self.executors = [make_executor(kind, folder, launcher)]
+            self.executors = [make_executor(kind, folder, launcher, tasks=tasks)]
 
     def run(self, tasks: list[tuple[str, Any, tuple]], on_done, on_submit=None, record_ids: bool = False) -> None:
         if self.kind != "slurm":
@@ -428,9 +450,15 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
     from .jobs import CellJob
 
     progress.show(0, 0, counts["failed"])
+    tasks = cell_tasks(kind, grid.launcher)
+    cells = runner
+    if tasks != (1, 1):  # one cell across several processes (DDP): its own executor, and its slots
+        ranks = tasks[0] * tasks[1]
+        cells = _Runner(kind, folder, grid.launcher, max(1, runner.slots // ranks), db, tasks)
+        out.write(f"each cell runs as {ranks} processes ({tasks[0]} node(s) x {tasks[1]} task(s))\n")
     with job_env(db.url):  # the jobs read the URL from their environment: no password in job files
-        runner.run([(c.key, CellJob(), (c.key, str(results_dir), cpus)) for c in runnable],
-                   cell_done, cell_submitted, record_ids=True)
+        cells.run([(c.key, CellJob(), (c.key, str(results_dir), cpus)) for c in runnable],
+                  cell_done, cell_submitted, record_ids=True)
     progress.close()
     report.done = counts["done"]
     report.failed = counts["failed"]

@@ -131,3 +131,23 @@ def test_preempted_job_resumes_to_the_same_result(reference, slurm, how):
         assert got[name] == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
     log = "".join(p.read_text() for p in (results / "submitit" / how).rglob("*.out"))
     assert "resumed from step" in log
+
+
+def test_a_two_task_cell_on_slurm(slurm, tmp_path):
+    """One cell as 2 Slurm tasks (ntasks-per-node 2 on the 2-CPU node), joined by gloo: done, with
+    world size 2 and the global batch of both ranks."""
+    launcher = ("{executor: slurm, timeout_min: 20, tasks_per_job: 2, slurm: {partition: %s, gpus_per_job: 0, "
+                "cpus_per_job: 1, mem_gb: 2, time_min: 20}}" % slurm)
+    grid = jobgrid.write_grid(tmp_path / "t.yaml", "tasks", launcher, steps=20, batch=8)
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    run = ablate("run", str(grid), "--results", str(tmp_path / "results"), "--db", url)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "each cell runs as 2 processes" in run.stdout
+    db = Database(url, create=False)
+    try:
+        from ablate.report import load_runs
+        (key,) = load_runs(db, "tasks")["key"].tolist()
+        final = db.final_metrics(key)
+        assert db.run(key).status == "done" and final["world_size"] == 2 and final["global_batch"] == 16
+    finally:
+        db.close()

@@ -49,7 +49,7 @@ from ablate.data import DatasetSplits, ImageTextSet, parse_caption
 from ablate.data.shapes import HeldOut, relation_holds
 from ablate.eval.clip_judge import DomainClip, clip_metrics, clip_references
 from ablate.eval.judge import Judge, grid_targets
-from ablate.eval.standard import _feed, check_eval_spec, clip_score, inception_fid, standard_floors
+from ablate.eval.standard import LOCAL, _feed, check_eval_spec, clip_score, inception_fid, standard_floors
 from ablate.utils import expand_path
 
 FOREGROUND_DELTA = 0.15  # colour distance from the background that counts as foreground
@@ -203,7 +203,7 @@ def fid_domain(judge: Any, fake: torch.Tensor, real: torch.Tensor, device: torch
     """FID in the judge's feature space between two uint8 image sets (>= 2 images each)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=False).to(device)
+    metric = FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=False, **LOCAL).to(device)
     return float(_feed(metric, fake, real, device))
 
 
@@ -228,7 +228,7 @@ def kid_domain(judge: Any, fake: torch.Tensor, real: torch.Tensor, device: torch
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         metric = KernelInceptionDistance(feature=JudgeFeatures(judge, torch.float64), subsets=subsets,
                                          subset_size=kid_subset_size(len(fake), len(real)),
-                                         normalize=False).to(device)
+                                         normalize=False, **LOCAL).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         mean, std = _feed(metric, fake, real, device)

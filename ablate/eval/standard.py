@@ -37,6 +37,9 @@ from ablate.utils import expand_path
 
 _CHUNK = 256  # images per CLIP (and judge) forward pass
 INCEPTION_CHUNK = 32  # Inception runs at 299 x 299: ~100 MB of activations per image
+# torchmetrics syncs a metric across the process group when one exists: a cell's ranks train
+# together, but each scores its own images (rank 0 all of them), so never sync
+LOCAL = {"sync_on_compute": False}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 _WANT_INCEPTION = (f"expected torch-fidelity's Inception weights {INCEPTION_FILE}, a state dict of "
                    "FeatureExtractorInceptionV3 (`ablate weights fetch inception` downloads it)")
@@ -253,7 +256,7 @@ def _fid_metric() -> type:
 def inception_fid(weights: str, fake: torch.Tensor, real: torch.Tensor, device: torch.device) -> float:
     """Standard FID (see the module docstring) between uint8 [n, 3, H, W] ``fake`` and [m, 3,
     H', W'] ``real`` (n, m >= 2; FID depends on n and m: compare values at equal sizes)."""
-    metric = _fid_metric()(feature=inception_features(weights), normalize=False).to(device)
+    metric = _fid_metric()(feature=inception_features(weights), normalize=False, **LOCAL).to(device)
     return float(_feed(metric, fake, real, device, INCEPTION_CHUNK))
 
 
@@ -320,7 +323,7 @@ def clip_score(model_dir: str, images: torch.Tensor, captions: list[str], device
     if len(captions) != images.shape[0]:
         raise ValueError(f"clip_score: {images.shape[0]} images and {len(captions)} captions (need as many)")
     loaded = _clip(_files_key(check_clip_model(model_dir)))
-    metric = CLIPScore(model_name_or_path=lambda: loaded).to(device)
+    metric = CLIPScore(model_name_or_path=lambda: loaded, **LOCAL).to(device)
     with torch.no_grad():
         for i in range(0, images.shape[0], _CHUNK):
             metric.update(list(images[i:i + _CHUNK].to(device)), captions[i:i + _CHUNK])
