@@ -478,7 +478,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise BadInput(f"--variants: {str(exc).split(': ', 1)[1]}") from None
             rows = bench.bench_steps(args.variants, batch=args.batch, width=args.width,
                                      depth=args.depth, grid=args.grid, text_len=args.text_len,
-                                     codebook_size=args.codebook, repeats=args.repeats, device=device)
+                                     codebook_size=args.codebook, repeats=args.repeats, device=device,
+                                     precisions=args.precision, compile=args.compile)
             table = bench.format_steps(rows)
         where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
         print(f"ablate bench {args.suite} ({where})")
@@ -670,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--text-len", type=int, default=10)
     bs.add_argument("--codebook", type=int, default=512)
     bs.add_argument("--repeats", type=int, default=5)
+    bs.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
+                    help="autocast precisions to time, paired per variant (ratios to the first)")
+    bs.add_argument("--compile", action="store_true", help="torch.compile every generator first")
     bl = bsub.add_parser("layers", help="the seed's speed table: full backbone forward, one layer, and "
                                         "the attention / SSM ops inside it, per variant")
     bl.add_argument("--variants", nargs="+", help="default: all registered (or the --grid file's)")

@@ -43,6 +43,18 @@ def test_bench_step_ratios_against_the_first_variant(tmp_path, capsys):
     assert rows[0]["params"] > 0
 
 
+def test_bench_step_pairs_precisions_per_variant(tmp_path, capsys):
+    rc = main(["bench", "step", "--variants", "transformer", "mamba-prefix", "--batch", "2", "--width", "16",
+               "--depth", "1", "--grid", "2x3", "--text-len", "4", "--codebook", "8", "--repeats", "2",
+               "--precision", "fp32", "bf16", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| mamba-prefix | bf16 |" in out and "/ fp32" in out
+    rows = [r.row for r in _bench_rows(tmp_path, "step")]
+    assert [(r["variant"], r["precision"]) for r in rows] == [
+        ("transformer", "fp32"), ("transformer", "bf16"), ("mamba-prefix", "fp32"), ("mamba-prefix", "bf16")]
+    assert rows[0]["vs_precision"] == 1.0 and rows[2]["vs_precision"] == 1.0 and rows[3]["vs_precision"] > 0
+
+
 @pytest.mark.parametrize("argv,field", [
     (["bench", "step", "--variants", "transformer", "no-such-variant"], "--variants"),
     (["bench", "ops", "--impls", "warp-drive", "--lengths", "4"], "impls"),

@@ -263,11 +263,12 @@ def _has_mambapy() -> bool:
 
 
 def _train_step_closure(variant: str, batch: int, width: int, depth: int, grid: tuple[int, int],
-                        text_len: int, codebook_size: int, seed: int,
-                        device: str = "cpu") -> tuple[Callable[[], None], int]:
+                        text_len: int, codebook_size: int, seed: int, device: str = "cpu",
+                        dtype: Optional[torch.dtype] = None, compile: bool = False) -> tuple[Callable[[], None], int]:
     """One generator training step of ``variant`` (default hyperparameters, learned text
     encoder with ``TextSpec`` defaults) as a closure, and the generator's parameter count.
-    Captions have random lengths in [3, T], so Mamba variants exercise their pad masking."""
+    Captions have random lengths in [3, T], so Mamba variants exercise their pad masking.
+    ``dtype``: autocast to it (bf16, fp16; None: fp32); ``compile``: torch.compile the model."""
     from ..config import TextSpec
     from ..model.generator import Generator, aux_losses, masked_loss, random_mask
     from ..registry import load_registry
@@ -285,10 +286,14 @@ def _train_step_closure(variant: str, batch: int, width: int, depth: int, grid: 
     mask = (torch.arange(text_len)[None] < lens[:, None]).to(device)
     ids = torch.where(mask.cpu(), torch.randint(3, 103, (batch, text_len), generator=g), 0).to(device)
 
+    net = torch.compile(model) if compile else model
+    cast = (lambda: torch.autocast(device_type=codes.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
     def step() -> None:
         inputs, masked = random_mask(codes, model.mask_id, generator=g)
-        logits, aux = model(inputs, ids, mask, targets=codes)
-        loss = masked_loss(logits, codes, masked, 0.1) + sum(aux_losses(aux).values())
+        with cast():
+            logits, aux = net(inputs, ids, mask, targets=codes)
+            loss = masked_loss(logits, codes, masked, 0.1) + sum(aux_losses(aux).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -320,15 +325,21 @@ def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, 
 
 def bench_steps(variants: Sequence[str], batch: int = 64, width: int = 96, depth: int = 4,
                 grid: tuple[int, int] = (4, 4), text_len: int = 10, codebook_size: int = 512,
-                repeats: int = 5, seed: int = 0, device: str = "cpu") -> list[dict[str, Any]]:
-    """Training-step time of each variant's generator, interleaved within each repeat (two
-    warm-up steps first), with ``vs_first``: the median over repeats of this variant's step time
-    over the first variant's in the same repeat. Defaults are the quickstart's size."""
-    steps, params = [], []
+                repeats: int = 5, seed: int = 0, device: str = "cpu", precisions: Sequence[str] = ("fp32",),
+                compile: bool = False) -> list[dict[str, Any]]:
+    """Training-step time of each variant's generator at each precision, all interleaved within
+    each repeat (two warm-up steps first). ``vs_first``: the median over repeats of this row's
+    step time over the first row's (first variant, first precision) in the same repeat;
+    ``vs_precision``: over the same variant's first precision's. Defaults: the quickstart's size."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    rows, steps, params = [], [], []
     for v in variants:
-        step, n = _train_step_closure(v, batch, width, depth, grid, text_len, codebook_size, seed, device)
-        steps.append(step)
-        params.append(n)
+        for p in precisions:
+            step, n = _train_step_closure(v, batch, width, depth, grid, text_len, codebook_size, seed, device,
+                                          dtypes.get(p), compile)
+            rows.append((v, p))
+            steps.append(step)
+            params.append(n)
     for step in steps:
         step()
         step()
@@ -338,20 +349,24 @@ def bench_steps(variants: Sequence[str], batch: int = 64, width: int = 96, depth
             t0 = time.perf_counter()
             step()
             times[i].append(time.perf_counter() - t0)
-    return [dict(variant=v, batch=batch, width=width, depth=depth, seq=grid[0] * grid[1] + text_len,
-                 params=params[i], threads=torch.get_num_threads(), device=device,
+    base = {v: rows.index((v, precisions[0])) for v in variants}
+    return [dict(variant=v, precision=p, compile=compile, batch=batch, width=width, depth=depth,
+                 seq=grid[0] * grid[1] + text_len, params=params[i], threads=torch.get_num_threads(), device=device,
                  step_s=min(times[i]), step_median_s=statistics.median(times[i]),
-                 vs_first=statistics.median(a / b for a, b in zip(times[i], times[0])))
-            for i, v in enumerate(variants)]
+                 vs_first=statistics.median(a / b for a, b in zip(times[i], times[0])),
+                 vs_precision=statistics.median(a / b for a, b in zip(times[i], times[base[v]])))
+            for i, (v, p) in enumerate(rows)]
 
 
 def format_steps(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`bench_steps` rows."""
-    first = rows[0]["variant"] if rows else ""
-    out = [f"| variant | params | step ms (best) | median ms | / {first} |", "|---|---|---|---|---|"]
+    first = f"{rows[0]['variant']} {rows[0].get('precision', 'fp32')}" if rows else ""
+    base = rows[0].get("precision", "fp32") if rows else "fp32"
+    out = [f"| variant | precision | params | step ms (best) | median ms | / {first} | / {base} |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['variant']} | {r['params']:,} | {r['step_s'] * 1e3:.1f} | "
-                   f"{r['step_median_s'] * 1e3:.1f} | {r['vs_first']:.2f} |")
+        out.append(f"| {r['variant']} | {r.get('precision', 'fp32')} | {r['params']:,} | {r['step_s'] * 1e3:.1f} | "
+                   f"{r['step_median_s'] * 1e3:.1f} | {r['vs_first']:.2f} | {r.get('vs_precision', 1.0):.2f} |")
     return "\n".join(out)
 
 
