@@ -323,3 +323,13 @@ def test_agree_matches_scipy_and_respects_directions(tmp_path, capsys):
     db.close()
     assert main(["agree", "ag", "clip_domain", "nope", "--db", f"sqlite:///{tmp_path / 'a.db'}"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_hyperparameters_say_how_many_ranks_trained_a_row(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'w.db'}")
+    _runs(db, "w", "transformer", {"align_acc": [0.5, 0.6], "world_size": [2.0, 2.0], "global_batch": [64.0, 64.0]})
+    _runs(db, "w", "uvit", {"align_acc": [0.4, 0.5]})
+    t = build_table(db, "w").set_index("Method")
+    assert t.loc["transformer", "Hyperparameters"].endswith("ranks=2, global batch=64")
+    assert "ranks" not in t.loc["uvit", "Hyperparameters"]
+    db.close()

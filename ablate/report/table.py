@@ -59,6 +59,9 @@ METRIC_COLUMNS: list[tuple[str, str, Optional[bool], str]] = [
     ("params", "Params", None, "{:,.0f}"),
 ]
 FORMATS = ("markdown", "csv", "latex", "html", "json")
+# recorded by runs that trained on several processes or accumulated micro-batches: shown with
+# the Hyperparameters (a run's key does not hold the launcher, so the table says it)
+SCALE = {"world_size": "ranks", "global_batch": "global batch"}
 # the row keys without --group-by: one configuration, one code version
 CONFIG_GROUP = ("variant", "config_key", "fingerprint")
 FINISHED = ("done", "superseded")  # statuses whose metrics count (superseded: only when asked for)
@@ -252,6 +255,8 @@ def summarize(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Optiona
     data = runs[cols].copy()
     for m in metrics:
         data[m] = runs[m].astype(float) if m in runs.columns else math.nan
+    for m in SCALE:  # how many processes trained a run, and on how big a batch (launcher, not key)
+        data[f"_{m}"] = runs[m].astype(float) if m in runs.columns else math.nan
     for k in keys:
         if k != "fingerprint":
             data[k] = _hashable(data[k])
@@ -273,6 +278,8 @@ def summarize(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Optiona
     errors = data[data["status"] == "failed"].groupby(row_keys, sort=False)["error"].first() if len(data) \
         else pd.Series(dtype=object)
     hypers = {} if pooled_mode else config_hypers(data, specs, overrides)
+    scale = {m: fin.groupby(row_keys, sort=False)[f"_{m}"].agg(lambda v: sorted({int(x) for x in v.dropna()}))
+             for m in SCALE} if len(fin) else {}
     # configurations with more than one code version here (their current row says which is which)
     versions = fin.groupby("config_key")["_fp"].nunique() if len(fin) else pd.Series(dtype=int)
 
@@ -351,6 +358,10 @@ def summarize(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Optiona
                 hyper += f" (pooled over {n_cfg} configs)"
         else:
             hyper = hypers.get(ck, ("base",))[0]
+        for m, label in SCALE.items():
+            seen_m = scale[m].get(idx, []) if m in scale else []
+            if seen_m and seen_m != [1]:
+                hyper += f", {label}={'|'.join(map(str, seen_m))}"
         row["Hyperparameters"] = hyper
         notes = [descriptions.get(variant, "variant no longer registered")]
         if stale:
