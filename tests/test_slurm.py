@@ -133,21 +133,48 @@ def test_preempted_job_resumes_to_the_same_result(reference, slurm, how):
     assert "resumed from step" in log
 
 
-def test_a_two_task_cell_on_slurm(slurm, tmp_path):
+def test_a_two_task_cell_on_slurm_is_preempted_and_resumes_exactly(slurm, tmp_path):
     """One cell as 2 Slurm tasks (ntasks-per-node 2 on the 2-CPU node), joined by gloo: done, with
-    world size 2 and the global batch of both ranks."""
+    world size 2 and the global batch of both ranks. Then the same cell again with USR2 mid-
+    training: both ranks stop at the same step boundary, rank 0 checkpoints, the job is requeued,
+    both ranks resume, and the quality metrics equal the uninterrupted run's."""
     launcher = ("{executor: slurm, timeout_min: 20, tasks_per_job: 2, slurm: {partition: %s, gpus_per_job: 0, "
                 "cpus_per_job: 1, mem_gb: 2, time_min: 20}}" % slurm)
-    grid = jobgrid.write_grid(tmp_path / "t.yaml", "tasks", launcher, steps=20, batch=8)
+    results = tmp_path / "results"
+    grid = jobgrid.write_grid(tmp_path / "t.yaml", "tasks", launcher, steps=300, ckpt=25, width=64, depth=2, batch=16)
     url = f"sqlite:///{tmp_path / 't.db'}"
-    run = ablate("run", str(grid), "--results", str(tmp_path / "results"), "--db", url)
+    run = ablate("run", str(grid), "--results", str(results), "--db", url)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "each cell runs as 2 processes" in run.stdout
     db = Database(url, create=False)
     try:
         from ablate.report import load_runs
         (key,) = load_runs(db, "tasks")["key"].tolist()
-        final = db.final_metrics(key)
-        assert db.run(key).status == "done" and final["world_size"] == 2 and final["global_batch"] == 16
+        want = db.final_metrics(key)
+        assert db.run(key).status == "done" and want["world_size"] == 2 and want["global_batch"] == 32
     finally:
         db.close()
+
+    url2 = f"sqlite:///{tmp_path / 'p.db'}"
+    driver = jobgrid.start_run(grid, results, url2)
+    try:
+        job = _job_id(url2, key)
+        jobgrid.wait_for(results / "runs" / key / "ckpt*.pt")
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+        _release_when_requeued(job)
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-4000:]
+    db = Database(url2, create=False)
+    try:
+        r = db.run(key)
+        got = db.final_metrics(key)
+    finally:
+        db.close()
+    assert r.status == "done" and r.attempts == 2, (r.status, r.attempts, r.error)
+    for name in QUALITY:
+        assert got[name] == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
+    log = "".join(p.read_text() for p in (results / "submitit" / "tasks").rglob("*.out"))
+    assert "resumed from step" in log
