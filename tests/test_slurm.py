@@ -94,16 +94,10 @@ def _release_when_requeued(job_id: str, timeout: float = 120) -> None:
     raise AssertionError(f"job {job_id} was never requeued")
 
 
-@pytest.mark.parametrize("how", ["signal", "requeue"])
-def test_preempted_job_resumes_to_the_same_result(reference, slurm, how):
-    """``signal``: submitit's preemption signal (USR2): training stops at the next step boundary,
-    saves a checkpoint there, submitit requeues the job. ``requeue``: ``scontrol requeue`` kills
-    the job outright; it resumes from its last periodic checkpoint. Either way: 400 steps, and
-    the quality metrics equal the uninterrupted run's (same seed, same threads: exact resume;
-    tolerance 1e-6 relative for float noise)."""
-    root, results, key, want = reference
-    grid = write_grid(root / f"{how}.yaml", slurm, name=how, steps=400, ckpt=25, width=64, depth=2, batch=32)
-    db_url = f"sqlite:///{root / f'{how}.db'}"
+def _interrupt_mid_training(grid: Path, results: Path, db_url: str, key: str, how: str) -> None:
+    """Run ``grid`` with a driver process; once the cell's first checkpoint exists, preempt its
+    job (``signal``: submitit's USR2; ``requeue``: ``scontrol requeue``), release the requeued
+    job at once, and require the driver to finish the grid (exit 0)."""
     driver = jobgrid.start_run(grid, results, db_url)
     try:
         job = _job_id(db_url, key)
@@ -118,6 +112,19 @@ def test_preempted_job_resumes_to_the_same_result(reference, slurm, how):
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, out[-4000:]
+
+
+@pytest.mark.parametrize("how", ["signal", "requeue"])
+def test_preempted_job_resumes_to_the_same_result(reference, slurm, how):
+    """``signal``: submitit's preemption signal (USR2): training stops at the next step boundary,
+    saves a checkpoint there, submitit requeues the job. ``requeue``: ``scontrol requeue`` kills
+    the job outright; it resumes from its last periodic checkpoint. Either way: 400 steps, and
+    the quality metrics equal the uninterrupted run's (same seed, same threads: exact resume;
+    tolerance 1e-6 relative for float noise)."""
+    root, results, key, want = reference
+    grid = write_grid(root / f"{how}.yaml", slurm, name=how, steps=400, ckpt=25, width=64, depth=2, batch=32)
+    db_url = f"sqlite:///{root / f'{how}.db'}"
+    _interrupt_mid_training(grid, results, db_url, key, how)
     db = Database(db_url, create=False)
     try:
         run = db.run(key)
@@ -156,17 +163,7 @@ def test_a_two_task_cell_on_slurm_is_preempted_and_resumes_exactly(slurm, tmp_pa
         db.close()
 
     url2 = f"sqlite:///{tmp_path / 'p.db'}"
-    driver = jobgrid.start_run(grid, results, url2)
-    try:
-        job = _job_id(url2, key)
-        jobgrid.wait_for(results / "runs" / key / "ckpt*.pt")
-        subprocess.run(["scancel", "--signal=USR2", job], check=True)
-        _release_when_requeued(job)
-        out, _ = driver.communicate(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, out[-4000:]
+    _interrupt_mid_training(grid, results, url2, key, "signal")
     db = Database(url2, create=False)
     try:
         r = db.run(key)
