@@ -7,7 +7,6 @@ at once with `scontrol update StartTime=now` (what an impatient admin would do) 
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
