@@ -29,6 +29,7 @@ from .config import RunSpec
 from .db import Database
 from .db.store import ENV_URL, DBError, NotOwner
 from .dist import SINGLE, Dist, TorchDist
+from .launch import job_id_here
 from .prepare import CELL_PARTS, prepare
 from .utils import pick_device, seed_everything
 
@@ -110,22 +111,6 @@ def process_started_at() -> Optional[float]:
         return btime + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
-
-
-def job_id_here() -> str:
-    """This job's id with its scheduler, stable across a Slurm requeue: ``slurm:<array>_<task>``
-    (``slurm:<id>`` outside arrays), ``local:<pid>`` for submitit's local jobs (the pid of the
-    process that trains, not of submitit's controller above it), ``proc:<pid>`` for a job run in
-    the driver's process."""
-    env = os.environ
-    executor = env.get("SUBMITIT_EXECUTOR", "")
-    if executor == "slurm":
-        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-            return f"slurm:{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-        return f"slurm:{env.get('SLURM_JOB_ID', '?')}"
-    if executor == "local":
-        return f"local:{os.getpid()}"
-    return f"proc:{os.getpid()}"
 
 
 class Pruned(Exception):

@@ -1,38 +1,23 @@
-"""Launch a grid's cells as submitit jobs, with live progress.
+"""Launch a grid's cells as jobs on one of :mod:`ablate.launch`'s executors, with live progress.
 
-Executors: ``local`` (processes on this machine), ``slurm`` (one job array per stage, settings
-from the grid's ``launcher.slurm``), ``debug`` (in this process), ``auto`` (slurm when ``sbatch``
-is on PATH, else local). submitit's LocalExecutor starts every submitted job at once and gives
-every GPU job GPU 0, so for local jobs the pool of slots is ours: a cell is submitted only when a
-slot is free, and on a machine with GPUs each slot owns one GPU. On Slurm the array's
-parallelism is Slurm's. Shared preparation (dataset, VQ tokenizer, token cache, judge) runs
-first as one job per distinct preparation, so concurrent cells never race to train the same
-tokenizer.
-
-A job that ends without a result (killed, out of memory, node lost) leaves its run ``lost``:
-the next ``ablate run`` resumes it from its checkpoint. Slurm without accounting (no sacct) is
-normal on small clusters, so a job's end is read from squeue and its result file.
+Shared preparation (dataset, VQ tokenizer, token cache, judge) runs first as one job per distinct
+preparation, so concurrent cells never race to train the same tokenizer; then the cells. A job
+that ends without a result (killed, out of memory, node lost) leaves its run ``lost``: the next
+``ablate run`` resumes it from its checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, TextIO
+from typing import Any, Optional, TextIO
 
-from .config import LauncherSpec
+from . import launch as executors
 from .db import Database
-from .db.store import ENV_URL
 from .grid import Cell, Grid
 from .prep_jobs import encode_tasks, run_preparation
 from .prepare import prep_key
-
-EXECUTORS = ("local", "slurm", "debug", "auto")
 
 
 @dataclass
@@ -50,161 +35,6 @@ class LaunchReport:
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.lost == 0
-
-
-# glibc returns large freed blocks to the OS at once by default, so every training step of a
-# CPU job page-faults its big temporaries afresh (measured: 5k-40k faults and ~10% of a Mamba
-# step); raising the thresholds keeps them in the heap. Applied to local jobs unless set.
-LOCAL_JOB_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-
-
-@contextlib.contextmanager
-def job_env(db_url: str) -> Iterator[None]:
-    """Jobs submitted inside inherit ``$ABLATE_DB_URL = db_url`` (local processes copy this
-    environment; sbatch exports it; the debug executor runs here): the URL, password included,
-    never enters a pickled job file or a log. The previous value is restored afterwards."""
-    before = os.environ.get(ENV_URL)
-    os.environ[ENV_URL] = db_url
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV_URL, None)
-        else:
-            os.environ[ENV_URL] = before
-
-
-def resolve_executor(kind: str) -> str:
-    """``auto`` -> ``slurm`` when ``sbatch`` is on PATH, else ``local``."""
-    if kind == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
-    if kind not in EXECUTORS:
-        raise ValueError(f"--executor: unknown executor {kind!r}; accepted: {', '.join(EXECUTORS)}")
-    return kind
-
-
-def job_result(job: Any) -> Any:
-    """A submitted job's result: rank 0's where the job ran several tasks (one cell over DDP
-    ranks; the other ranks' results are informative only)."""
-    return job.results()[0] if getattr(job, "num_tasks", 1) > 1 else job.result()
-
-
-def local_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        return 0
-
-
-def cell_tasks(kind: str, launcher: LauncherSpec) -> tuple[int, int]:
-    """(nodes, tasks per node) of one cell's job: one process per GPU on Slurm with GPUs, else
-    ``launcher.tasks_per_job`` (locally one node)."""
-    if kind == "slurm":
-        sl = launcher.slurm
-        return sl.nodes, (sl.gpus_per_job if sl.gpus_per_job else launcher.tasks_per_job)
-    return 1, (launcher.tasks_per_job if kind == "local" else 1)
-
-
-def slurm_parameters(folder: Path, launcher: LauncherSpec, tasks: tuple[int, int] = (1, 1)) -> dict[str, Any]:
-    """submitit ``SlurmExecutor.update_parameters`` arguments from the grid's ``launcher.slurm``;
-    ``tasks``: (nodes, tasks per node) of the jobs (a cell across several GPUs or nodes)."""
-    sl = launcher.slurm
-    params: dict[str, Any] = {
-        "time": sl.time_min, "cpus_per_task": sl.cpus_per_job, "mem": f"{sl.mem_gb}GB",
-        "array_parallelism": sl.array_parallelism, "job_name": f"ablate-{folder.name}",
-        "signal_delay_s": 120, "setup": [f"export {k}={v}" for k, v in LOCAL_JOB_ENV.items()]}
-    if sl.gpus_per_job:
-        params["gpus_per_node"] = sl.gpus_per_job
-    if tasks != (1, 1):
-        params.update(nodes=tasks[0], ntasks_per_node=tasks[1])
-    for name in ("partition", "account", "qos", "constraint"):
-        if getattr(sl, name):
-            params[name] = getattr(sl, name)
-    if sl.extra:
-        params["additional_parameters"] = dict(sl.extra)
-    return params
-
-
-def make_executor(kind: str, folder: Path, launcher: LauncherSpec, gpu: Optional[int] = None,
-                  tasks: tuple[int, int] = (1, 1)):
-    """A submitit executor for ``kind`` with the launcher's settings. ``gpu``: the one device a
-    local job may see (one job per GPU); ``tasks``: (nodes, tasks per node) of each job."""
-    import submitit
-
-    if kind == "local":
-        for k, v in LOCAL_JOB_ENV.items():
-            os.environ.setdefault(k, v)  # inherited by the job processes submitit starts
-        ex = submitit.LocalExecutor(folder=str(folder / "%j"))
-        params: dict[str, Any] = {"timeout_min": launcher.timeout_min}
-        if tasks[1] > 1:
-            params["tasks_per_node"] = tasks[1]
-        if gpu is not None:
-            params.update(gpus_per_node=1, visible_gpus=(gpu,))
-        ex.update_parameters(**params)
-    elif kind == "debug":
-        ex = submitit.DebugExecutor(folder=str(folder / "%j"))
-        ex.update_parameters(timeout_min=launcher.timeout_min)
-    elif kind == "slurm":
-        ex = submitit.SlurmExecutor(folder=str(folder / "%j"))
-        ex.update_parameters(**slurm_parameters(folder, launcher, tasks))
-    else:
-        raise ValueError(f"--executor: unknown executor {kind!r}; accepted: {', '.join(EXECUTORS)}")
-    return ex
-
-
-def slurm_active(job_ids: list[str]) -> Optional[set[str]]:
-    """Job ids (``123`` or ``123_4``) Slurm still knows as queued or running, from squeue (no
-    accounting needed); None if squeue could not be asked."""
-    mains = sorted({j.split("_")[0] for j in job_ids})
-    if not mains:
-        return set()
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(mains)],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        # squeue rejects ids that have left the system entirely: then none of them is active
-        return set() if "Invalid job id" in out.stderr else None
-    active = set()
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                  "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"):
-            active.add(parts[0])
-    return active
-
-
-def _wait_slurm(jobs: dict[str, Any], on_done, poll_s: float = 2.0, grace_s: float = 15.0) -> None:
-    """Wait for submitted Slurm jobs; ``on_done(name, result_or_exception, seconds, running)``.
-    A job is over when its result file exists, or when squeue no longer lists it and no result
-    file appeared within ``grace_s`` (killed: the exception says so)."""
-    t0 = time.time()
-    left = dict(jobs)
-    gone_since: dict[str, float] = {}
-    while left:
-        active = slurm_active([j.job_id for j in left.values()])
-        for name, job in list(left.items()):
-            if job.paths.result_pickle.exists():
-                try:
-                    res: Any = job_result(job)
-                except Exception as exc:
-                    res = exc
-            elif active is not None and job.job_id not in active:
-                first = gone_since.setdefault(name, time.time())
-                if time.time() - first < grace_s:
-                    continue
-                res = RuntimeError(f"Slurm job {job.job_id} left the queue without a result "
-                                   f"(killed, cancelled, or out of memory; see {job.paths.stderr})")
-            else:
-                gone_since.pop(name, None)
-                continue
-            del left[name]
-            on_done(name, res, time.time() - t0, len(left))
-        if left:
-            time.sleep(poll_s)
 
 
 class Progress:
@@ -240,65 +70,6 @@ class Progress:
         if self.tty:
             self.out.write("\n")
             self.out.flush()
-
-
-def _pool(executors: list, tasks: list[tuple[str, Any, tuple]], slots: int, on_done, on_submit=None,
-          poll_s: float = 0.5) -> None:
-    """Run ``tasks`` (name, fn, args) with at most ``slots`` in flight; slot ``i`` submits through
-    ``executors[i]`` when there is one executor per slot (one GPU each), else through
-    ``executors[0]``. ``on_done(name, result_or_exception, seconds, running)`` as each finishes."""
-    queue = list(tasks)
-    running: dict[str, tuple[Any, float, int]] = {}
-    free = list(range(slots))
-    while queue or running:
-        while queue and free:
-            name, fn, args = queue.pop(0)
-            slot = free.pop(0)
-            ex = executors[slot] if len(executors) > 1 else executors[0]
-            if hasattr(fn, "submitted_at"):
-                fn.submitted_at = time.time()  # the queue wait starts now, not when the task was listed
-            running[name] = (ex.submit(fn, *args), time.time(), slot)
-            if on_submit:
-                on_submit(name, len(running))
-        for name, (job, t0, slot) in list(running.items()):
-            if job.done():
-                try:
-                    res: Any = job_result(job)
-                except Exception as exc:  # the job process died or submitit failed
-                    res = exc
-                del running[name]
-                free.append(slot)
-                on_done(name, res, time.time() - t0, len(running))
-        if running:
-            time.sleep(poll_s)
-
-
-class _Runner:
-    """Submits a stage's tasks on one executor kind and calls back as each ends."""
-
-    def __init__(self, kind: str, folder: Path, launcher: LauncherSpec, slots: int, db: Database,
-                 tasks: tuple[int, int] = (1, 1)):
-        self.kind, self.slots, self.db = kind, slots, db
-        gpus = local_gpus() if kind == "local" and tasks[1] == 1 else 0
-        if gpus:
-            self.slots = min(slots, gpus)
-            self.executors = [make_executor(kind, folder, launcher, gpu=i) for i in range(self.slots)]
-        else:
-            self.executors = [make_executor(kind, folder, launcher, tasks=tasks)]
-
-    def run(self, tasks: list[tuple[str, Any, tuple]], on_done, on_submit=None, record_ids: bool = False) -> None:
-        if self.kind != "slurm":
-            _pool(self.executors, tasks, self.slots, on_done, on_submit)
-            return
-        ex = self.executors[0]
-        with ex.batch():  # one job array for the whole stage
-            submitted = [(name, ex.submit(fn, *args)) for name, fn, args in tasks]
-        jobs = {name: job for name, job in submitted}
-        if record_ids:
-            self.db.set_job_ids({name: f"slurm:{job.job_id}" for name, job in jobs.items()})
-        if on_submit:
-            on_submit(None, len(jobs))
-        _wait_slurm(jobs, on_done)
 
 
 def stale_runs(db: Database, keys: list[str]) -> dict[str, tuple[Optional[str], str]]:
@@ -354,9 +125,8 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
     those done by code whose fingerprint differs from the installed code's). Returns a summary."""
     out = out or sys.stdout
     t_start = time.time()
-    kind = resolve_executor(executor or grid.launcher.executor)
-    slots = 1 if kind == "debug" else (jobs or grid.launcher.jobs)
-    cpus = grid.launcher.slurm.cpus_per_job if kind == "slurm" else grid.launcher.cpus_per_job
+    kind = executors.resolve(executor or grid.launcher.executor)
+    cpus = executors.KINDS[kind].cpus(grid.launcher)
     lost_after = lost_after_s if lost_after_s is not None else grid.launcher.lost_after_s
     report = LaunchReport(grid=grid.name, total=len(grid.cells))
     for key in db.mark_lost(lost_after):
@@ -383,10 +153,9 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
         return report
 
     folder = Path(results_dir) / "submitit" / grid.name
-    runner = _Runner(kind, folder, grid.launcher, slots, db)
-    where = f"{runner.slots} slot(s)" if kind != "slurm" else "one job array per stage"
+    runner = executors.executor(kind, folder, grid.launcher, jobs)
     out.write(f"grid {grid.name}: {len(todo)} of {report.total} cells to run "
-              f"({report.already_done} already done) on executor '{kind}' with {where}\n")
+              f"({report.already_done} already done) on executor '{kind}' with {runner.describe()}\n")
 
     # 1. shared preparation, one job per distinct data/tokenizer setting (and the token store)
     n_tasks = encode_tasks(kind, runner.slots, grid.launcher.prepare_tasks)
@@ -450,15 +219,13 @@ def launch(grid: Grid, db: Database, results_dir: Path, executor: Optional[str] 
     from .jobs import CellJob
 
     progress.show(0, 0, counts["failed"])
-    tasks = cell_tasks(kind, grid.launcher)
-    cells = runner
-    if tasks != (1, 1):  # one cell across several processes (DDP): its own executor, and its slots
-        ranks = tasks[0] * tasks[1]
-        cells = _Runner(kind, folder, grid.launcher, max(1, runner.slots // ranks), db, tasks)
-        out.write(f"each cell runs as {ranks} processes ({tasks[0]} node(s) x {tasks[1]} task(s))\n")
-    with job_env(db.url):  # the jobs read the URL from their environment: no password in job files
+    cells = runner.for_cells()  # one cell across several processes (DDP): slots hold whole cells
+    if cells.ranks > 1:
+        out.write(f"each cell runs as {cells.ranks} processes ({cells.tasks[0]} node(s) x "
+                  f"{cells.tasks[1]} task(s))\n")
+    with executors.job_env(db.url):  # the jobs read the URL from their environment: no password in job files
         cells.run([(c.key, CellJob(), (c.key, str(results_dir), cpus)) for c in runnable],
-                  cell_done, cell_submitted, record_ids=True)
+                  cell_done, cell_submitted, on_ids=db.set_job_ids)
     progress.close()
     report.done = counts["done"]
     report.failed = counts["failed"]

@@ -342,13 +342,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``weights fetch NAME [--to DIR]`` to the ``ablate`` subcommands."""
-    w = sub.add_parser("weights", help="download pretrained weights the standard metrics and tokenizers use "
-                                       "(the only command that downloads)")
+def add_arguments(w: argparse.ArgumentParser) -> None:
+    """The arguments of ``ablate weights``: ``fetch NAME [--to DIR]``."""
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     f = wsub.add_parser("fetch", help=f"download, verify and install: {' | '.join(REGISTRY)}")
     f.add_argument("name", metavar="NAME", help=f"one of: {', '.join(REGISTRY)}")
     f.add_argument("--to", metavar="DIR", help="folder to install into (default: $ABLATE_WEIGHTS or "
                                                "~/.cache/ablate/weights)")
-    f.set_defaults(fn=cmd_fetch)

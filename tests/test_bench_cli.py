@@ -63,7 +63,8 @@ def test_bench_bad_input_is_one_line_and_stores_nothing(tmp_path, capsys, argv, 
     rc = main(argv + ["--results", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and field in err and len(err.strip().splitlines()) == 1
-    assert _bench_rows(tmp_path, "ops") == [] and _bench_rows(tmp_path, "step") == []
+    if (tmp_path / "ablate.db").exists():  # a check that needs no database runs before it is made
+        assert _bench_rows(tmp_path, "ops") == [] and _bench_rows(tmp_path, "step") == []
 
 
 def test_bench_bad_grid_shape_is_an_argparse_error(tmp_path, capsys):

@@ -244,7 +244,8 @@ class Objective:
 
     def _run(self, trial: Any) -> Any:
         optuna = _optuna()
-        from ..jobs import job_id_here, run_job
+        from ..jobs import run_job
+        from ..launch import job_id_here
 
         # a retried trial (its worker died) starts with the dead trial's user attrs: its job id
         dead_job = trial.user_attrs.get("job_id")
@@ -472,14 +473,14 @@ def run_study(cfg: StudyConfig, db: Database, results_dir: Path, executor: Optio
               out: Optional[TextIO] = None) -> StudyReport:
     """Create or continue the study and run workers until ``budget`` trials have finished."""
     from ..prep_jobs import encode_tasks, run_preparation
-    from ..scheduler import _Runner, job_env, resolve_executor
+    from .. import launch
 
     optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the driver prints its own line per trial
     out = out or sys.stdout
     results_dir = Path(results_dir).resolve()  # jobs may start in another directory (Slurm)
     t0 = time.time()
-    kind = resolve_executor(executor or cfg.file.launcher.executor)
+    kind = launch.resolve(executor or cfg.file.launcher.executor)
     hb = cfg.file.heartbeat
     storage = storage_for(db.url, hb)
     try:
@@ -499,8 +500,8 @@ def run_study(cfg: StudyConfig, db: Database, results_dir: Path, executor: Optio
             return report
         launcher = cfg.file.launcher
         k = workers or launcher.jobs
-        cpus = launcher.slurm.cpus_per_job if kind == "slurm" else launcher.cpus_per_job
-        runner = _Runner(kind, Path(results_dir) / "submitit" / f"study_{cfg.name}", launcher, k, db)
+        cpus = launch.KINDS[kind].cpus(launcher)
+        runner = launch.executor(kind, Path(results_dir) / "submitit" / f"study_{cfg.name}", launcher, k)
         out.write(f"study {cfg.name}: {report.finished} of {budget} trials finished; "
                   f"{k} worker(s) on executor '{kind}'\n")
         out.flush()
@@ -540,7 +541,7 @@ def run_study(cfg: StudyConfig, db: Database, results_dir: Path, executor: Optio
                 out.write(report.errors[-1] + "\n")
                 out.flush()
 
-            with job_env(db.url):  # workers read the URL from their environment, not their job files
+            with launch.job_env(db.url):  # workers read the URL from their environment, not their job files
                 if kind == "debug":  # in this process (and thread): no progress thread
                     runner.run(tasks, worker_done)
                 else:

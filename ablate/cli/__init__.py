@@ -1,0 +1,53 @@
+"""Command line: thin parsing over functions the tests call directly.
+
+Every sub-command registers itself (:func:`ablate.cli.core.command`) in the module of its kind:
+``grids`` (run, prepare, expand, status, cancel), ``results`` (table, agree, plot, report),
+``bench``, ``admin`` (variants, db, study, weights). Heavy imports stay inside the commands, so
+``ablate table`` never loads torch.
+
+Exit codes: 0 ok, 1 some cells failed, 2 bad input (grid, override, variant, path, database).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import admin, bench, grids, results
+from .core import COMMANDS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, BadInput, database_options
+
+MODULES = (grids, results, bench, admin)  # importing each registers its commands
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "BadInput", "build_parser", "main"]
+
+ORDER = ("run", "prepare", "table", "agree", "plot", "report", "variants", "status", "bench", "cancel", "db",
+         "expand", "study", "weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ablate", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    order = {name: i for i, name in enumerate(ORDER)}
+    for cmd in sorted(COMMANDS.values(), key=lambda c: order.get(c.name, len(order))):
+        sp = sub.add_parser(cmd.name, help=cmd.help)
+        cmd.arguments(sp)
+        if cmd.database:
+            database_options(sp)
+        sp.set_defaults(fn=cmd.run)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..config import ConfigError
+    from ..db import DBError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DBError, BadInput) as exc:
+        print(f"ablate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
