@@ -18,6 +18,13 @@ Timing: forward only (``torch.no_grad``, eval mode), the mean over ``passes`` fo
 ``warmup`` (as the seed: "averaged over 50 forward passes"), the median beside it; batch
 ``batch`` of random states, captions of random length in [3, T].
 
+``--like-seed 001`` sets the seed's own size (the aMUSEd-256 backbone: width 1024, 22 layers,
+16 heads, 16x16 image tokens, CLIP's 77 caption tokens, batch 32, 50 passes; UViT vs M-Mamba)
+and :func:`seed_comparison` sets the seed's A100 figures beside ours as ratios, which carry over
+from one machine to another where absolute times do not: M-Mamba / UViT for the whole backbone
+and for one layer, and the SSM scan / self-attention per call (the seed's "Attention v.s. SSM"
+column times one call of each: 2.33e-4 s against 1.19e-3 s).
+
 Legend: B batch, L image tokens, T text tokens, D width.
 """
 from __future__ import annotations
@@ -155,19 +162,66 @@ def cells_from_grid(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+# seed 001, slide 14 ("1 A100 GPU, 32 batch size, averaged over 50 forward passes"): its size and
+# its figures in ms, per (variant, column of our rows)
+SEED_001_SIZE = dict(variants=["uvit", "m-mamba"], width=1024, depth=22, heads=16, tokens=(16, 16), text_len=77,
+                     batch=32, passes=50, warmup=5)
+SEED_001_MS = {("uvit", "full_ms"): 137.0, ("uvit", "layer_ms"): 5.94, ("uvit", "self_attn_call_ms"): 1.19,
+               ("uvit", "cross_attn_call_ms"): 1.16, ("m-mamba", "full_ms"): 217.0, ("m-mamba", "layer_ms"): 8.92,
+               ("m-mamba", "ssm_scan_call_ms"): 0.233}
+SEED_001_RATIOS = (  # (what, numerator, denominator)
+    ("M-Mamba / UViT, whole backbone forward", ("m-mamba", "full_ms"), ("uvit", "full_ms")),
+    ("M-Mamba / UViT, one layer", ("m-mamba", "layer_ms"), ("uvit", "layer_ms")),
+    ("SSM scan / self-attention, one call", ("m-mamba", "ssm_scan_call_ms"), ("uvit", "self_attn_call_ms")),
+    ("cross- / self-attention (UViT), one call", ("uvit", "cross_attn_call_ms"), ("uvit", "self_attn_call_ms")),
+)
+
+
+def seed_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seed 001 ratios (:data:`SEED_001_RATIOS`) from the seed's figures and from ``rows``
+    (which must hold a ``uvit`` and an ``m-mamba`` row): ``what, seed, here, here_vs_seed``;
+    ``here`` is None where a row lacks the op (then no comparison is made)."""
+    by = {r["variant"]: r for r in rows}
+    missing = [v for v in ("uvit", "m-mamba") if v not in by]
+    if missing:
+        raise ValueError(f"--like-seed 001: compares uvit with m-mamba; no row for {', '.join(missing)}")
+    out = []
+    for what, (vn, cn), (vd, cd) in SEED_001_RATIOS:
+        seed = SEED_001_MS[(vn, cn)] / SEED_001_MS[(vd, cd)]
+        num, den = by[vn].get(cn), by[vd].get(cd)
+        here = num / den if num and den else None
+        out.append(dict(what=what, seed=seed, here=here, here_vs_seed=here / seed if here else None))
+    return out
+
+
+def format_comparison(comparison: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    r = rows[0]
+    size = (f"width {r['width']}, depth {r['depth']}, L={r['L']}, T={r['T']}, batch {r['batch']}, "
+            f"{r['passes']} passes, {r['precision']}")
+    out = [f"seed 001 (1 A100) against this run ({r['device']}, {size}):", "",
+           "| ratio | seed 001 | here | here / seed |", "|---|---|---|---|"]
+    for c in comparison:
+        here = "" if c["here"] is None else f"{c['here']:.3f}"
+        vs = "" if c["here_vs_seed"] is None else f"{c['here_vs_seed']:.2f}"
+        out.append(f"| {c['what']} | {c['seed']:.3f} | {here} | {vs} |")
+    return "\n".join(out)
+
+
 def bench_layers(variants: Optional[Sequence[str]] = None, width: int = 96, depth: int = 4, heads: int = 4,
                  grid: tuple[int, int] = (4, 4), text_len: int = 10, batch: int = 32, passes: int = 50,
                  warmup: int = 5, device: str = "cpu", cells: Optional[Sequence[dict[str, Any]]] = None,
-                 seed: int = 0) -> list[dict[str, Any]]:
+                 seed: int = 0, precision: str = "fp32") -> list[dict[str, Any]]:
     """One row per variant (or per ``cells`` entry, see :func:`cells_from_grid`):
     ``variant, family, params`` (backbone parameters at ``depth``), ``width, depth, heads, L,
     T, batch, passes, device, threads``, ``full_ms`` / ``full_median_ms`` (one forward of the
     ``depth``-layer backbone), ``layer_ms`` / ``layer_median_ms`` (``depth=1``), and per op of
     :data:`OPS` ``<op>_ms`` (time inside it per single-layer forward; 0 when the variant has
-    none) and ``<op>_calls`` (calls per single-layer forward), ``mixing_share`` (the ops'
-    share of the single-layer time). ``variants`` default: all registered ones. Defaults are
-    the quickstart's sizes."""
+    none), ``<op>_calls`` (calls per single-layer forward) and ``<op>_call_ms`` (per call),
+    ``mixing_share`` (the ops' share of the single-layer time). ``variants`` default: all
+    registered ones. Defaults are the quickstart's sizes. ``precision``: fp32, or bf16 / fp16
+    autocast around every forward."""
     from .registry import load_registry
+    from .train.precision import autocast
 
     reg = load_registry()
     if cells is None:
@@ -181,7 +235,7 @@ def bench_layers(variants: Optional[Sequence[str]] = None, width: int = 96, dept
         full = _build(cls, c["params"], c["width"], c["depth"], c["heads"], c["grid"], c["text_len"], dev, seed)
         one = _build(cls, c["params"], c["width"], 1, c["heads"], c["grid"], c["text_len"], dev, seed)
         inputs = _inputs(batch, c["grid"], c["text_len"], c["width"], dev, seed)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, dev):
             t_full = _times(full, inputs, passes, warmup, dev)
             t_one = _times(one, inputs, passes, warmup, dev)
             with op_timer(c["text_len"], dev) as acc:
@@ -191,11 +245,13 @@ def bench_layers(variants: Optional[Sequence[str]] = None, width: int = 96, dept
         row = dict(variant=c["variant"], family=cls.family, params=sum(p.numel() for p in full.parameters()),
                    width=c["width"], depth=c["depth"], heads=c["heads"], L=c["grid"][0] * c["grid"][1],
                    T=c["text_len"], batch=batch, passes=passes, device=str(dev), threads=torch.get_num_threads(),
+                   precision=precision,
                    full_ms=statistics.mean(t_full) * 1e3, full_median_ms=statistics.median(t_full) * 1e3,
                    layer_ms=layer_ms, layer_median_ms=statistics.median(t_one) * 1e3)
         for op in OPS:
             row[f"{op}_ms"] = acc[op][0] / passes * 1e3
             row[f"{op}_calls"] = acc[op][1] / passes
+            row[f"{op}_call_ms"] = acc[op][0] / acc[op][1] * 1e3 if acc[op][1] else None
         row["mixing_share"] = sum(row[f"{op}_ms"] for op in OPS) / layer_ms if layer_ms else None
         if c.get("params"):
             row["model_params"] = c["params"]

@@ -77,3 +77,43 @@ def test_cli_stores_rows_and_takes_a_grid(tmp_path, capsys):
     db.close()
     assert main(["bench", "layers", "--variants", "nope", "--no-store"]) == 2
     assert "--variants: unknown variant 'nope'" in capsys.readouterr().err
+
+
+def test_like_seed_001_sets_the_seed_ratios_beside_ours(tmp_path, capsys):
+    """`--like-seed 001` takes the seed's variants (and size, unless an option is given) and
+    prints the seed's A100 ratios beside this run's, each computed from the rows it printed."""
+    small = ["--depth", "2", "--width", "32", "--heads", "2", "--batch", "2", "--tokens", "4x4", "--text-len", "6",
+             "--passes", "2", "--warmup", "0"]
+    rc = main(["bench", "layers", "--like-seed", "001", *small, "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "seed 001 (1 A100) against this run" in out
+    db = Database(f"sqlite:///{tmp_path / 'ablate.db'}", create=False)
+    try:
+        rows = [b.row for b in db.bench_results("layers")]
+    finally:
+        db.close()
+    ops_rows = {r["variant"]: r for r in rows if r["variant"] != "seed 001 ratio"}
+    assert set(ops_rows) == {"uvit", "m-mamba"} and ops_rows["uvit"]["depth"] == 2 and ops_rows["uvit"]["L"] == 16
+    ratios = {r["what"]: r for r in rows if r["variant"] == "seed 001 ratio"}
+    whole = ratios["M-Mamba / UViT, whole backbone forward"]
+    assert abs(whole["seed"] - 217 / 137) < 1e-9
+    assert abs(whole["here"] - ops_rows["m-mamba"]["full_ms"] / ops_rows["uvit"]["full_ms"]) < 1e-9
+    scan = ratios["SSM scan / self-attention, one call"]
+    assert abs(scan["seed"] - 0.233 / 1.19) < 1e-9
+    mm, uv = ops_rows["m-mamba"], ops_rows["uvit"]
+    assert abs(scan["here"] - (mm["ssm_scan_ms"] / mm["ssm_scan_calls"]) / (uv["self_attn_ms"] / uv["self_attn_calls"])) < 1e-9
+    assert f"| {scan['what']} | {scan['seed']:.3f} | {scan['here']:.3f} |" in out
+
+
+def test_like_seed_defaults_are_the_seeds_size():
+    import argparse
+
+    from ablate.cli.bench import _layers_size
+
+    args = argparse.Namespace(like_seed="001", variants=None, batch=None, width=None, depth=3, heads=None,
+                              tokens=None, text_len=None, passes=None, warmup=None)
+    size = _layers_size(args)
+    assert size == dict(variants=["uvit", "m-mamba"], batch=32, width=1024, depth=3, heads=16, tokens=(16, 16),
+                        text_len=77, passes=50, warmup=5)
+    args.like_seed = None
+    assert _layers_size(args)["tokens"] == (4, 4) and _layers_size(args)["variants"] is None

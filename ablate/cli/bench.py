@@ -9,6 +9,31 @@ from typing import Any, Callable
 from .core import EXIT_OK, BadInput, command, database, database_options, grid_shape
 
 
+# bench layers' sizes: (option, type, default, help); ``--like-seed`` replaces the defaults
+LAYERS_SIZE = (("batch", int, 32, "batch"), ("width", int, 96, "width"), ("depth", int, 4, "layers"),
+               ("heads", int, 4, "attention heads"), ("tokens", grid_shape, "4x4", "image token grid HxW"),
+               ("text-len", int, 10, "caption tokens"), ("passes", int, 50, "timed forward passes (mean reported)"),
+               ("warmup", int, 5, "untimed passes first"))
+
+
+def _layers_size(args: argparse.Namespace) -> dict[str, Any]:
+    """bench layers' sizes: the options given, else ``--like-seed``'s, else the defaults."""
+    from ..bench_layers import SEED_001_SIZE
+
+    size: dict[str, Any] = {}
+    for name, kind, default, _ in LAYERS_SIZE:
+        key = name.replace("-", "_")
+        given = getattr(args, key)
+        if given is not None:
+            size[key] = given
+        elif args.like_seed:
+            size[key] = SEED_001_SIZE[key]
+        else:
+            size[key] = kind(default) if isinstance(default, str) else default
+    size["variants"] = args.variants or (list(SEED_001_SIZE["variants"]) if args.like_seed else None)
+    return size
+
+
 def _arguments(b: argparse.ArgumentParser) -> None:
     bsub = b.add_subparsers(dest="suite", required=True, metavar="SUITE")
     bo = bsub.add_parser("ops", help="selective scan paths and text-dependent scans vs attention: "
@@ -36,14 +61,13 @@ def _arguments(b: argparse.ArgumentParser) -> None:
     bl.add_argument("--variants", nargs="+", help="default: all registered (or the --grid file's)")
     bl.add_argument("--grid", help="grid YAML file: take its variants, their params, width, depth, heads, "
                                    "token grid and caption length")
-    bl.add_argument("--batch", type=int, default=32)
-    bl.add_argument("--width", type=int, default=96)
-    bl.add_argument("--depth", type=int, default=4)
-    bl.add_argument("--heads", type=int, default=4)
-    bl.add_argument("--tokens", type=grid_shape, default=(4, 4), help="image token grid HxW")
-    bl.add_argument("--text-len", type=int, default=10)
-    bl.add_argument("--passes", type=int, default=50, help="timed forward passes (mean reported)")
-    bl.add_argument("--warmup", type=int, default=5)
+    bl.add_argument("--like-seed", choices=["001"],
+                    help="seed 001's size (UViT vs M-Mamba, width 1024, 22 layers, batch 32, 16x16 tokens, "
+                         "77 caption tokens) and its A100 figures beside ours as ratios; options given win")
+    for name, kind, default, text in LAYERS_SIZE:
+        bl.add_argument(f"--{name}", type=kind, help=f"{text} (default: {default})")
+    bl.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="autocast precision of every forward")
     bt = bsub.add_parser("table", help="time `ablate table` on a fresh database of 10,000 runs x 20 metrics")
     bt.add_argument("--runs", type=int, default=10_000)
     bt.add_argument("--metrics", type=int, default=20)
@@ -107,14 +131,30 @@ def _torch_suite(args: argparse.Namespace) -> tuple[Callable[[], list[dict[str, 
     if args.suite == "layers":
         from .. import bench_layers as bl
 
-        _check_variants(args.variants or [])
+        size = _layers_size(args)
+        _check_variants(size["variants"] or [])
         cells = bl.cells_from_grid(Path(args.grid)) if args.grid else None
-        if cells and args.variants:
-            cells = [c for c in cells if c["variant"] in args.variants]
-        return (lambda: bl.bench_layers(args.variants, width=args.width, depth=args.depth, heads=args.heads,
-                                        grid=args.tokens, text_len=args.text_len, batch=args.batch,
-                                        passes=args.passes, warmup=args.warmup, device=device, cells=cells),
-                bl.format_rows)
+        if cells and size["variants"]:
+            cells = [c for c in cells if c["variant"] in size["variants"]]
+
+        def layers() -> list[dict[str, Any]]:
+            rows = bl.bench_layers(size["variants"], width=size["width"], depth=size["depth"], heads=size["heads"],
+                                   grid=size["tokens"], text_len=size["text_len"], batch=size["batch"],
+                                   passes=size["passes"], warmup=size["warmup"], device=device, cells=cells,
+                                   precision=args.precision)
+            if args.like_seed:  # the seed's ratios beside ours, stored with the rows
+                for c in bl.seed_comparison(rows):
+                    rows.append(dict(variant="seed 001 ratio", **c))
+            return rows
+
+        def show(rows: list[dict[str, Any]]) -> str:
+            ops = [r for r in rows if r["variant"] != "seed 001 ratio"]
+            text = bl.format_rows(ops)
+            if args.like_seed:
+                text += "\n\n" + bl.format_comparison([r for r in rows if r["variant"] == "seed 001 ratio"], ops)
+            return text
+
+        return layers, show
     _check_variants(args.variants)
     return (lambda: bench.bench_steps(args.variants, batch=args.batch, width=args.width, depth=args.depth,
                                       grid=args.grid, text_len=args.text_len, codebook_size=args.codebook,
