@@ -225,6 +225,13 @@ class ModelSpec(Closed):
     hyperparameters; they are validated (and defaults filled in) by the variant's ``Config``."""
 
     variant: str = "transformer"
+    paradigm: Literal["masked", "ar"] = Field(
+        "masked", json_schema_extra=LATER,
+        description="how images are generated from tokens: masked (Muse/MaskGIT parallel decoding) or ar "
+                    "(next token, causal backbone)")
+    order: Literal["raster", "snake"] = Field(
+        "raster", json_schema_extra=LATER,
+        description="ar: the order tokens are generated in (snake: every other row right to left)")
     width: int = Field(128, ge=8, description="D, model width")
     depth: int = Field(4, ge=1, description="backbone layers")
     heads: int = Field(4, ge=1)
@@ -271,7 +278,8 @@ class TrainSpec(Closed):
 
 
 class SampleSpec(Closed):
-    """MaskGIT iterative decoding with classifier-free guidance."""
+    """Sampling with classifier-free guidance: MaskGIT iterative decoding (masked) or token by
+    token (ar)."""
 
     steps: int = Field(12, ge=1)
     guidance: float = Field(2.0, ge=0, description="final CFG scale t in (1+t)*l_c - t*l_u")
@@ -279,6 +287,14 @@ class SampleSpec(Closed):
     temperature: float = Field(1.0, gt=0, description="token sampling temperature")
     choice_temperature: float = Field(4.5, ge=0, description="Gumbel noise on confidences, annealed by (1 - r)")
     batch_size: int = Field(250, ge=1)
+    top_k: int = Field(0, ge=0, json_schema_extra=LATER,
+                       description="ar: sample among the k most likely tokens only (0: all)")
+    top_p: float = Field(1.0, gt=0, le=1, json_schema_extra=LATER,
+                         description="ar: sample among the smallest set of tokens whose probability reaches p")
+    decode: Literal["cached", "full"] = Field(
+        "cached", json_schema_extra=LATER,
+        description="ar: cached = recurrent state (Mamba) / KV cache (attention), O(1) per token; full = the "
+                    "whole prefix again per token (the reference)")
     remask: Literal["confidence", "critic"] = Field(
         "confidence", json_schema_extra=LATER,
         description="what ranks tokens for re-masking: the sampled token's probability, or the "

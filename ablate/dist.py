@@ -3,7 +3,7 @@ loop needs. :data:`SINGLE` is the one-process passthrough (every call is a no-op
 reads the same with one process or many.
 
 Legend: rank r of world W; a step's global batch is split into S = W x grad_accum shares, share
-``r + W * micro`` on rank r (see :func:`ablate.model.random_mask`).
+``r + W * micro`` on rank r (see :func:`ablate.paradigm.random_mask`).
 """
 from __future__ import annotations
 

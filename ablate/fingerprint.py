@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 
 PACKAGE = Path(__file__).resolve().parent
 # the parts of ablate that decide a run's numbers (folders: every module in them)
-PARTS = ("model", "ops", "train", "prepare.py", "tokenizer", "data", "text", "eval")
+PARTS = ("model", "paradigm", "ops", "train", "prepare.py", "tokenizer", "data", "text", "eval")
 SKIP = ("bench.py",)  # timing code inside those folders
 
 

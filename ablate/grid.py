@@ -120,6 +120,7 @@ def _resolve(tree: dict, registry: Registry, where: str) -> RunSpec:
         raise GridError(format_validation_error(err, where)) from None
     try:
         params = registry.resolve_params(spec.model.variant, spec.model.params)
+        registry.check_paradigm(spec.model.variant, params, spec.model.paradigm)
     except (UnknownVariant, ValueError) as err:
         raise GridError(f"{where}: {err}") from None
     spec.model.params = params

@@ -6,7 +6,12 @@ A variant is an ``nn.Module`` class (the *backbone* of the generator) with these
 - ``description``: one line, becomes the table's Notes/Method text;
 - ``family``: ``"transformer" | "mamba" | "hybrid"``;
 - ``Config``: a pydantic model of its hyperparameters (``model.params``), extra keys forbidden;
-- ``scan_orders``: tuple of image scan orders it supports (``()`` when it has none).
+- ``scan_orders``: tuple of image scan orders it supports (``()`` when it has none);
+- ``paradigms`` (optional, default ``("masked",)``): the generation paradigms it can serve. For
+  a causal one (``ar``) it is built with ``ctx.causal = True`` and must then make image token i
+  depend on tokens ``<= i`` only (a contract test perturbs token t and checks nothing before t
+  moves); ``causal_problem(cfg) -> str | None`` (optional) says why a config cannot be causal
+  (a scan order that reads later tokens).
 
 It is built as ``cls(ctx: VariantContext, cfg: cls.Config)`` and called as
 ``forward(x, text, text_mask) -> h`` or ``-> (h, aux_losses: dict[str, Tensor])`` with
@@ -56,6 +61,7 @@ class VariantContext:
     grid: tuple[int, int]  # image token grid (h, w); L = h * w
     text_len: int  # T, padded text length
     dropout: float = 0.0
+    causal: bool = False  # image token i may depend on tokens <= i only (in sequence order)
 
     @property
     def seq_len(self) -> int:
@@ -79,6 +85,16 @@ class Registry:
             raise UnknownVariant(f"model.variant: unknown variant {name!r}; known variants: {known}")
         return self.variants[name]
 
+    def check_paradigm(self, name: str, params: dict[str, Any], paradigm: str) -> None:
+        """Raise ValueError (one line naming model.paradigm) if variant ``name`` with these
+        (resolved) ``params`` cannot generate with ``paradigm``."""
+        cls = self.get(name)
+        why = paradigm_problem(cls, cls.Config(**params), paradigm)
+        if why:
+            able = sorted(n for n, c in self.variants.items() if paradigm in getattr(c, "paradigms", ("masked",)))
+            raise ValueError(f"model.paradigm: variant {name!r} cannot generate with {paradigm!r}: {why} "
+                             f"(variants that can: {', '.join(able) or 'none'})")
+
     def resolve_params(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Validate ``params`` against the variant's Config; return them with defaults filled."""
         cls = self.get(name)
@@ -92,6 +108,19 @@ class Registry:
             raise ValueError(f"model.params.{field}: {reason} for variant {name!r} "
                              f"(accepted: {accepted})") from None
         return cfg.model_dump(mode="json")
+
+
+def paradigm_problem(cls: Any, cfg: Any, paradigm: str) -> Optional[str]:
+    """Why variant class ``cls`` with config ``cfg`` cannot serve ``paradigm``, or None. A
+    variant declares ``paradigms`` (default ``("masked",)``); a causal paradigm also asks its
+    ``causal_problem(cfg)`` (e.g. a scan order that reads later tokens)."""
+    declared = tuple(getattr(cls, "paradigms", ("masked",)))
+    if paradigm not in declared:
+        return f"it declares {', '.join(declared)} only"
+    check = getattr(cls, "causal_problem", None)
+    if paradigm != "masked" and check is not None:
+        return check(cfg)
+    return None
 
 
 def _check_variant(cls: Any, origin: str) -> Optional[str]:

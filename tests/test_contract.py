@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ablate.model import Generator, aux_losses
+from ablate.model import Generator
+from ablate.paradigm import aux_losses
 from ablate.registry import VariantContext, load_registry
 from ablate.text import build_text_encoder
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ablate.config import SampleSpec
-from ablate.model import drop_text, guidance_at, mask_ratio, masked_loss, random_mask, sample_tokens
+from ablate.paradigm import drop_text, guidance_at, mask_ratio, masked_loss, random_mask, sample_tokens
 
 
 def test_random_mask_counts_follow_cosine_schedule():

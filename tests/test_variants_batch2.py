@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from ablate.config import SampleSpec, TextSpec
-from ablate.model import Generator, sample_tokens
+from ablate.model import Generator
+from ablate.paradigm import sample_tokens
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import inverse, permute
 from ablate.registry import VariantContext, load_registry

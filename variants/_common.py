@@ -10,8 +10,8 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from ablate.model.mamba import Mamba
-from ablate.model.scan_order import MultiDirection
+from ablate.model.mamba import Mamba, MambaState, prefill, step
+from ablate.model.scan_order import MultiDirection, inverse, permute
 
 ScanOrder = Literal["forward", "bidirectional", "cross4"]
 SCAN_ORDERS: tuple[str, ...] = ("forward", "bidirectional", "cross4")
@@ -37,10 +37,20 @@ def masked_mean(v: Tensor, mask: Tensor) -> Tensor:
 
 
 class MambaBackbone(nn.Module):
-    """Base of the Mamba variants: the contract attributes they share (family, scan orders)."""
+    """Base of the Mamba variants: the contract attributes they share (family, scan orders, and
+    what makes one causal: a forward scan, the only order that reads no later image token)."""
 
     family = "mamba"
     scan_orders = SCAN_ORDERS
+    paradigms: tuple[str, ...] = ("masked",)
+
+    @classmethod
+    def causal_problem(cls, cfg: BaseModel) -> str | None:
+        scan = getattr(cfg, "scan", "forward")
+        if scan != "forward":
+            return (f"model.params.scan: {scan} reads image tokens after the one it predicts; a causal paradigm "
+                    "needs scan: forward")
+        return None
 
 
 class MambaLayer(nn.Module):
@@ -55,3 +65,15 @@ class MambaLayer(nn.Module):
 
     def forward(self, s: Tensor, orders: Tensor, mask: Tensor) -> Tensor:
         return s + self.drop(self.mix(self.norm(s), orders, mask))
+
+    def prefill(self, s: Tensor, order: Tensor, mask: Tensor) -> tuple[Tensor, MambaState]:
+        """One direction (``order [B, S]`` per sample): the layer over ``s`` and the state after
+        it, to continue position by position with :meth:`step`."""
+        (mixer,) = self.mix.mixers
+        y, state = prefill(mixer, permute(self.norm(s), order), permute(mask, order))
+        return s + permute(y, inverse(order)), state
+
+    def step(self, s: Tensor, state: MambaState) -> Tensor:
+        """The next position ``s [B, D]`` (a forward scan's next element)."""
+        (mixer,) = self.mix.mixers
+        return s + step(mixer, self.norm(s), state)

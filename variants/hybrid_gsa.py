@@ -28,9 +28,14 @@ Choices where the seed is open:
   generator adds its own position embeddings).
 
 Padded text (``text_mask`` False) is zeroed; in the Mamba layers it is moved ahead of everything
-and made inert (``variants.mamba_prefix.pads_first``), in the GSA it is masked out of the keys
+and made inert (``ablate.model.scan_order.pads_first``), in the GSA it is masked out of the keys
 (the image keys are always there, so no row is fully masked, even for an empty caption). Padded
 positions still get query outputs, which no real position ever reads.
+
+Next-token generation (``model.paradigm: ar``, ``scan: forward``): built causal, the GSA masks
+as :func:`causal_mask` says (text rows read text only, image row i text and image tokens <= i);
+decoding prefills the caption through every layer, then runs one image position per step on each
+attention application's key/value cache and each Mamba layer's recurrent state.
 
 Init: mamba-ssm's ``Mamba`` per mixer; attention/MLP GPT-2 style (N(0, 0.02), zero biases).
 The residual projections (Mamba out_proj, attention ``out``, the MLP's second Linear) are scaled
@@ -48,11 +53,10 @@ import torch.nn as nn
 from pydantic import Field
 from torch import Tensor
 
-from ablate.model.scan_order import scan_permutations
+from ablate.model.attention import Attention, KVCache
+from ablate.model.scan_order import pads_first, scan_permutations, sequence_orders
 from ablate.registry import VariantContext
 from variants._common import MambaBackbone, MambaLayer, MambaOptions
-from variants.mamba_prefix import pads_first, sequence_orders
-from variants.transformer import Attention
 
 
 class Config(MambaOptions):
@@ -73,9 +77,29 @@ class AttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, s: Tensor, key_mask: Tensor) -> Tensor:
-        s = s + self.drop(self.attn(self.norm1(s), key_mask=key_mask))
+    def forward(self, s: Tensor, key_mask: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        s = s + self.drop(self.attn(self.norm1(s), key_mask=key_mask, attn_mask=attn_mask))
         return s + self.drop(self.mlp(self.norm2(s)))
+
+    def step(self, s: Tensor, cache: KVCache, key_mask: Tensor) -> Tensor:
+        """Positions ``s [B, n, D]`` after those in ``cache`` (whose keys ``key_mask [B, all]`` masks)."""
+        u = self.norm1(s)
+        k, v = cache.add(*self.attn.keys(u))
+        s = s + self.attn.attend(self.attn.query(u), k, v, key_mask)
+        return s + self.mlp(self.norm2(s))
+
+
+def causal_mask(key_mask: Tensor, t: int) -> Tensor:
+    """``[B, 1, S, S]`` for ``[text; image]`` with a causal image: a text row attends the real
+    text tokens (never an image token, which would carry later tokens back to earlier ones
+    through the text stream); image row i the real text tokens and image tokens <= i; every row
+    itself (a padded row then reads only itself, never NaN)."""
+    S = key_mask.shape[1]
+    i = torch.arange(S, device=key_mask.device).view(S, 1)
+    j = torch.arange(S, device=key_mask.device).view(1, S)
+    text_col = (j < t) & key_mask[:, None, :]  # [B, S(rows), S]
+    image_col = (j >= t) & (i >= t) & (j <= i)
+    return (text_col | image_col | (i == j)).unsqueeze(1)
 
 
 class HybridGSA(MambaBackbone):
@@ -83,12 +107,14 @@ class HybridGSA(MambaBackbone):
     description = "Mamba over [text; image] with one weight-shared self-attention+MLP block every N layers"
     family = "hybrid"
     Config = Config
+    paradigms = ("masked", "ar")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()
         if ctx.width % ctx.heads:
             raise ValueError(f"model.width ({ctx.width}) must be divisible by model.heads ({ctx.heads})")
-        self.text_len, self.every, self.share = ctx.text_len, cfg.every, cfg.share
+        self.text_len, self.every, self.share, self.causal = ctx.text_len, cfg.every, cfg.share, ctx.causal
+        self.heads = ctx.heads
         image_perms = scan_permutations(cfg.scan, ctx.grid)  # [K, L]
         self.register_buffer("orders", sequence_orders(image_perms, ctx.text_len, "prefix"),
                              persistent=False)  # [K, S]
@@ -127,12 +153,47 @@ class HybridGSA(MambaBackbone):
         s = torch.cat([text, x], dim=1)  # [B, S, D]
         mask = torch.cat([text_mask, text_mask.new_ones(b, length)], dim=1)  # [B, S], also the key mask
         orders = pads_first(self.orders, mask)  # [K, B, S]
+        attn_mask = causal_mask(mask, t) if self.causal else None
         for i, layer in enumerate(self.layers):
             gsa = self.attention_block(i)
             if gsa is not None:
-                s = gsa(s, mask)
+                s = gsa(s, mask, attn_mask)
             s = layer(s, orders, mask)
         return s[:, t:]
+
+    def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "GSADecoder | None":
+        """Decoding one image position at a time (causal, forward scan): the caption prefilled
+        through every layer, then each attention application's key/value cache and each Mamba
+        layer's recurrent state."""
+        return GSADecoder(self, text, text_mask, length) if self.causal and self.orders.shape[0] == 1 else None
+
+
+class GSADecoder:
+    def __init__(self, model: HybridGSA, text: Tensor, text_mask: Tensor, length: int):
+        self.model = model
+        text_mask = text_mask.bool()
+        b, t, d = text.shape
+        s = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))
+        order = pads_first(torch.arange(t, device=text.device)[None], text_mask)[0]  # [B, T]
+        self.text_mask, self.caches, self.states = text_mask, {}, []
+        for i, layer in enumerate(model.layers):
+            gsa = model.attention_block(i)
+            if gsa is not None:
+                self.caches[i] = cache = KVCache(b, model.heads, t + length, d // model.heads, text)
+                s = gsa.step(s, cache, causal_mask(text_mask, t))  # text rows: text only
+            s, state = layer.prefill(s, order, text_mask)
+            self.states.append(state)
+
+    def step(self, x: Tensor) -> Tensor:
+        h = x.unsqueeze(1)  # [B, 1, D]
+        for i, layer in enumerate(self.model.layers):
+            if i in self.caches:
+                cache = self.caches[i]
+                seen = torch.cat([self.text_mask, self.text_mask.new_ones(h.shape[0], cache.n + 1 - self.text_mask.shape[1])],
+                                 dim=1)[:, None, None, :]
+                h = self.model.attention_block(i).step(h, cache, seen)
+            h = layer.step(h[:, 0], self.states[i]).unsqueeze(1)
+        return h[:, 0]
 
 
 VARIANT = HybridGSA

@@ -28,7 +28,7 @@ here it is a learned merge. The last block's text update would reach no output (
 tokens are returned), so the last block has no merge (it would be a dead parameter).
 
 Padded text (``text_mask`` False) is zeroed and, in every direction, moved ahead of everything
-(``variants.mamba_prefix.pads_first``), where the Mamba ``mask`` makes it inert: the output
+(``ablate.model.scan_order.pads_first``), where the Mamba ``mask`` makes it inert: the output
 depends neither on the padded values nor on how many pads there are. The text stream is
 re-zeroed at padded positions after every merge.
 
@@ -48,10 +48,9 @@ from pydantic import Field
 from torch import Tensor
 
 from ablate.model.mamba import Mamba
-from ablate.model.scan_order import inverse, permute, scan_permutations
+from ablate.model.scan_order import inverse, pads_first, permute, scan_permutations, sequence_orders
 from ablate.registry import VariantContext
 from variants._common import MambaBackbone, MambaOptions
-from variants.mamba_prefix import pads_first, sequence_orders
 
 
 class Config(MambaOptions):

@@ -55,10 +55,9 @@ from pydantic import Field
 from torch import Tensor
 
 from ablate.model.mamba import Mamba
-from ablate.model.scan_order import MultiDirection, scan_permutations
+from ablate.model.scan_order import MultiDirection, pads_first, scan_permutations
 from ablate.registry import VariantContext
 from variants._common import MambaBackbone, MambaOptions, masked_mean
-from variants.mamba_prefix import pads_first
 
 
 class Config(MambaOptions):

@@ -38,7 +38,7 @@ import torch.nn as nn
 from pydantic import Field
 from torch import Tensor
 
-from ablate.model.scan_order import scan_permutations
+from ablate.model.scan_order import pads_first, scan_permutations, sequence_orders
 from ablate.registry import VariantContext
 from variants._common import MambaBackbone, MambaLayer, MambaOptions
 
@@ -48,43 +48,19 @@ class Config(MambaOptions):
         "prefix", description="where each scan direction reads the caption")
 
 
-def sequence_orders(image_perms: Tensor, text_len: int, position: str) -> Tensor:
-    """Per-direction reading orders over the concatenation ``[text; image]`` (indices in
-    ``[0, T + L)``): ``[K, S]``, text at ``position`` of each direction's image order."""
-    text = torch.arange(text_len)
-    out = []
-    for p in image_perms:
-        img = p + text_len
-        if position == "prefix":
-            parts = [text, img]
-        elif position == "suffix":
-            parts = [img, text]
-        else:
-            half = img.shape[0] // 2
-            parts = [img[:half], text, img[half:]]
-        out.append(torch.cat(parts))
-    return torch.stack(out)
-
-
-def pads_first(orders: Tensor, mask: Tensor) -> Tensor:
-    """Per-sample orders ``[K, B, S]``: ``orders [K, S]`` with each sample's masked-out positions
-    (``mask [B, S]`` False) moved to the front, the others keeping their relative order."""
-    m = mask[:, orders].permute(1, 0, 2)  # [K, B, S], mask read in each direction's order
-    rank = torch.argsort(m.to(torch.uint8), dim=-1, stable=True)  # False (0) first
-    return torch.gather(orders.unsqueeze(1).expand_as(m), -1, rank)
-
-
-Layer = MambaLayer  # the name other variants and the tests import
+Layer = MambaLayer  # the name the tests import
+__all__ = ["Config", "Layer", "MambaPrefix", "VARIANT", "pads_first", "sequence_orders"]
 
 
 class MambaPrefix(MambaBackbone):
     name = "mamba-prefix"
     description = "Mamba over [text; image]: caption states as extra sequence positions"
     Config = Config
+    paradigms = ("masked", "ar")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()
-        self.text_len = ctx.text_len
+        self.text_len, self.text_position = ctx.text_len, cfg.text_position
         image_perms = scan_permutations(cfg.scan, ctx.grid)  # [K, L]
         self.register_buffer("orders", sequence_orders(image_perms, ctx.text_len, cfg.text_position),
                              persistent=False)  # [K, S]
@@ -110,6 +86,29 @@ class MambaPrefix(MambaBackbone):
         for layer in self.layers:
             s = layer(s, orders, mask)
         return s[:, t:]
+
+    def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "PrefixDecoder | None":
+        """Recurrent decoding (forward scan, caption as prefix): every layer's state after the
+        caption, then one image position per step, O(1) each. None for the other placements."""
+        if self.text_position != "prefix" or self.orders.shape[0] != 1:
+            return None
+        return PrefixDecoder(self, text, text_mask)
+
+
+class PrefixDecoder:
+    def __init__(self, model: MambaPrefix, text: Tensor, text_mask: Tensor):
+        text_mask = text_mask.bool()
+        s = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))
+        order = pads_first(torch.arange(text.shape[1], device=text.device)[None], text_mask)[0]  # [B, T]
+        self.layers, self.states = model.layers, []
+        for layer in model.layers:
+            s, state = layer.prefill(s, order, text_mask)
+            self.states.append(state)
+
+    def step(self, x: Tensor) -> Tensor:
+        for layer, state in zip(self.layers, self.states):
+            x = layer.step(x, state)
+        return x
 
 
 VARIANT = MambaPrefix

@@ -51,10 +51,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ablate.model.scan_order import scan_permutations
+from ablate.model.scan_order import pads_first, scan_permutations, sequence_orders
 from ablate.registry import VariantContext
-from variants._common import MambaBackbone, MambaOptions
-from variants.mamba_prefix import Layer, pads_first, sequence_orders
+from variants._common import MambaBackbone, MambaLayer as Layer, MambaOptions
 
 
 class Config(MambaOptions):

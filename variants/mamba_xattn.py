@@ -61,11 +61,11 @@ import torch.nn as nn
 from pydantic import Field
 from torch import Tensor
 
+from ablate.model.attention import Attention
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, inverse, permute, scan_permutations
 from ablate.registry import VariantContext
 from variants._common import MambaBackbone, MambaOptions
-from variants.transformer import Attention
 
 ScanOrder = Literal["forward", "bidirectional", "cross4"]
 

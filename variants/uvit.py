@@ -1,6 +1,6 @@
 """`uvit`: the U-ViT / aMUSEd-style transformer, Muse blocks with long skip connections.
 
-The ``depth`` blocks are :class:`variants.transformer.Block` (pre-norm self-attention over the
+The ``depth`` blocks are :class:`ablate.model.attention.MuseBlock` (pre-norm self-attention over the
 image tokens, cross-attention to the text, MLP), split into ``n = (depth - 1) // 2`` *in*
 blocks, ``depth - 2n`` *mid* blocks (1 for odd depth, 2 for even) and ``n`` *out* blocks. The in blocks save their outputs; out block
 ``j`` reads them back in reverse order (the last saved first), merging the saved state into the
@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from ablate.registry import VariantContext
-from variants.transformer import Transformer
+from ablate.model.attention import Apply, TransformerStack
 
 
 class Config(BaseModel):
@@ -56,10 +56,11 @@ class Config(BaseModel):
         "concat", description="long-skip merge: concat then Linear(2D, D) (U-ViT), or plain addition")
 
 
-class UViT(Transformer):
+class UViT(TransformerStack):
     name = "uvit"
     description = "U-ViT: Muse transformer blocks with long in->out skip connections (concat+linear or add)"
     Config = Config
+    paradigms = ("masked", "ar")  # the skips are position-wise: causal attention keeps it causal
 
     def _add_modules(self, ctx: VariantContext, cfg: Config) -> None:
         d = ctx.width
@@ -77,17 +78,16 @@ class UViT(Transformer):
                 nn.init.normal_(lin.weight[:, d:], std=0.02)
                 lin.bias.zero_()
 
-    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
-        """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
-        text, key_mask, gate = self._text_inputs(x, text, text_mask)
+    def run(self, h: Tensor, apply: Apply) -> Tensor:
+        """The blocks with the long skips: out block ``depth - n + j`` first merges the output of
+        in block ``n - 1 - j`` (position-wise, so decoding one token at a time chains alike)."""
         depth, n = len(self.blocks), self.n_skips
         saved: list[Tensor] = []
-        h = x
         for i, block in enumerate(self.blocks):
             if i >= depth - n:  # out block j = i - (depth - n) reads the mirror in block's output
                 j, o = i - (depth - n), saved.pop()
                 h = self.skips[j](torch.cat([h, o], dim=-1)) if self.concat else h + o
-            h = block(h, text, key_mask, gate)
+            h = apply(i, block, h)
             if i < n:
                 saved.append(h)
         return h

@@ -1,17 +1,17 @@
-"""The masked token generator around a variant backbone (everything the variants share).
+"""The token generator around a variant backbone (everything the variants share): embeddings,
+text projection, backbone, head. What the tokens mean (masked, next token) is the paradigm's
+(:mod:`ablate.paradigm`).
 
-Tokens: image codes in ``[0, K)`` plus ``[MASK] = K``. Text: the text encoder's states,
+Tokens: image codes in ``[0, K)`` plus one extra token ``K`` (``[MASK]``, or the start token). Text: the text encoder's states,
 projected to width D. The backbone maps ``x: [B, L, D]`` to ``h: [B, L, D]``; a final LayerNorm
 and a linear head give logits over the K codes (never over ``[MASK]``).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..registry import VariantContext
 
@@ -26,7 +26,8 @@ class Generator(nn.Module):
 
     def __init__(self, backbone_cls: type, backbone_cfg: Any, text_encoder: nn.Module,
                  codebook_size: int, grid: tuple[int, int], width: int, depth: int, heads: int,
-                 text_len: int, dropout: float = 0.0):
+                 text_len: int, dropout: float = 0.0, causal: bool = False,
+                 order: Optional[torch.Tensor] = None):
         super().__init__()
         self.codebook_size = codebook_size
         self.mask_id = codebook_size
@@ -34,12 +35,18 @@ class Generator(nn.Module):
         self.seq_len = grid[0] * grid[1]
         self.tok_emb = nn.Embedding(codebook_size + 1, width)
         self.pos_emb = nn.Parameter(torch.zeros(1, self.seq_len, width))
+        # the sequence the backbone reads: position i holds raster position order[i] (its
+        # embedding); identity for raster order
+        order = torch.arange(self.seq_len) if order is None else order
+        self.raster = bool(torch.equal(order, torch.arange(self.seq_len)))
+        self.causal = causal
+        self.register_buffer("order", order, persistent=False)
         self.text_encoder = text_encoder
         self.text_proj = nn.Sequential(nn.Linear(text_encoder.out_dim, width), nn.LayerNorm(width))
         self.emb_norm = nn.LayerNorm(width)
         self.emb_drop = nn.Dropout(dropout)
         ctx = VariantContext(width=width, depth=depth, heads=heads, grid=grid, text_len=text_len,
-                             dropout=dropout)
+                             dropout=dropout, causal=causal)
         self.backbone = backbone_cls(ctx, backbone_cfg)
         self.out_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, codebook_size)
@@ -51,15 +58,26 @@ class Generator(nn.Module):
     def encode_text(self, text_feats: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Text features -> projected states ``[B, T, D]`` (padded positions zeroed)."""
         states = self.text_encoder(text_feats, text_mask)
-        return self.text_proj(states.float()) * text_mask.unsqueeze(-1)
+        return self.text_proj(states.to(self.text_proj[0].weight.dtype)) * text_mask.unsqueeze(-1)
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Backbone states ``[B, L, D]`` -> logits ``[B, L, K]`` (final norm and head)."""
         return self.head(self.out_norm(h))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens ``[B, L]`` (codes or ``[MASK]``) -> the backbone's input ``x [B, L, D]``."""
-        return self.emb_drop(self.emb_norm(self.tok_emb(tokens) + self.pos_emb))
+        """Tokens ``[B, L]`` (codes or the extra token) -> the backbone's input ``x [B, L, D]``."""
+        pos = self.pos_emb if self.raster else self.pos_emb[:, self.order]
+        return self.emb_drop(self.emb_norm(self.tok_emb(tokens) + pos))
+
+    def decoder(self, text_feats: torch.Tensor, text_mask: torch.Tensor) -> Optional["Decoder"]:
+        """Decoding one position at a time on the backbone's own state (a causal backbone with a
+        ``decoder(text, text_mask, length)``: Mamba's recurrent state, attention's KV cache), or
+        None where the backbone has none (the caller then runs the whole sequence per token)."""
+        make = getattr(self.backbone, "decoder", None)
+        if make is None or not self.causal:
+            return None
+        inner = make(self.encode_text(text_feats, text_mask), text_mask, self.seq_len)
+        return None if inner is None else Decoder(self, inner)
 
     def forward(self, tokens: torch.Tensor, text_feats: torch.Tensor, text_mask: torch.Tensor,
                 targets: Optional[torch.Tensor] = None, masked: Optional[torch.Tensor] = None,
@@ -83,67 +101,16 @@ class Generator(nn.Module):
         return self.readout(h), aux  # [B, L, K]
 
 
-def aux_losses(aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The auxiliary losses among a backbone's outputs: entries named ``loss/<name>``."""
-    return {k: v for k, v in aux.items() if k.startswith("loss/")}
+class Decoder:
+    """``step(tokens [B]) -> logits [B, K]``: the next position's prediction, given the tokens
+    of every earlier position (fed one per call, in sequence order) and the caption."""
 
+    def __init__(self, gen: Generator, inner: Any):
+        self.gen, self.inner, self.i = gen, inner, 0
 
-def mask_ratio(u: torch.Tensor) -> torch.Tensor:
-    """Muse's cosine schedule: share of tokens masked, ``r = cos(pi/2 * u)`` for ``u ~ U(0, 1)``."""
-    return torch.cos(0.5 * math.pi * u)
-
-
-def _rows(x: torch.Tensor, share: tuple[int, int]) -> torch.Tensor:
-    """Rows ``s::S`` of ``x`` for ``share = (s, S)``: share s's part of a global draw."""
-    s, n = share
-    return x if n == 1 else x[s::n]
-
-
-def random_mask(codes: torch.Tensor, mask_id: int, generator: Optional[torch.Generator] = None,
-                share: tuple[int, int] = (0, 1), return_total: bool = False) -> tuple[torch.Tensor, ...]:
-    """Mask each row of ``codes: [B, L]`` at a cosine-scheduled ratio (at least one token).
-
-    Returns ``(inputs [B, L] with mask_id at masked places, masked [B, L] bool)``, and with
-    ``return_total`` the number of masked tokens in the whole global batch. ``share = (s, S)``:
-    ``codes`` are rows ``s::S`` of a global batch of ``S * B`` rows (a rank's or a micro-batch's
-    part); the random numbers are drawn for the global batch and this share's rows kept, so S
-    shares are masked exactly as the one global batch would be.
-    """
-    b, length = codes.shape
-    u = torch.rand(b * share[1], generator=generator, device="cpu")
-    n_all = torch.clamp((mask_ratio(u) * length).ceil().long(), 1, length)  # [S*B]
-    scores = _rows(torch.rand(b * share[1], length, generator=generator, device="cpu"), share).to(codes.device)
-    n_mask = _rows(n_all, share).to(codes.device)  # [B]
-    # the n_mask smallest scores of each row are masked: rank < n_mask
-    ranks = scores.argsort(dim=1).argsort(dim=1)
-    masked = ranks < n_mask.unsqueeze(1)
-    inputs = torch.where(masked, torch.full_like(codes, mask_id), codes)
-    return (inputs, masked, int(n_all.sum())) if return_total else (inputs, masked)
-
-
-def masked_loss(logits: torch.Tensor, codes: torch.Tensor, masked: torch.Tensor,
-                label_smoothing: float = 0.0, total: Optional[int] = None) -> torch.Tensor:
-    """Cross-entropy on masked positions only. ``logits: [B, L, K]``, ``codes, masked: [B, L]``.
-    The mean over them, or with ``total`` their sum / ``total`` (a share's part of the global
-    batch's mean: the shares' parts add up to it exactly)."""
-    if total is None:
-        return F.cross_entropy(logits[masked], codes[masked], label_smoothing=label_smoothing)
-    return F.cross_entropy(logits[masked], codes[masked], label_smoothing=label_smoothing, reduction="sum") / total
-
-
-def drop_text(feats: torch.Tensor, mask: torch.Tensor, null_feats: torch.Tensor, null_mask: torch.Tensor,
-              p: float, generator: Optional[torch.Generator] = None,
-              share: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace each caption by the null caption with probability ``p`` (classifier-free guidance);
-    ``share`` as in :func:`random_mask`.
-
-    ``feats: [B, T(, Dt)]``, ``mask: [B, T]``; ``null_feats``/``null_mask`` have batch size 1.
-    """
-    if p <= 0:
-        return feats, mask
-    drop = _rows(torch.rand(feats.shape[0] * share[1], generator=generator, device="cpu"), share)
-    drop = drop.to(feats.device) < p  # [B]
-    shape = (-1,) + (1,) * (feats.dim() - 1)
-    feats = torch.where(drop.view(shape), null_feats.to(feats.dtype).expand_as(feats), feats)
-    mask = torch.where(drop.view(-1, 1), null_mask.expand_as(mask), mask)
-    return feats, mask
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        g = self.gen
+        pos = g.pos_emb[:, g.order[self.i]]  # [1, D]
+        x = g.emb_drop(g.emb_norm(g.tok_emb(tokens) + pos))  # [B, D]
+        self.i += 1
+        return g.readout(self.inner.step(x))

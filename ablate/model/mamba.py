@@ -150,6 +150,55 @@ class Mamba(nn.Module):
         return (y, last) if return_last_state else y
 
 
+class MambaState:
+    """A Mamba mixer's decoding state: ``conv [B, E, d_conv - 1]`` the last inputs of the causal
+    conv (pre-conv x branch), ``ssm [B, E, N]`` the SSM state (fp32)."""
+
+    def __init__(self, conv: Tensor, ssm: Tensor):
+        self.conv, self.ssm = conv, ssm
+
+
+def prefill(m: Mamba, x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, MambaState]:
+    """``m(x, mask)`` and the state after the last position, to continue with :func:`step`.
+    The conv state is recomputed from the last ``d_conv - 1`` inputs (inert ones zero)."""
+    b, L, _ = x.shape
+    y, last = m(x, mask, return_last_state=True)
+    k, E = m.d_conv, m.d_inner
+    tail = x[:, max(0, L - (k - 1)):]  # [B, <=k-1, D]
+    W = m.in_proj.weight
+    xs = F.linear(tail, W[:E], None if m.in_proj.bias is None else m.in_proj.bias[:E])  # [B, n, E]
+    if mask is not None:
+        xs = torch.where(mask[:, max(0, L - (k - 1)):].unsqueeze(-1), xs, xs.new_zeros(()))
+    conv = xs.new_zeros(b, E, k - 1)
+    if xs.shape[1]:
+        conv[:, :, -xs.shape[1]:] = xs.transpose(1, 2)
+    return y, MambaState(conv, last.to(torch.promote_types(last.dtype, torch.float32)))
+
+
+def step(m: Mamba, x: Tensor, state: MambaState) -> Tensor:
+    """One position ``x [B, D] -> y [B, D]`` after the positions ``state`` summarises (updated in
+    place): O(1) in the sequence length, the recurrence mamba-ssm's ``Mamba.step`` runs."""
+    E, N, R = m.d_inner, m.d_state, m.dt_rank
+    W = m.in_proj.weight
+    bx, bz = (None, None) if m.in_proj.bias is None else m.in_proj.bias.split(E)
+    xs, z = F.linear(x, W[:E], bx), F.linear(x, W[E:], bz)  # [B, E]
+    window = torch.cat([state.conv, xs.unsqueeze(-1)], dim=-1)  # [B, E, k]
+    state.conv = window[:, :, 1:]
+    u = (window * m.conv1d.weight.squeeze(1)).sum(-1)
+    if m.conv1d.bias is not None:
+        u = u + m.conv1d.bias
+    u = F.silu(u)
+    dt, Bm, Cm = torch.split(m.x_proj(u), [R, N, N], dim=-1)
+    f = torch.promote_types(x.dtype, torch.float32)  # the state and sums never in half precision
+    delta = F.softplus(dt @ m.dt_proj.weight.t() + m.dt_proj.bias).to(f)  # [B, E]
+    A = -torch.exp(m.A_log.to(f))  # [E, N]
+    uf = u.to(f)
+    state.ssm = state.ssm * torch.exp(delta.unsqueeze(-1) * A) + (delta * uf).unsqueeze(-1) * Bm.to(f).unsqueeze(1)
+    y = (state.ssm * Cm.to(f).unsqueeze(1)).sum(-1) + m.D.to(f) * uf  # [B, E]
+    y = (y * F.silu(z.to(f))).to(x.dtype)
+    return m.out_proj(y)
+
+
 def _at_least_fp32(p: Tensor) -> Tensor:
     return p.to(torch.promote_types(p.dtype, torch.float32))
 

@@ -9,7 +9,10 @@ A permutation ``p: [L]`` reads the raster-ordered sequence ``x: [B, L, D]`` as `
 
 :class:`MultiDirection` holds one mixer per direction (own parameters) and returns
 ``sum_k unpermute_k(mixer_k(permute_k(x)))``. Permutations may also be per sample
-(``[K, B, S]``), which is how a variant interleaves text with the image tokens.
+(``[K, B, S]``), which is how a variant interleaves text with the image tokens:
+:func:`sequence_orders` places the caption in each direction's reading of ``[text; image]``,
+:func:`pads_first` moves each sample's padded positions to the front (where Mamba's inert
+positions are exactly equivalent to their absence).
 """
 from __future__ import annotations
 
@@ -51,6 +54,32 @@ def permute(x: Tensor, perm: Tensor) -> Tensor:
         return x.index_select(1, perm)
     idx = perm.view(perm.shape + (1,) * (x.dim() - 2)).expand(perm.shape + x.shape[2:])
     return x.gather(1, idx)
+
+
+def sequence_orders(image_perms: Tensor, text_len: int, position: str) -> Tensor:
+    """Per-direction reading orders over the concatenation ``[text; image]`` (indices in
+    ``[0, T + L)``): ``[K, S]``, text at ``position`` of each direction's image order."""
+    text = torch.arange(text_len)
+    out = []
+    for p in image_perms:
+        img = p + text_len
+        if position == "prefix":
+            parts = [text, img]
+        elif position == "suffix":
+            parts = [img, text]
+        else:
+            half = img.shape[0] // 2
+            parts = [img[:half], text, img[half:]]
+        out.append(torch.cat(parts))
+    return torch.stack(out)
+
+
+def pads_first(orders: Tensor, mask: Tensor) -> Tensor:
+    """Per-sample orders ``[K, B, S]``: ``orders [K, S]`` with each sample's masked-out positions
+    (``mask [B, S]`` False) moved to the front, the others keeping their relative order."""
+    m = mask[:, orders].permute(1, 0, 2)  # [K, B, S], mask read in each direction's order
+    rank = torch.argsort(m.to(torch.uint8), dim=-1, stable=True)  # False (0) first
+    return torch.gather(orders.unsqueeze(1).expand_as(m), -1, rank)
 
 
 class MultiDirection(nn.Module):

@@ -270,7 +270,8 @@ def _train_step_closure(variant: str, batch: int, width: int, depth: int, grid: 
     Captions have random lengths in [3, T], so Mamba variants exercise their pad masking.
     ``dtype``: autocast to it (bf16, fp16; None: fp32); ``compile``: torch.compile the model."""
     from ..config import TextSpec
-    from ..model.generator import Generator, aux_losses, masked_loss, random_mask
+    from ..model.generator import Generator
+    from ..paradigm import aux_losses, masked_loss, random_mask
     from ..registry import load_registry
     from ..text import LearnedTextEncoder
 

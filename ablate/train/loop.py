@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ablate.dist import SINGLE, Dist
-from ablate.model import drop_text
+from ablate.paradigm import drop_text
 from ablate.train.precision import autocast
 from ablate.utils import step_seed
 
@@ -59,7 +59,7 @@ def train_step(state: Any, stream: Any, step_loss: StepLoss, seed: int, cond_dro
 
     The global batch is split into S = world x ``grad_accum`` shares (micro-batches on ranks);
     every share replays the step's random draws for the whole global batch and keeps its rows
-    (:func:`ablate.model.random_mask`), and its loss is its part of the global mean, so any
+    (:func:`ablate.paradigm.random_mask`), and its loss is its part of the global mean, so any
     split computes the same step as one process with the whole batch, up to float rounding."""
     step, t = state.step, state.spec
     accum, world = t.grad_accum, dist.world

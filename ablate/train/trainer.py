@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from ablate.config import RunSpec
 from ablate.dist import SINGLE, Dist
-from ablate.model import Generator, aux_losses, masked_loss, random_mask, sample_tokens
+from ablate import paradigm as paradigms
+from ablate.model import Generator
 from ablate.registry import load_registry
 from ablate.train import loop
 from ablate.train.loop import Hooks, Interrupted
@@ -107,11 +108,15 @@ class Trainer:
         self.global_batch = t.batch_size * t.grad_accum * dist.world
         self.stream = TokenStream(self.data, self.text, device, self.global_batch, spec.seed, spec.text.cache)
         store = prep.store
+        order = paradigms.generation_order(spec.model.order, store.grid)
+        self.paradigm = paradigms.get(spec.model.paradigm, store.codebook_size, order)
         variant = load_registry().get(spec.model.variant)
         model = Generator(variant, variant.Config(**spec.model.params), self.text,
                           codebook_size=store.codebook_size, grid=store.grid,
                           width=spec.model.width, depth=spec.model.depth, heads=spec.model.heads,
-                          text_len=spec.text.max_len, dropout=spec.model.dropout).to(device)
+                          text_len=spec.text.max_len, dropout=spec.model.dropout,
+                          causal=self.paradigm.causality != "none",
+                          order=order if spec.model.paradigm == "ar" else None).to(device)
         self.state = TrainState(model, spec.train, device)
         self.state.net = self._runner(model)
         self.state.first_step_at = None  # when this attempt's first step began (not checkpointed)
@@ -179,17 +184,12 @@ class Trainer:
 
     def _loss(self, model: nn.Module, codes: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor,
               g: Optional[torch.Generator], share: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        """The training loss of codes ``[B, L]`` under captions ``feats [B, T, F]``/``mask``:
-        mask a random share of tokens, predict them, plus the backbone's auxiliary losses. For
-        ``share = (s, S)`` with S > 1, this share's part of the global batch's loss (the
-        auxiliary losses, means of their own, count 1/S each)."""
-        inputs, masked, total = random_mask(codes, self.model.mask_id, generator=g, share=share, return_total=True)
-        logits, aux = model(inputs, feats, mask, targets=codes, masked=masked)
-        loss = masked_loss(logits, codes, masked, self.spec.train.label_smoothing,
-                           total=None if share[1] == 1 else total)
-        for v in aux_losses(aux).values():
-            loss = loss + (v if share[1] == 1 else v / share[1])
-        return loss
+        """The training loss of codes ``[B, L]`` under captions ``feats [B, T, F]``/``mask``: the
+        paradigm's batch and loss, plus the backbone's auxiliary losses. For ``share = (s, S)``
+        with S > 1, this share's part of the global batch's loss (the auxiliary losses, means of
+        their own, count 1/S each)."""
+        batch = self.paradigm.make_batch(codes, g, share)
+        return self.paradigm.loss(model, batch, feats, mask, self.spec.train.label_smoothing, share)
 
     def _warm_up(self) -> None:
         """One forward and backward pass on two training examples, before memory is measured, so
@@ -209,18 +209,18 @@ class Trainer:
 
     @torch.no_grad()
     def val_loss(self) -> float:
-        """Masked-token loss on a fixed val subset with fixed masks (comparable across steps)."""
+        """The paradigm's loss on a fixed val subset with fixed draws (comparable across steps)."""
         self.model.eval()
         n = min(VAL_IMAGES, len(self.data["val"]))
         g = torch.Generator().manual_seed(_step_seed(self.spec.seed, 0, salt=99))
         total, count = 0.0, 0
         for i in range(0, n, 256):
             codes, feats, mask = self.batch("val", torch.arange(i, min(n, i + 256)))
-            inputs, masked = random_mask(codes, self.model.mask_id, generator=g)
+            batch = self.paradigm.make_batch(codes, g)
             with autocast(self.spec.train.precision, self.device):
-                logits, _ = self.model(inputs, feats, mask)
-            total += masked_loss(logits.float(), codes, masked).item() * int(masked.sum())
-            count += int(masked.sum())
+                ce, k = self.paradigm.eval_loss(self.model, batch, feats, mask)
+            total += ce
+            count += k
         return total / max(1, count)
 
     def train(self) -> None:
@@ -295,7 +295,7 @@ class Trainer:
                 continue
             _, feats, mask = self.batch(split, torch.arange(lo + i, min(hi, lo + i + bs)))
             with autocast(self.spec.train.precision, self.device):
-                codes.append(sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g))
+                codes.append(self.paradigm.sample(model, feats, mask, *self.null, self.spec.sample, generator=g))
         h, w = self.prep.store.grid
         mine = torch.cat(codes) if codes else torch.zeros(0, h * w, dtype=torch.long, device=self.device)
         every = self.dist.gather_tensors(mine)
@@ -378,7 +378,7 @@ class Trainer:
         g = torch.Generator(self.device).manual_seed(_step_seed(self.spec.seed, 0, salt=777))
         _, feats, mask = self.batch("test", torch.arange(k))
         with autocast(self.spec.train.precision, self.device):
-            codes = sample_tokens(model, feats, mask, *self.null, self.spec.sample, generator=g)
+            codes = self.paradigm.sample(model, feats, mask, *self.null, self.spec.sample, generator=g)
         h, w = self.prep.store.grid
         images = self.prep.vq.decode(codes.view(-1, h, w)).cpu()  # uint8 [k, 3, H, W]
         folder = self.out_dir / "sheet"

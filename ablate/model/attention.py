@@ -1,0 +1,190 @@
+"""Attention blocks the variants share: multi-head attention (self or cross, optionally causal,
+with a key/value cache for decoding one token at a time), the Muse transformer block, and the
+stack of those blocks that the ``transformer`` and ``uvit`` variants are.
+
+Attention is torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+A caption whose mask is all False (no real token) gets a zero cross-attention output instead of
+the NaN a fully masked softmax would give.
+
+Legend: B batch, L image tokens, T text tokens, D width, H heads.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Attention(nn.Module):
+    """Multi-head attention; ``kv is None`` means self-attention."""
+
+    def __init__(self, width: int, heads: int, qk_norm: bool, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        hd = width // heads
+        self.q_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
+
+    def keys(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """``src [B, S, D]`` -> keys and values ``[B, H, S, D/H]`` (keys normed)."""
+        b, s, _ = src.shape
+        k, v = self.kv(src).view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return self.k_norm(k), v
+
+    def query(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return self.q_norm(self.q(x).view(b, n, self.heads, -1).transpose(1, 2))  # [B, H, L, D/H]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, causal: bool = False) -> Tensor:
+        """``q [B, H, L, hd]`` over ``k, v [B, H, S, hd]``; ``mask`` broadcastable to ``[B, H, L, S]``
+        (True = attend); ``causal``: query i attends keys <= i. -> ``[B, L, D]``."""
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
+        b, _, n, _ = q.shape
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x: Tensor, kv: Optional[Tensor] = None, key_mask: Optional[Tensor] = None,
+                causal: bool = False, attn_mask: Optional[Tensor] = None) -> Tensor:
+        """``x: [B, L, D]``, ``kv: [B, T, D]``, ``key_mask: [B, T]`` bool (True = attend); or a
+        full ``attn_mask`` ``[B, 1, L, S]``; ``causal`` (self-attention): query i attends keys <= i."""
+        k, v = self.keys(x if kv is None else kv)
+        mask = attn_mask if attn_mask is not None else (None if key_mask is None else key_mask[:, None, None, :])
+        return self.attend(self.query(x), k, v, mask, causal)
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, ``[B, H, n, hd]`` grown in place."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, like: Tensor):
+        self.k = like.new_zeros(batch, heads, length, head_dim)
+        self.v = like.new_zeros(batch, heads, length, head_dim)
+        self.n = 0
+
+    def add(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        m = k.shape[2]
+        self.k[:, :, self.n:self.n + m] = k
+        self.v[:, :, self.n:self.n + m] = v
+        self.n += m
+        return self.k[:, :, :self.n], self.v[:, :, :self.n]
+
+
+class MuseBlock(nn.Module):
+    """Pre-norm block with three residual branches::
+
+        h = h + SelfAttn(LN(h))                   bidirectional, or causal for next-token paradigms
+        h = h + CrossAttn(LN(h), text, text_mask) queries from the image, keys/values from the text
+        h = h + MLP(LN(h))                        Linear(D, mlp_ratio D) -> GELU -> Linear
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, dropout: float):
+        super().__init__()
+        hidden = int(round(mlp_ratio * width))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_attn = Attention(width, heads, qk_norm, dropout)
+        self.cross_attn = Attention(width, heads, qk_norm, dropout)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, text: Tensor, text_mask: Tensor, has_text: Tensor, causal: bool = False) -> Tensor:
+        h = h + self.drop(self.self_attn(self.norm1(h), causal=causal))
+        h = h + self.drop(self.cross_attn(self.norm2(h), text, text_mask)) * has_text
+        return h + self.drop(self.mlp(self.norm3(h)))
+
+    def step(self, h: Tensor, cache: KVCache, text_kv: tuple[Tensor, Tensor], text_mask: Tensor,
+             has_text: Tensor) -> Tensor:
+        """The next position ``h [B, 1, D]`` given the cache of the earlier ones (causal)."""
+        u = self.norm1(h)
+        k, v = cache.add(*self.self_attn.keys(u))
+        h = h + self.self_attn.attend(self.self_attn.query(u), k, v)
+        u = self.norm2(h)
+        h = h + self.cross_attn.attend(self.cross_attn.query(u), *text_kv, text_mask[:, None, None, :]) * has_text
+        return h + self.mlp(self.norm3(h))
+
+
+def text_inputs(x: Tensor, text: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(text, key_mask, gate)`` for cross-attention: padded states zeroed (mask alone would
+    still let NaN/inf garbage into the matmul); an empty caption attends to its zeroed pads and
+    its output is then multiplied by ``gate = 0``."""
+    text_mask = text_mask.bool()
+    has_text = text_mask.any(dim=1)  # [B]
+    text = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))
+    key_mask = text_mask | ~has_text.unsqueeze(1)
+    return text, key_mask, has_text.to(x.dtype).view(-1, 1, 1)
+
+
+Apply = Callable[[int, MuseBlock, Tensor], Tensor]
+
+
+class TransformerStack(nn.Module):
+    """``depth`` Muse blocks over the image tokens, cross-attending to the text; bidirectional,
+    or causal when built with ``ctx.causal``. No final LayerNorm: the generator applies its own.
+    Subclasses change how the blocks are chained (:meth:`run`) or add modules (:meth:`_add_modules`)."""
+
+    family = "transformer"
+    scan_orders: tuple[str, ...] = ()
+    paradigms = ("masked", "ar")
+
+    def __init__(self, ctx, cfg):  # noqa: ANN001  (VariantContext, the variant's Config)
+        super().__init__()
+        if ctx.width % ctx.heads:
+            raise ValueError(f"model.width ({ctx.width}) must be divisible by model.heads ({ctx.heads})")
+        self.causal, self.heads = ctx.causal, ctx.heads
+        self.blocks = nn.ModuleList(MuseBlock(ctx.width, ctx.heads, cfg.mlp_ratio, cfg.qk_norm, ctx.dropout)
+                                    for _ in range(ctx.depth))
+        self._add_modules(ctx, cfg)
+        self._init(3 * ctx.depth)
+
+    def _add_modules(self, ctx, cfg) -> None:  # noqa: ANN001
+        """Where a subclass adds its modules (after the blocks, before initialisation)."""
+
+    def _init(self, n_residuals: int) -> None:
+        """GPT-2 style for the blocks: N(0, 0.02) weights, zero biases, residual projections
+        scaled down so the residual stream's variance does not grow with depth."""
+        for name, p in self.blocks.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(n_residuals) if name.endswith(("out.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith(".bias") and "norm" not in name:
+                nn.init.zeros_(p)
+
+    _text_inputs = staticmethod(text_inputs)
+
+    def run(self, h: Tensor, apply: Apply) -> Tensor:
+        """Chain the blocks: ``h = apply(i, block_i, h)`` in order."""
+        for i, block in enumerate(self.blocks):
+            h = apply(i, block, h)
+        return h
+
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
+        text, key_mask, gate = text_inputs(x, text, text_mask)
+        return self.run(x, lambda i, block, h: block(h, text, key_mask, gate, self.causal))
+
+    def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "StackDecoder":
+        """One position at a time (needs ``ctx.causal``): each block's key/value cache, the
+        caption's keys and values computed once."""
+        if not self.causal:
+            raise ValueError("decoder: the backbone was not built causal (ctx.causal)")
+        return StackDecoder(self, text, text_mask, length)
+
+
+class StackDecoder:
+    def __init__(self, stack: TransformerStack, text: Tensor, text_mask: Tensor, length: int):
+        self.stack = stack
+        b, _, d = text.shape
+        self.text, self.key_mask, self.gate = text_inputs(text, text, text_mask)
+        self.text_kv = [blk.cross_attn.keys(self.text) for blk in stack.blocks]
+        self.caches = [KVCache(b, stack.heads, length, d // stack.heads, text) for _ in stack.blocks]
+
+    def step(self, x: Tensor) -> Tensor:
+        """``x [B, D]`` the next position's input -> ``h [B, D]``."""
+        out = self.stack.run(x.unsqueeze(1), lambda i, block, h: block.step(
+            h, self.caches[i], self.text_kv[i], self.key_mask, self.gate))
+        return out.squeeze(1)

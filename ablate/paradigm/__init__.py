@@ -1,0 +1,26 @@
+"""Generation paradigms: how a generator turns tokens into images (see :mod:`.base`):
+``masked`` (Muse/MaskGIT) and ``ar`` (next token). The paradigm is one axis of the grid
+(``model.paradigm``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Batch, Paradigm, aux_losses, drop_text, guidance_at, guided_logits
+from .ar import AR, generation_order
+from .masked import Masked, mask_ratio, masked_loss, random_mask, sample_tokens
+
+PARADIGMS: dict[str, type[Paradigm]] = {p.name: p for p in (Masked, AR)}
+
+__all__ = ["AR", "PARADIGMS", "Batch", "Masked", "generation_order", "Paradigm", "aux_losses", "drop_text", "guidance_at", "guided_logits",
+           "get", "mask_ratio", "masked_loss", "random_mask", "sample_tokens"]
+
+
+def get(name: str, codebook_size: int, order: Optional[torch.Tensor] = None) -> Paradigm:
+    """The paradigm ``name`` for ``codebook_size`` codes; ``order``: the generation order (ar)."""
+    if name == "ar":
+        if order is None:
+            raise ValueError("paradigm ar: needs the generation order")
+        return AR(codebook_size, order)
+    return PARADIGMS[name](codebook_size)
