@@ -29,7 +29,7 @@ RUN_COLUMNS = ["run_id", "key", "config_key", "grid", "variant", "seed", "status
                "code_rev", "fingerprint", "created_at", "started_at", "finished_at"]
 
 # direction of a metric, decided by its name: the first rule that matches wins
-_LOWER = ("fid", "kid", "loss", "blank_rate", "fragment_rate", "peak_mem", "mse", "wall_s", "train_s")
+_LOWER = ("fid", "kid", "loss", "blank_rate", "fragment_rate", "peak_mem", "mse", "wall_s", "train_s", "s_per_image")
 _HIGHER = ("align", "acc", "clip", "per_s", "throughput", "score", "precision", "recall")
 
 DbArg = Union[Database, str, None]

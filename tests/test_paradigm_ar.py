@@ -180,3 +180,30 @@ def test_a_tiny_ar_run_learns_and_samples(tmp_path):
     assert sum(losses[-5:]) < sum(losses[:5]), losses
     images = tr.generate(4)
     assert images.shape[0] == 4 and images.dtype == torch.uint8
+
+
+def test_the_table_gets_a_paradigm_column_where_rows_generate_differently(tmp_path):
+    """Rows are configurations: one per (variant, paradigm), with a Paradigm column; a table of
+    masked runs only keeps the columns it had."""
+    from ablate.db import Database
+    from ablate.report import build_table, render
+
+    db = Database(f"sqlite:///{tmp_path / 'p.db'}")
+    try:
+        cells = []
+        for paradigm in ("masked", "ar"):
+            for seed in (0, 1):
+                spec = RunSpec.model_validate({"model": {"variant": "transformer", "paradigm": paradigm},
+                                               "seed": seed}).model_dump(mode="json")
+                cells.append((f"{paradigm}-{seed}", "transformer", seed, spec, {"model.paradigm": paradigm}))
+        db.register("p", cells)
+        for i, (key, *_rest) in enumerate(cells):
+            db.finish(key, {"align_acc": 0.5 + 0.1 * i}, token=db.claim(key))
+        table = build_table(db, "p")
+        assert table["Paradigm"].tolist() == ["masked", "ar"] or table["Paradigm"].tolist() == ["ar", "masked"]
+        md = render(table, "markdown")
+        assert "| Method | Paradigm |" in md and "| transformer | ar |" in md
+        db.register("q", cells[:2])
+        assert "Paradigm" not in build_table(db, "q").columns
+    finally:
+        db.close()

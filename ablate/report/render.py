@@ -78,6 +78,8 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     if "older_code" in table:
         methods = methods.where(~table["older_code"].astype(bool), methods + " †")
     out = pd.DataFrame({"Method": methods, "Implemented": table["Implemented"], "Trained": table["Trained"]})
+    if "Paradigm" in table:  # rows that generate in different ways (masked, ar, var)
+        out.insert(1, "Paradigm", table["Paradigm"])
     for m in metrics:
         title, _, fmt = metric_column(m)
         out[title] = [_cell(a, lo, hi, int(c), fmt) for a, lo, hi, c in

@@ -543,5 +543,32 @@ def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Reg
     elif specs is None:
         specs = config_specs(db, runs)
     names = catalog(registry, tuple(runs["variant"].unique()))
-    return summarize(runs, names, metrics, group_by, sort, all_variants=grid is None and study is None,
-                     specs=specs, overrides=grid is not None or study is not None, baseline=baseline)
+    table = summarize(runs, names, metrics, group_by, sort, all_variants=grid is None and study is None,
+                      specs=specs, overrides=grid is not None or study is not None, baseline=baseline)
+    if not group_by and len(runs):
+        add_paradigm(table, config_paradigms(db, grid, study))
+    return table
+
+
+def config_paradigms(db: Database, grid: Optional[str], study: Optional[str]) -> dict[str, str]:
+    """``{config_key: model.paradigm}`` of the selection's runs, in one query (the spec's JSON
+    path; ``masked`` where a spec predates the field)."""
+    from sqlalchemy import select
+
+    from ..db.models import Run
+    from ..results import _run_ids
+
+    q = select(Run.config_key, Run.spec[("model", "paradigm")].as_string()).distinct()
+    ids = _run_ids(grid, study)
+    if ids is not None:
+        q = q.where(Run.id.in_(ids))
+    with db.engine.connect() as conn:
+        return {ck: p or "masked" for ck, p in conn.execute(q).all() if ck is not None}
+
+
+def add_paradigm(table: pd.DataFrame, paradigms: dict[str, str]) -> None:
+    """A Paradigm column after Method, in place, where the rows do not all generate one way
+    (masked only: no column, the tables of before)."""
+    col = [paradigms.get(ck, "masked") if isinstance(ck, str) else "-" for ck in table["config_key"]]
+    if any(p not in ("masked", "-") for p in col):
+        table.insert(1, "Paradigm", col)

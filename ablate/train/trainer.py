@@ -332,7 +332,8 @@ class Trainer:
         self.safe_point(collective=False)
         metrics = evaluate_images(images, test.captions[:n], attrs, test, self.prep.judge,
                                   self.spec.eval, self.device, self.prep.clip)
-        metrics["sample_images_per_s"] = n / sample_s
+        metrics["sample_images_per_s"] = n / sample_s  # at sample.batch_size, every rank's share together
+        metrics["sample_s_per_image"] = sample_s / n
         self.failures_path = write_failures(self.out_dir / "failures", self.prep.splits.name, images,
                                             test.captions[:n], attrs, getattr(test, "heldout", None),
                                             self.prep.judge)
