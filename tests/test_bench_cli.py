@@ -71,3 +71,15 @@ def test_bench_bad_grid_shape_is_an_argparse_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", "step", "--grid", "4by4", "--results", str(tmp_path)])
     assert info.value.code == 2 and "HxW" in capsys.readouterr().err
+
+
+def test_bench_sample_pairs_paradigms_and_names_what_it_skips(tmp_path, capsys):
+    rc = main(["bench", "sample", "--variants", "transformer", "m-mamba", "--tokens", "2x2", "--batch", "2",
+               "--width", "16", "--depth", "1", "--steps", "2", "--repeats", "1", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "skipped m-mamba ar: it declares masked only" in out
+    rows = [r.row for r in _bench_rows(tmp_path, "sample")]
+    assert [(r["variant"], r["paradigm"]) for r in rows] == [("transformer", "masked"), ("transformer", "ar"),
+                                                             ("m-mamba", "masked")]
+    assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_masked"] > 0 and rows[1]["decode"] == "cached"
+    assert all(r["images_per_s"] > 0 for r in rows)

@@ -68,6 +68,20 @@ def _arguments(b: argparse.ArgumentParser) -> None:
         bl.add_argument(f"--{name}", type=kind, help=f"{text} (default: {default})")
     bl.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="autocast precision of every forward")
+    bsa = bsub.add_parser("sample", help="sampling images/s of every paradigm x backbone (random weights), paired")
+    bsa.add_argument("--paradigms", nargs="+", default=["masked", "ar"], choices=["masked", "ar"])
+    bsa.add_argument("--variants", nargs="+", default=["transformer", "mamba-prefix", "mamba-adaln", "hybrid-gsa"])
+    bsa.add_argument("--tokens", type=grid_shape, nargs="+", default=[(8, 8), (16, 16)],
+                     help="image token grids HxW (default: 8x8 16x16)")
+    bsa.add_argument("--batch", type=int, default=32)
+    bsa.add_argument("--width", type=int, default=96)
+    bsa.add_argument("--depth", type=int, default=4)
+    bsa.add_argument("--text-len", type=int, default=10)
+    bsa.add_argument("--codebook", type=int, default=512)
+    bsa.add_argument("--steps", type=int, default=10, help="masked: decoding steps")
+    bsa.add_argument("--guidance", type=float, default=2.0, help="0: no classifier-free guidance batch")
+    bsa.add_argument("--decode", choices=["cached", "full"], default="cached", help="ar: recurrent/KV cache or full")
+    bsa.add_argument("--repeats", type=int, default=3)
     bt = bsub.add_parser("table", help="time `ablate table` on a fresh database of 10,000 runs x 20 metrics")
     bt.add_argument("--runs", type=int, default=10_000)
     bt.add_argument("--metrics", type=int, default=20)
@@ -90,10 +104,10 @@ def _arguments(b: argparse.ArgumentParser) -> None:
                     help="every run its own configuration (10,000 table rows, a large study's shape)")
     br.add_argument("--no-browser", action="store_true", help="time only the build")
     br.add_argument("--no-subprocess", action="store_true", help="time only the in-process build")
-    for sp in (bo, bs, bl):
+    for sp in (bo, bs, bl, bsa):
         sp.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
         sp.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
-    for sp in (bo, bs, bl, bt, bd, br):
+    for sp in (bo, bs, bl, bsa, bt, bd, br):
         sp.add_argument("--no-store", action="store_true", help="print only; do not write the database")
         database_options(sp)
 
@@ -155,6 +169,25 @@ def _torch_suite(args: argparse.Namespace) -> tuple[Callable[[], list[dict[str, 
             return text
 
         return layers, show
+    if args.suite == "sample":
+        from .. import bench_sample as bsm
+
+        _check_variants(args.variants)
+        skipped: list[str] = []
+
+        def sample() -> list[dict[str, Any]]:
+            rows = bsm.bench_sample(args.paradigms, args.variants, args.tokens, batch=args.batch, width=args.width,
+                                    depth=args.depth, text_len=args.text_len, codebook=args.codebook,
+                                    steps=args.steps, guidance=args.guidance, decode=args.decode,
+                                    repeats=args.repeats, device=device, skipped=skipped)
+            if not rows:
+                raise ValueError("--variants/--paradigms: no variant here serves these paradigms")
+            return rows
+
+        def show(rows: list[dict[str, Any]]) -> str:
+            return bsm.format_rows(rows) + "".join(f"\nskipped {s}" for s in dict.fromkeys(skipped))
+
+        return sample, show
     _check_variants(args.variants)
     return (lambda: bench.bench_steps(args.variants, batch=args.batch, width=args.width, depth=args.depth,
                                       grid=args.grid, text_len=args.text_len, codebook_size=args.codebook,
@@ -189,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import contextlib
     import platform
 
-    torch_suite = args.suite in ("ops", "step", "layers")
+    torch_suite = args.suite in ("ops", "step", "layers", "sample")
     measure, format_rows = (_torch_suite if torch_suite else _process_suite)(args)
     with contextlib.ExitStack() as stack:
         db = None if args.no_store else stack.enter_context(database(args, create=True))

@@ -1,0 +1,111 @@
+"""``ablate bench sample``: sampling images/s of every paradigm x backbone, paired in one run.
+
+Each cell is a generator with random weights (sampling cost does not depend on what the weights
+learned) at the given size: ``masked`` decodes in ``sample.steps`` parallel steps, ``ar`` one
+token at a time (``decode: cached``: recurrent Mamba state / attention KV cache; ``full``: the
+whole sequence again per token). Classifier-free guidance doubles every batch, as in a run.
+Mamba backbones scan forward in every paradigm (the causal order), so a variant's rows differ in
+the paradigm alone. Timing: per token grid, every cell once as warm-up, then ``repeats`` rounds
+of all cells interleaved; ``vs_first`` is the median over rounds of this cell's images/s over
+the round's first cell's (same grid), ``vs_masked`` over the same variant's masked cell's.
+Token codes are decoded, not images (the VQ decoder's cost is the same for every cell).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+DEFAULT_VARIANTS = ("transformer", "mamba-prefix", "mamba-adaln", "hybrid-gsa")
+
+
+def _cell(paradigm: str, variant: str, grid: tuple[int, int], width: int, depth: int, text_len: int,
+          codebook: int, seed: int, device: str) -> tuple[Any, Any]:
+    from .config import TextSpec
+    from .model import Generator
+    from .paradigm import generation_order, get
+    from .registry import load_registry
+    from .text import LearnedTextEncoder
+
+    cls = load_registry().get(variant)
+    params = {"scan": "forward"} if "scan" in cls.Config.model_fields else {}
+    load_registry().check_paradigm(variant, cls.Config(**params).model_dump(mode="json"), paradigm)
+    torch.manual_seed(seed)
+    text = LearnedTextEncoder(TextSpec(max_len=text_len, width=width), [f"w{i}" for i in range(100)])
+    order = generation_order("raster", grid)
+    par = get(paradigm, codebook, order)
+    model = Generator(cls, cls.Config(**params), text, codebook_size=codebook, grid=grid, width=width, depth=depth,
+                      heads=4, text_len=text_len, causal=par.causality != "none",
+                      order=order if paradigm == "ar" else None).to(device).eval()
+    return par, model
+
+
+def bench_sample(paradigms: Sequence[str] = ("masked", "ar"), variants: Sequence[str] = DEFAULT_VARIANTS,
+                 grids: Sequence[tuple[int, int]] = ((8, 8), (16, 16)), batch: int = 32, width: int = 96,
+                 depth: int = 4, text_len: int = 10, codebook: int = 512, steps: int = 10, guidance: float = 2.0,
+                 decode: str = "cached", repeats: int = 3, seed: int = 0, device: str = "cpu",
+                 skipped: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """One row per (token grid, variant, paradigm) the variant can serve (the others are named
+    in ``skipped``): ``images_per_s`` (best round), ``images_per_s_median``, ``vs_first``,
+    ``vs_masked`` (see the module docstring)."""
+    from .config import SampleSpec
+
+    spec = SampleSpec(steps=steps, guidance=guidance, batch_size=batch, decode=decode)
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(3, text_len + 1, (batch,), generator=g)
+    mask = (torch.arange(text_len)[None] < lens[:, None]).to(device)
+    ids = torch.where(mask.cpu(), torch.randint(3, 103, (batch, text_len), generator=g), 0).to(device)
+    null_ids, null_mask = torch.zeros(1, text_len, dtype=torch.long, device=device), torch.zeros(
+        1, text_len, dtype=torch.bool, device=device)
+    rows: list[dict[str, Any]] = []
+    for grid in grids:
+        cells = []
+        for v in variants:
+            for p in paradigms:
+                try:
+                    cells.append((p, v, *_cell(p, v, grid, width, depth, text_len, codebook, seed, device)))
+                except ValueError as exc:
+                    if skipped is not None:
+                        skipped.append(f"{v} {p}: {str(exc).split(': ', 2)[-1]}")
+        if not cells:
+            continue
+
+        def run(par: Any, model: Any) -> float:
+            gen = torch.Generator(device).manual_seed(seed)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                par.sample(model, ids, mask, null_ids, null_mask, spec, gen)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return batch / (time.perf_counter() - t0)
+
+        for _, _, par, model in cells:
+            run(par, model)  # warm-up
+        rates: list[list[float]] = [[] for _ in cells]
+        for _ in range(repeats):
+            for i, (_, _, par, model) in enumerate(cells):
+                rates[i].append(run(par, model))
+        masked_of = {v: i for i, (p, v, *_rest) in enumerate(cells) if p == "masked"}
+        for i, (p, v, _par, _model) in enumerate(cells):
+            j = masked_of.get(v)
+            rows.append(dict(
+                paradigm=p, variant=v, L=grid[0] * grid[1], batch=batch, width=width, depth=depth,
+                decode=decode if p == "ar" else "-", steps=steps if p == "masked" else grid[0] * grid[1],
+                threads=torch.get_num_threads(), device=device,
+                images_per_s=max(rates[i]), images_per_s_median=statistics.median(rates[i]),
+                vs_first=statistics.median(a / b for a, b in zip(rates[i], rates[0])),
+                vs_masked=None if j is None else statistics.median(a / b for a, b in zip(rates[i], rates[j]))))
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of :func:`bench_sample` rows."""
+    out = ["| L | variant | paradigm | decode | steps | images/s (best) | median | / first | / masked |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vm = "" if r["vs_masked"] is None else f"{r['vs_masked']:.2f}"
+        out.append(f"| {r['L']} | {r['variant']} | {r['paradigm']} | {r['decode']} | {r['steps']} | "
+                   f"{r['images_per_s']:.2f} | {r['images_per_s_median']:.2f} | {r['vs_first']:.2f} | {vm} |")
+    return "\n".join(out)
