@@ -124,10 +124,7 @@ def _build(cls: type, params: dict[str, Any], width: int, depth: int, heads: int
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> None:
-    if getattr(model, "wants_targets", False):  # sampling-time call: no targets, no aux loss
-        model(x, text, mask, targets=None, readout=None)
-    else:
-        model(x, text, mask)
+    model(x, text, mask)
 
 
 def _times(model: torch.nn.Module, inputs: tuple, passes: int, warmup: int, device: torch.device) -> list[float]:

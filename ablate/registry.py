@@ -21,12 +21,10 @@ It is built as ``cls(ctx: VariantContext, cfg: cls.Config)`` and called as
 Auxiliary outputs: entries of ``aux`` named ``loss/<name>`` are scalar losses added to the
 training loss; ``aux["confidence"]`` (``[B, L]`` logits that the prediction at each position is
 right) lets ``sample.remask: critic`` rank tokens (the sampler scores the filled-in sequence).
-A variant that sets ``wants_targets = True`` is called as ``forward(x, text, text_mask,
-targets=..., readout=..., masked=..., embed=...)``: ``targets [B, L]`` the true codes (``None``
-outside training; for auxiliary losses only, never for ``h``), ``readout(h) -> logits [B, L, K]``
-the generator's own head, ``masked [B, L]`` bool where the input is ``[MASK]`` (the positions the
-loss counts) and ``embed(tokens [B, L]) -> [B, L, D]`` the generator's input embedding (to
-build inputs of its own, e.g. a filled-in sequence).
+A variant may also give ``critic(x, text, text_mask) -> list[Tensor]`` (token critics' logits
+``[B, L]`` on an input, e.g. mamba-critic) and ``critic_weight``: training under the masked
+paradigm then embeds the generator's own filled-in sequence and adds Token-Critic's loss on those
+logits (see :mod:`ablate.paradigm.masked`). A variant never sees the true codes.
 
 An entry point may name a class (one variant) or a module/package: then every module in it
 that defines ``VARIANT = <class>`` (or ``VARIANTS = [...]``) is registered. A plugin that fails

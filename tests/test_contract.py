@@ -36,27 +36,21 @@ def build(name: str, seed: int = 0, ctx: VariantContext = CTX, **params) -> nn.M
     return cls(ctx, cls.Config(**params)).double().eval()
 
 
-def readout_head(seed: int = 7) -> nn.Module:
+def readout_head(seed: int = 7) -> nn.Module:  # stands in for the generator's final norm and head
     torch.manual_seed(seed)
     return nn.Sequential(nn.LayerNorm(D), nn.Linear(D, K)).double()
 
 
-def token_embedding(seed: int = 9) -> nn.Module:
-    """Stands in for the generator's ``embed``: tokens ``[B, L]`` (K codes and [MASK]) -> ``[B, L, D]``."""
-    torch.manual_seed(seed)
-    return nn.Embedding(K + 1, D).double()
-
-
 def call(m: nn.Module, x, text, mask, targets=None, readout=None):
-    """The generator's calling convention; returns ``(h, aux)``. With ``targets``, the even
-    positions stand for the masked ones."""
-    if getattr(m, "wants_targets", False):
-        masked = None if targets is None else (torch.arange(L) % 2 == 0).expand(targets.shape[0], L)
-        out = m(x, text, mask, targets=targets, readout=readout or readout_head(), masked=masked,
-                embed=token_embedding().to(x.dtype))
-    else:
-        out = m(x, text, mask)
-    return out if isinstance(out, tuple) else (out, {})
+    """The generator's calling convention; returns ``(h, aux)``. With ``targets`` (training), a
+    backbone with a critic pass also runs it (on ``x``, standing for the embedded filled-in
+    sequence), its logits' mean added as an auxiliary loss, as the masked paradigm's critic loss
+    would be."""
+    out = m(x, text, mask)
+    h, aux = out if isinstance(out, tuple) else (out, {})
+    if targets is not None and hasattr(m, "critic"):
+        aux = dict(aux, **{"loss/critic_pass": sum(z.mean() for z in m.critic(x.detach(), text, mask))})
+    return h, aux
 
 
 def inputs(seed: int = 0, n_real=(3, 5, 1)):
@@ -141,7 +135,8 @@ def test_caption_matters_null_caption_works_and_pads_are_ignored(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_true_codes_never_reach_the_prediction(name):
     """In a generator, a masked position's logits cannot depend on its true code: the input
-    there is [MASK], and ``targets`` (passed to critic-style variants) may only shape losses."""
+    there is [MASK], and the training-time ``fill`` (the critic's filled-in sequence, which holds
+    the true codes elsewhere) may only shape losses."""
     torch.manual_seed(0)
     cls = REGISTRY.get(name)
     enc = build_text_encoder(_text_spec(), ["a red circle", "two blue squares"], None)
@@ -151,13 +146,15 @@ def test_true_codes_never_reach_the_prediction(name):
     codes = torch.randint(0, K, (B, L))
     inputs_ = codes.clone()
     inputs_[:, ::2] = gen.mask_id
-    logits, _ = gen(inputs_, feats, tmask, targets=codes)
+    logits, _ = gen(inputs_, feats, tmask, fill=lambda lg: codes)
     other = codes.clone()
     other[:, ::2] = (codes[:, ::2] + 1) % K  # different truth at the masked positions only
-    logits2, aux2 = gen(inputs_, feats, tmask, targets=other)
+    logits2, aux2 = gen(inputs_, feats, tmask, fill=lambda lg: other)
     torch.testing.assert_close(logits2, logits, atol=0, rtol=0)
-    logits3, _ = gen(inputs_, feats, tmask)  # sampling: no targets at all
+    logits3, _ = gen(inputs_, feats, tmask)  # sampling: no fill at all
     torch.testing.assert_close(logits3, logits, atol=0, rtol=0)
+    if hasattr(gen.backbone, "critic"):
+        assert torch.equal(aux2["critic_fill"], other) and len(aux2["critic_logits"]) == 2
     for v in aux_losses(aux2).values():
         assert v.dim() == 0 and torch.isfinite(v)
 

@@ -213,27 +213,23 @@ def test_token_hook_is_each_tokens_own_text_read_in_each_directions_order(cls):
 
 # ------------------------------------------------------------------------------ mamba-critic
 
-def fixed_readout(argmax: torch.Tensor, scale: float = 3.0):
-    """A readout that ignores h: logits whose argmax is ``argmax [B, L]``; records its inputs.
-    With a large ``scale`` a sample from its softmax is the argmax."""
-    calls = []
-
-    def readout(h):
-        calls.append(h)
-        return F.one_hot(argmax, K).to(h.dtype) * scale - 1.0
-    return readout, calls
+def sharp_logits(argmax: torch.Tensor, scale: float = 1e3) -> torch.Tensor:
+    """Logits ``[B, L, K]`` whose softmax sample is ``argmax [B, L]`` (for a large ``scale``)."""
+    return F.one_hot(argmax, K).to(F64) * scale - 1.0
 
 
-def recording_embed(seed=11):
-    """A token embedding ``[B, L] -> [B, L, D]`` (K codes and [MASK]) that records its inputs."""
-    torch.manual_seed(seed)
-    table = nn.Embedding(K + 1, D).double()
-    calls = []
+class StubGenerator:
+    """Stands in for the generator in the masked paradigm's loss: fixed logits, and what a
+    generator with a critic pass returns; records the fill it was given and what it filled."""
 
-    def embed(tokens):
-        calls.append(tokens.clone())
-        return table(tokens)
-    return embed, calls
+    def __init__(self, logits: torch.Tensor, critic_logits: list, weight: float):
+        self.logits, self.critic_logits, self.weight = logits, critic_logits, weight
+        self.filled = None
+
+    def __call__(self, inputs, feats, mask, fill=None):
+        self.filled = fill(self.logits.detach())
+        return self.logits, {"critic_logits": self.critic_logits, "critic_fill": self.filled,
+                             "critic_weight": self.weight}
 
 
 def some_masked(seed=1):
@@ -245,7 +241,8 @@ def some_masked(seed=1):
 
 
 def test_critic_config_validation_and_registration():
-    assert load_registry().get("mamba-critic") is MambaCritic and MambaCritic.wants_targets
+    assert load_registry().get("mamba-critic") is MambaCritic and hasattr(MambaCritic, "critic")
+    assert not hasattr(MambaCritic, "wants_targets"), "a variant never sees the true codes"
     cfg = MambaCritic.Config()
     assert (cfg.text, cfg.gate, cfg.critic_weight, cfg.scan) == ("hooks", "sigmoid", 0.1, "bidirectional")
     for bad in ({"gate": "tanh"}, {"text": "middle"}, {"critic_weight": -1.0}, {"critic_on": "masked"}):
@@ -253,12 +250,12 @@ def test_critic_config_validation_and_registration():
             MambaCritic.Config(**bad)
 
 
-@pytest.mark.parametrize("text_mode", ["hooks", "prefix"])
-def test_critic_judges_the_filled_in_sequence_at_masked_positions_on_a_hand_example(text_mode):
+def test_masked_paradigm_judges_the_filled_in_sequence_at_masked_positions_on_a_hand_example():
     """The head predicts position % K everywhere (sharply: its sample is its argmax); the truth
-    agrees except at hand-picked places, some masked, some not."""
-    m = build(MambaCritic, text=text_mode, critic_weight=0.25)
-    x, text, mask = inputs()
+    agrees except at hand-picked places, some masked, some not. The paradigm fills the masked
+    positions with the head's sample, the truth elsewhere, and scores the critics there only."""
+    from ablate.paradigm import Batch, Masked, masked_loss
+
     pred = (torch.arange(L) % K).expand(B, L)
     targets = pred.clone()
     targets[0, [1, 4, 7]] = (targets[0, [1, 4, 7]] + 1) % K  # sample 0: three wrong
@@ -268,104 +265,98 @@ def test_critic_judges_the_filled_in_sequence_at_masked_positions_on_a_hand_exam
     masked[0, [1, 2, 4]] = True  # two of sample 0's wrong predictions masked, one right one
     masked[1, [0, 5]] = True
     masked[2, :] = True
-    readout, r_calls = fixed_readout(pred, scale=1e3)
-    embed, e_calls = recording_embed()
-    h, aux = m(x, text, mask, targets=targets, readout=readout, masked=masked, embed=embed)
-    h_ref, _, logits_ref = m.run(x, text, mask)
-    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
-    torch.testing.assert_close(aux["confidence"], logits_ref[-1], atol=0, rtol=0)
-    # the head is read once, on the training pass's final state, without gradient
-    assert len(r_calls) == 1 and not r_calls[0].requires_grad
-    torch.testing.assert_close(r_calls[0], h, atol=0, rtol=0)
-    # the critic pass embeds the filled-in sequence: the head's sample where masked, truth elsewhere
+    g = torch.Generator().manual_seed(0)
+    critic = [torch.randn(B, L, generator=g, dtype=F64) for _ in range(2)]
+    stub = StubGenerator(sharp_logits(pred), critic, 0.25)
+    inputs_ = torch.where(masked, torch.full_like(targets, K), targets)
+    loss = Masked(K).loss(stub, Batch(inputs_, targets, masked), None, None)
     fill = torch.where(masked, pred, targets)
-    assert len(e_calls) == 1 and torch.equal(e_calls[0], fill)
+    assert torch.equal(stub.filled, fill)
     labels = torch.zeros(B, L, dtype=F64)  # 1 = the token is the true one; read at masked places only
     labels[0, 2] = 1
     labels[1, 5] = 1
     assert torch.equal(labels.bool() & masked, (fill == targets) & masked)
-    _, _, logits = m.run(embed(fill), text, mask)
-    bce = [-(labels * F.logsigmoid(z) + (1 - labels) * F.logsigmoid(-z))[masked].mean() for z in logits]
-    torch.testing.assert_close(aux["loss/critic"], 0.25 * (bce[0] + bce[1]) / 2, atol=1e-14, rtol=0)
+    bce = [-(labels * F.logsigmoid(z) + (1 - labels) * F.logsigmoid(-z))[masked].mean() for z in critic]
+    want = masked_loss(sharp_logits(pred), targets, masked) + 0.25 * (bce[0] + bce[1]) / 2
+    torch.testing.assert_close(loss, want, atol=1e-12, rtol=0)
     # the critic at the unmasked positions is not what the loss reads: their labels are 1 by
     # construction, and a loss over every position is a different number
     every = [-(((fill == targets).to(F64)) * F.logsigmoid(z) + (fill != targets) * F.logsigmoid(-z)).mean()
-             for z in logits]
-    assert abs(aux["loss/critic"] - 0.25 * (every[0] + every[1]) / 2) > 1e-6
+             for z in critic]
+    assert abs(loss - masked_loss(sharp_logits(pred), targets, masked) - 0.25 * (every[0] + every[1]) / 2) > 1e-6
 
 
 def test_critic_loss_ignores_unmasked_positions():
-    m = build(MambaCritic, critic_weight=0.5)
+    from ablate.paradigm.masked import critic_loss
+
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(B, L, generator=g, dtype=F64) for _ in range(2)]
     label = torch.rand(B, L, generator=g) < 0.5
     masked = some_masked()
-    loss = m.critic_loss(logits, label, masked)
-    want = 0.5 * sum(F.binary_cross_entropy_with_logits(z[masked], label[masked].to(F64)) for z in logits) / 2
+    loss = critic_loss(logits, label, masked)
+    want = sum(F.binary_cross_entropy_with_logits(z[masked], label[masked].to(F64)) for z in logits) / 2
     torch.testing.assert_close(loss, want, atol=1e-14, rtol=0)
     # anything at unmasked positions: same loss, bit for bit
     other = [torch.where(masked, z, torch.randn(B, L, generator=g, dtype=F64) * 100) for z in logits]
-    assert torch.equal(m.critic_loss(other, torch.where(masked, label, ~label), masked), loss)
+    assert torch.equal(critic_loss(other, torch.where(masked, label, ~label), masked), loss)
     # at a masked position it counts
     flipped = label.clone()
     flipped[0, 0] = ~flipped[0, 0]
-    assert m.critic_loss(logits, flipped, masked) != loss
+    assert critic_loss(logits, flipped, masked) != loss
     # no masked position at all: 0, not NaN
-    assert m.critic_loss(logits, label, torch.zeros(B, L, dtype=torch.bool)) == 0
-    # end to end: the head's prediction at unmasked positions is never used
-    x, text, mask = inputs()
-    targets = torch.randint(0, K, (B, L), generator=g)
-    pred = torch.randint(0, K, (B, L), generator=g)
-    pred2 = torch.where(masked, pred, (pred + 1) % K)
-    embed, e_calls = recording_embed()
-    losses = []
-    for p in (pred, pred2):
-        torch.manual_seed(5)
-        _, aux = m(x, text, mask, targets=targets, readout=fixed_readout(p)[0], masked=masked, embed=embed)
-        losses.append(aux["loss/critic"])
-    assert torch.equal(e_calls[0], e_calls[1]) and torch.equal(losses[0], losses[1])
-    assert torch.equal(e_calls[0][~masked], targets[~masked])
+    assert critic_loss(logits, label, torch.zeros(B, L, dtype=torch.bool)) == 0
 
 
-def test_critic_no_loss_without_targets_and_confidence_shape():
-    m = build(MambaCritic)
+def test_critic_pass_and_confidence():
+    """``forward`` gives the stack's state and the last critic's confidence; ``critic`` every
+    critic's logits on another input (the filled-in sequence), as the stack would give them."""
+    m = build(MambaCritic, critic_weight=0.3)
     x, text, mask = inputs()
     h, aux = m(x, text, mask)
+    h_ref, _, logits_ref = m.run(x, text, mask)
     assert set(aux) == {"confidence"} and aux["confidence"].shape == (B, L)
-    zeros = torch.zeros(B, L, dtype=torch.long)
-    embed, _ = recording_embed()
-    h2, aux2 = m(x, text, mask, targets=zeros, readout=fixed_readout(zeros)[0], masked=some_masked(),
-                 embed=embed)
-    assert set(aux2) == {"confidence", "loss/critic"} and aux2["loss/critic"].dim() == 0
-    torch.testing.assert_close(h2, h, atol=0, rtol=0)
-    torch.testing.assert_close(aux2["confidence"], aux["confidence"], atol=0, rtol=0)
-    with pytest.raises(ValueError, match="readout"):
-        m(x, text, mask, targets=zeros, masked=some_masked(), embed=embed)
-    with pytest.raises(ValueError, match="masked, embed"):
-        m(x, text, mask, targets=zeros, readout=fixed_readout(zeros)[0])
-    m0 = build(MambaCritic, critic_weight=0.0)
-    _, aux0 = m0(x, text, mask, targets=zeros, readout=fixed_readout(zeros)[0], masked=some_masked(),
-                 embed=embed)
-    assert aux0["loss/critic"] == 0
+    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+    torch.testing.assert_close(aux["confidence"], logits_ref[-1], atol=0, rtol=0)
+    x2 = torch.randn_like(x)
+    got, want = m.critic(x2, text, mask), m.run(x2, text, mask)[2]
+    assert len(got) == 2 and all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(got, want))
+    assert m.critic_weight == 0.3
+
+
+def test_the_generator_fills_embeds_and_runs_the_critic_pass():
+    """With a ``fill``, the generator embeds the filled-in sequence with its own token embedding
+    (no gradient) and returns the critics' logits on it; the logits never depend on it."""
+    enc = build_text_encoder(TextSpec(encoder="learned", max_len=T, width=D), ["a red circle"], None)
+    torch.manual_seed(0)
+    gen = Generator(MambaCritic, MambaCritic.Config(), enc, codebook_size=K, grid=GRID, width=D, depth=2,
+                    heads=2, text_len=T).double().eval()
+    feats, tmask = enc.featurize(["a red circle"] * B)
+    tokens = torch.randint(0, K + 1, (B, L), generator=torch.Generator().manual_seed(2))
+    fill_to = torch.randint(0, K, (B, L), generator=torch.Generator().manual_seed(3))
+    seen = []
+    logits, aux = gen(tokens, feats, tmask, fill=lambda lg: seen.append(lg) or fill_to)
+    assert len(seen) == 1 and not seen[0].requires_grad and torch.equal(seen[0], logits.detach())
+    assert torch.equal(aux["critic_fill"], fill_to) and aux["critic_weight"] == 0.1
+    text = gen.encode_text(feats, tmask)
+    want = gen.backbone.critic(gen.embed(fill_to), text, tmask)
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(aux["critic_logits"], want))
+    torch.testing.assert_close(gen(tokens, feats, tmask)[0], logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("gate", ["none", "sigmoid"])
-def test_critic_loss_trains_the_critics_not_the_layers(gate):
-    """The critic pass runs the layers without gradient: the critic loss reaches every critic
-    and the caption, never a Mamba layer, the token embedding or the image states."""
+def test_critic_pass_trains_the_critics_not_the_layers(gate):
+    """The critic pass runs the layers without gradient: a loss on it reaches every critic and
+    the caption, never a Mamba layer or the (filled-in) input states."""
+    from ablate.paradigm.masked import critic_loss
+
     m = build(MambaCritic, gate=gate).train()
     x, text, mask = inputs(n_real=(5, 5, 5), garbage=False)
     x.requires_grad_()
     text.requires_grad_()
-    torch.manual_seed(7)
-    table = nn.Embedding(K + 1, D).double()
-    targets = torch.randint(0, K, (B, L))
-    head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, K)).double()
-    _, aux = m(x, text, mask, targets=targets, readout=head, masked=some_masked(), embed=table)
-    aux["loss/critic"].backward()
+    label = torch.rand(B, L, generator=torch.Generator().manual_seed(4)) < 0.5
+    critic_loss(m.critic(x, text, mask), label, some_masked()).backward()
     assert all(p.grad is None for p in m.layers.parameters())
-    assert table.weight.grad is None and x.grad is None
-    assert all(p.grad is None for p in head.parameters())
+    assert x.grad is None or x.grad.abs().sum() == 0
     for c in m.critics:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in c.parameters())
     assert text.grad.abs().sum() > 0
@@ -467,12 +458,21 @@ def test_sampling_with_critic_remasking_runs_through_a_generator(text_mode):
         assert torch.equal(critic_in[kept], before[kept])
         decided = after != gen.mask_id
         assert torch.equal(after[decided], critic_in[decided])
-    # training call: the critic loss is there, finite, and counts only the masked positions
+    # training through the masked paradigm: the critic loss is there, finite, and counts only the
+    # masked positions
+    from ablate.paradigm import Batch, Masked, masked_loss
+
     inputs_ = out.clone()
     inputs_[:, ::2] = gen.mask_id
-    logits, aux = gen(inputs_, feats, tmask, targets=out)
-    assert torch.isfinite(aux["loss/critic"]) and aux["loss/critic"] > 0 and logits.shape == (3, L, K)
-    assert gen(out, feats, tmask, targets=out)[1]["loss/critic"] == 0  # nothing masked, nothing judged
+    where = inputs_ == gen.mask_id
+    loss = Masked(K).loss(gen, Batch(inputs_, out, where), feats, tmask)
+    plain = masked_loss(gen(inputs_, feats, tmask)[0], out, where)
+    assert torch.isfinite(loss) and loss > plain
+    from ablate.paradigm.masked import critic_loss
+
+    _, aux = gen(out, feats, tmask, fill=lambda lg: out)
+    assert critic_loss(aux["critic_logits"], aux["critic_fill"] == out, torch.zeros_like(where)) == 0, \
+        "nothing masked, nothing judged"
 
 
 def test_critic_training_resumes_exactly(tmp_path):

@@ -21,7 +21,8 @@ be damped before the next layers read it.
 (The generator's out_norm would largely undo a positive per-token scale of the final state,
 one more reason the last gate is left out.)
 
-Critic loss (training, ``targets`` given): Token-Critic's premise (Lezama et al. 2022, "Improved
+Critic loss (computed by the masked paradigm from this variant's :meth:`MambaCritic.critic`
+pass; the variant itself never sees the true codes): Token-Critic's premise (Lezama et al. 2022, "Improved
 masked image generation with Token-Critic"). The critic judges a *token in context*: given a
 sequence in which some tokens were generated, is the token at i the true one? Training and
 sampling ask it exactly that question:
@@ -35,9 +36,9 @@ sampling ask it exactly that question:
 and the sampler (``sample.remask: critic``) fills every masked position with its sampled token,
 runs the model on the filled-in sequence and ranks the new tokens by the last critic's logit
 there. Only masked positions count: elsewhere the token is the true code by construction, a
-label the critic would learn from the token alone. ``masked [B, L]`` (where the input was
-``[MASK]``) and ``embed`` (the generator's token embedding, the one that made ``x``) come from
-the generator with ``targets``; ``h`` never depends on any of them.
+label the critic would learn from the token alone. The generator fills in (with the paradigm's
+``fill``), embeds the filled-in sequence with its own token embedding and calls ``critic``;
+``h`` never depends on any of it.
 
 Why not judge the head's argmax on the masked input (this variant's first design): the sampler
 must rank tokens that were *sampled* (temperature, guidance), not the argmax, and a critic
@@ -54,8 +55,7 @@ the conditioning-cpu size (width 96, depth 4, 16 tokens, batch 64, one thread), 
 takes ~1.4x the first design's (paired medians, forward and backward).
 
 ``aux["confidence"]`` = ``z_depth`` ``[B, L]``, the last critic's logit on the given input, is
-always returned (the sampler's ``remask: critic`` reads it on the filled-in sequence); without
-``targets`` (sampling) no loss is.
+always returned (the sampler's ``remask: critic`` reads it on the filled-in sequence).
 
 Text (Config ``text``). ``hooks`` (default): image-only Mamba layers; the masked-mean caption
 goes through one Linear(D, 2N) per layer and direction into the Mamba block's ``B_add`` /
@@ -80,11 +80,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
@@ -165,7 +164,6 @@ class MambaCritic(MambaBackbone):
     name = "mamba-critic"
     description = "Mamba layers each followed by a text-aware token critic whose logit gates the next layer"
     Config = Config
-    wants_targets = True
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()
@@ -230,47 +228,21 @@ class MambaCritic(MambaBackbone):
                 s = torch.cat([s[:, :off], h * g], dim=1) if off else h * g
         return s[:, off:], states, logits
 
-    @staticmethod
-    @torch.no_grad()
-    def fill_in(h: Tensor, targets: Tensor, masked: Tensor, readout: Callable[[Tensor], Tensor]) -> Tensor:
-        """The sequence the critic judges, ``[B, L]``: at masked positions a token sampled from
-        ``softmax(readout(h))`` (the generator's own prediction, temperature 1, the global RNG:
-        the trainer seeds it per step), the true code elsewhere. No gradient."""
-        probs = torch.softmax(readout(h.detach()).float(), dim=-1)  # [B, L, K]
-        sampled = torch.multinomial(probs.flatten(0, 1), 1).view_as(targets)  # [B, L]
-        return torch.where(masked, sampled, targets)
-
-    def critic_loss(self, logits: list[Tensor], label: Tensor, masked: Tensor) -> Tensor:
-        """``critic_weight * mean_l`` of the BCE of ``z_l`` against ``label [B, L]`` (1 = the token
-        is the true one), averaged over the ``masked [B, L]`` positions only (0 when none are)."""
-        w = masked.to(logits[0].dtype)
-        n = w.sum().clamp_min(1)
-        losses = [(F.binary_cross_entropy_with_logits(z, label.to(z.dtype), reduction="none") * w).sum() / n
-                  for z in logits]
-        return self.cfg.critic_weight * torch.stack(losses).mean()
-
-    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor, targets: Optional[Tensor] = None,
-                readout: Optional[Callable[[Tensor], Tensor]] = None, masked: Optional[Tensor] = None,
-                embed: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``(h [B, L, D], aux)``;
-        ``aux["confidence"] [B, L]`` always. With ``targets [B, L]`` (training) also
-        ``aux["loss/critic"]``, which then needs ``readout``, ``masked [B, L]`` bool (where the
-        input was [MASK]) and ``embed`` (tokens ``[B, L]`` -> ``[B, L, D]``, what made ``x``).
-        ``h`` never depends on ``targets``, ``masked`` or ``embed``."""
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``(h [B, L, D], aux)``
+        with ``aux["confidence"] [B, L]``, the last critic's logit on the given input."""
         h, _, logits = self.run(x, text, text_mask)
-        aux = {"confidence": logits[-1]}
-        if targets is not None:
-            missing = [n for n, v in (("readout", readout), ("masked", masked), ("embed", embed)) if v is None]
-            if missing:
-                raise ValueError(f"mamba-critic: targets given without {', '.join(missing)}; the critic "
-                                 "loss samples the generator's head (readout) at the masked positions "
-                                 "and embeds the filled-in sequence (embed)")
-            fill = self.fill_in(h, targets, masked, readout)  # [B, L]
-            with torch.no_grad():
-                x_fill = embed(fill)  # [B, L, D]
-            _, _, critic_logits = self.run(x_fill, text, text_mask, critics_only=True)
-            aux["loss/critic"] = self.critic_loss(critic_logits, fill == targets, masked)
-        return h, aux
+        return h, {"confidence": logits[-1]}
+
+    def critic(self, x: Tensor, text: Tensor, text_mask: Tensor) -> list[Tensor]:
+        """The critic pass: every critic's logits ``[B, L]`` on the input ``x`` (the embedded
+        filled-in sequence), with gradient to the critics and the caption only (the layers run
+        without it). The masked paradigm turns them into the critic loss."""
+        return self.run(x, text, text_mask, critics_only=True)[2]
+
+    @property
+    def critic_weight(self) -> float:
+        return self.cfg.critic_weight
 
 
 VARIANT = MambaCritic

@@ -8,7 +8,7 @@ and a linear head give logits over the K codes (never over ``[MASK]``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -80,25 +80,27 @@ class Generator(nn.Module):
         return None if inner is None else Decoder(self, inner)
 
     def forward(self, tokens: torch.Tensor, text_feats: torch.Tensor, text_mask: torch.Tensor,
-                targets: Optional[torch.Tensor] = None, masked: Optional[torch.Tensor] = None,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``targets [B, L]`` (the true codes, training only) reach a backbone only if it sets
-        ``wants_targets``; it then also gets ``readout`` to score states, ``masked [B, L]`` bool
-        (where ``tokens`` is ``[MASK]``: the positions the generator's loss counts; derived from
-        ``tokens`` when not given) and ``embed`` to build inputs of its own (mamba-critic embeds
-        a filled-in sequence), and must use them for auxiliary losses only (a contract test
-        checks that the logits do not depend on ``targets``)."""
+                fill: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Logits ``[B, L, K]`` and the backbone's auxiliary outputs. ``fill(logits) -> tokens
+        [B, L]`` (training, from the paradigm) is used only by a backbone with a ``critic``
+        pass (mamba-critic): the filled-in sequence is embedded here (no gradient) and the
+        critics' logits on it come back as ``aux["critic_logits"]`` (a list, one per critic),
+        with ``aux["critic_fill"]`` and ``aux["critic_weight"]``; the paradigm scores them. The
+        logits never depend on ``fill``."""
         x = self.embed(tokens)  # [B, L, D]
         text = self.encode_text(text_feats, text_mask)  # [B, T, D]
-        if getattr(self.backbone, "wants_targets", False):
-            if targets is not None and masked is None:
-                masked = tokens == self.mask_id
-            out = self.backbone(x, text, text_mask, targets=targets, readout=self.readout,
-                                masked=masked, embed=self.embed)
-        else:
-            out = self.backbone(x, text, text_mask)
+        out = self.backbone(x, text, text_mask)
         h, aux = (out if isinstance(out, tuple) else (out, {}))
-        return self.readout(h), aux  # [B, L, K]
+        logits = self.readout(h)  # [B, L, K]
+        critic = getattr(self.backbone, "critic", None)
+        if fill is not None and critic is not None:
+            with torch.no_grad():
+                filled = fill(logits.detach())
+                x_fill = self.embed(filled)
+            aux = dict(aux, critic_logits=critic(x_fill, text, text_mask), critic_fill=filled,
+                       critic_weight=float(self.backbone.critic_weight))
+        return logits, aux
 
 
 class Decoder:

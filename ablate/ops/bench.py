@@ -271,7 +271,7 @@ def _train_step_closure(variant: str, batch: int, width: int, depth: int, grid: 
     ``dtype``: autocast to it (bf16, fp16; None: fp32); ``compile``: torch.compile the model."""
     from ..config import TextSpec
     from ..model.generator import Generator
-    from ..paradigm import aux_losses, masked_loss, random_mask
+    from ..paradigm import Masked
     from ..registry import load_registry
     from ..text import LearnedTextEncoder
 
@@ -290,11 +290,11 @@ def _train_step_closure(variant: str, batch: int, width: int, depth: int, grid: 
     net = torch.compile(model) if compile else model
     cast = (lambda: torch.autocast(device_type=codes.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
+    par = Masked(codebook_size)
+
     def step() -> None:
-        inputs, masked = random_mask(codes, model.mask_id, generator=g)
         with cast():
-            logits, aux = net(inputs, ids, mask, targets=codes)
-            loss = masked_loss(logits, codes, masked, 0.1) + sum(aux_losses(aux).values())
+            loss = par.loss(net, par.make_batch(codes, g), ids, mask, 0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -115,7 +115,24 @@ def sample_tokens(model: Any, feats: Tensor, mask: Tensor, null_feats: Tensor, n
     return tokens
 
 
+def critic_loss(logits: list[Tensor], label: Tensor, where: Tensor) -> Tensor:
+    """Token-Critic's loss: the mean over critics of the BCE of each critic's logits ``[B, L]``
+    against ``label [B, L]`` (1 = the token there is the true one), averaged over the ``where``
+    positions only (the masked ones: elsewhere the token is the truth by construction); 0 when
+    there are none."""
+    w = where.to(logits[0].dtype)
+    n = w.sum().clamp_min(1)
+    losses = [(F.binary_cross_entropy_with_logits(z, label.to(z.dtype), reduction="none") * w).sum() / n
+              for z in logits]
+    return torch.stack(losses).mean()
+
+
 class Masked(Paradigm):
+    """A backbone with a ``critic`` pass (mamba-critic) is also trained as a token critic: the
+    generator's own sample fills the masked positions (temperature 1, the global RNG, seeded per
+    step by the trainer), the true codes the others, and ``critic_weight *``
+    :func:`critic_loss` of the critics' logits on that sequence joins the loss."""
+
     name = "masked"
     causality = "none"
 
@@ -125,9 +142,19 @@ class Masked(Paradigm):
 
     def loss(self, net: Any, batch: Batch, feats: Tensor, mask: Tensor, label_smoothing: float = 0.0,
              share: tuple[int, int] = (0, 1)) -> Tensor:
-        logits, aux = net(batch.inputs, feats, mask, targets=batch.targets, masked=batch.where)
-        loss = masked_loss(logits, batch.targets, batch.where, label_smoothing,
-                           total=None if share[1] == 1 else batch.total)
+        targets, where = batch.targets, batch.where
+
+        def fill(logits: Tensor) -> Tensor:  # the critic's sequence: own sample where masked, truth elsewhere
+            probs = torch.softmax(logits.float(), dim=-1)  # [B, L, K]
+            sampled = torch.multinomial(probs.flatten(0, 1), 1).view_as(targets)
+            return torch.where(where, sampled, targets)
+
+        logits, aux = net(batch.inputs, feats, mask, fill=fill)
+        loss = masked_loss(logits, targets, where, label_smoothing, total=None if share[1] == 1 else batch.total)
+        if "critic_logits" in aux:
+            aux = dict(aux)
+            aux["loss/critic"] = aux["critic_weight"] * critic_loss(aux["critic_logits"], aux["critic_fill"] == targets,
+                                                                    where)
         return with_aux(loss, aux, share)
 
     def sample(self, net: Any, feats: Tensor, mask: Tensor, null_feats: Tensor, null_mask: Tensor,
