@@ -96,6 +96,10 @@ class TokenizerSpec(Closed):
                                 description="diffusers: a local VQModel directory (aMUSEd: its vqvae/)")
 
     codebook_size: int = Field(256, ge=2, le=65536)
+    codebooks: int = Field(1, ge=1, json_schema_extra=LATER,
+                           description="codebooks per token location (seed 004): the code_dim channels split into "
+                                       "this many groups, each quantized by its own codebook; the token grid is "
+                                       "h x (w * codebooks), a location's codes consecutive")
     code_dim: int = Field(32, ge=2)
     downsample: int = Field(4, description="pixels per token side; 32px / 4 = 8x8 = 64 tokens")
     hidden: int = Field(32, ge=8, description="channels of the conv encoder/decoder at token resolution")
@@ -152,6 +156,12 @@ class TokenizerSpec(Closed):
         if self.kind == "diffusers" and not self.path:
             raise ValueError("tokenizer.path is required when tokenizer.kind is 'diffusers' "
                              "(a local diffusers VQModel directory)")
+        if self.codebooks > 1 and self.kind != "vqvae":
+            raise ValueError(f"tokenizer.codebooks: {self.codebooks} codebooks need the vqvae trained here "
+                             f"(a pretrained {self.kind} tokenizer has its own one codebook); set codebooks: 1")
+        if self.code_dim % self.codebooks:
+            raise ValueError(f"tokenizer.codebooks ({self.codebooks}) must divide tokenizer.code_dim "
+                             f"({self.code_dim}): each codebook takes code_dim / codebooks channels")
         return self
 
     @field_validator("downsample")
@@ -337,6 +347,10 @@ class EvalSpec(Closed):
         default_factory=list, json_schema_extra=LATER,
         description="training steps of the sample-sheet snapshots (empty: every validation step, "
                     "i.e. each train.eval_every and the last)")
+    temperature_sheet: list[float] = Field(
+        default_factory=list, json_schema_extra=LATER,
+        description="after evaluation, a sheet of the first sheet_prompts test captions (at least 8) sampled "
+                    "at each of these temperatures, one row each (seed 004's temperature study; empty: none)")
 
     @field_validator("sheet_steps")
     @classmethod

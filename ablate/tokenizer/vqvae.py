@@ -238,6 +238,53 @@ class Quantizer(nn.Module):
         return q.reshape(n, h, w, C).permute(0, 3, 1, 2), idx.reshape(n, h, w), loss
 
 
+class GroupQuantizer(nn.Module):
+    """``c = tokenizer.codebooks`` codebooks (seed 004, van den Oord et al.): the ``C`` channels
+    of every location are split into ``c`` groups of ``C / c``, each snapped to its own codebook
+    of ``K`` codes. A location's ``c`` codes sit side by side in the token grid, which is then
+    ``(h, w * c)``: position-major, the codebooks of one location consecutive in raster order."""
+
+    def __init__(self, spec: TokenizerSpec) -> None:
+        super().__init__()
+        self.c, self.K = spec.codebooks, spec.codebook_size
+        part = spec.model_copy(update={"code_dim": spec.code_dim // spec.codebooks, "codebooks": 1})
+        self.groups = nn.ModuleList(Quantizer(part) for _ in range(self.c))
+
+    @property
+    def restarts(self) -> int:
+        return sum(q.restarts for q in self.groups)
+
+    @restarts.setter
+    def restarts(self, value: int) -> None:  # a checkpoint's total: kept on the first group
+        for i, q in enumerate(self.groups):
+            q.restarts = int(value) if i == 0 else 0
+
+    @property
+    def _idle(self) -> Tensor:
+        return torch.stack([q._idle for q in self.groups])
+
+    @_idle.setter
+    def _idle(self, value: Tensor) -> None:
+        for q, v in zip(self.groups, value.view(self.c, -1)):
+            q._idle = v.clone()
+
+    def codes(self, z: Tensor) -> Tensor:
+        """z: [m, C] -> codes [m, c]."""
+        return torch.stack([q.codes(part) for q, part in zip(self.groups, z.chunk(self.c, dim=1))], dim=1)
+
+    def lookup(self, idx: Tensor) -> Tensor:
+        """idx: [..., w * c] (a location's codes consecutive) -> vectors [..., w, C]."""
+        idx = idx.unflatten(-1, (-1, self.c))
+        return torch.cat([q.lookup(idx[..., j]) for j, q in enumerate(self.groups)], dim=-1)
+
+    def forward(self, z: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """z: [n, C, h, w] -> (q [n, C, h, w], codes [n, h, w * c], vq loss: the groups' mean)."""
+        outs = [q(part, gen) for q, part in zip(self.groups, z.chunk(self.c, dim=1))]
+        q = torch.cat([o[0] for o in outs], dim=1)
+        idx = torch.stack([o[1] for o in outs], dim=-1).flatten(-2)  # [n, h, w * c]
+        return q, idx, torch.stack([o[2] for o in outs]).mean()
+
+
 class VQVAE(nn.Module):
     """Image tokenizer. ``encode``/``decode`` work in uint8 pixels and long codes, in batches,
     without gradients and in eval mode (the module's mode is restored afterwards)."""
@@ -250,10 +297,10 @@ class VQVAE(nn.Module):
             raise ValueError(f"tokenizer.downsample ({ds}) must divide the image size {H}x{W}")
         self.spec = spec
         self.image_size = (H, W)
-        self.grid = (H // ds, W // ds)
+        self.grid = (H // ds, W // ds * spec.codebooks)  # a location's codebooks side by side
         self.codebook_size = spec.codebook_size
         self.encoder = Encoder(spec)
-        self.quantizer = Quantizer(spec)
+        self.quantizer = Quantizer(spec) if spec.codebooks == 1 else GroupQuantizer(spec)
         self.decoder = Decoder(spec)
 
     @staticmethod
@@ -263,7 +310,7 @@ class VQVAE(nn.Module):
 
     def forward(self, x: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: [n, 3, H, W] in [-1, 1] -> (reconstruction [n, 3, H, W], unclamped [0, 1] scale,
-        codes [n, h, w], vq loss)."""
+        codes [n, h, w * codebooks], vq loss)."""
         q, idx, vq_loss = self.quantizer(self.encoder(x), gen)
         return self.decoder(q), idx, vq_loss
 

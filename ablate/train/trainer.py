@@ -334,6 +334,7 @@ class Trainer:
                                   self.spec.eval, self.device, self.prep.clip)
         metrics["sample_images_per_s"] = n / sample_s  # at sample.batch_size, every rank's share together
         metrics["sample_s_per_image"] = sample_s / n
+        self.temperature_sheet()
         self.failures_path = write_failures(self.out_dir / "failures", self.prep.splits.name, images,
                                             test.captions[:n], attrs, getattr(test, "heldout", None),
                                             self.prep.judge)
@@ -350,7 +351,38 @@ class Trainer:
             out.append(("sheet", str(self.out_dir / "sheet")))
         if getattr(self, "failures_path", None) is not None:
             out.append(("failures", str(self.failures_path)))
+        if getattr(self, "temperatures_path", None) is not None:
+            out.append(("temperatures", str(self.temperatures_path)))
         return out
+
+    @torch.no_grad()
+    def temperature_sheet(self) -> Optional[Path]:
+        """``temperatures.png``: the first ``max(8, eval.sheet_prompts)`` test captions sampled at
+        each temperature of ``eval.temperature_sheet`` (one row each, the same noise seed for
+        every row), with ``temperatures.json`` (temperatures and prompts); None if not asked.
+        Observation only, after the metrics: its own generator."""
+        temps = self.spec.eval.temperature_sheet
+        if not temps:
+            return None
+        test = self.prep.splits.test
+        k = min(max(8, self.spec.eval.sheet_prompts), len(test))
+        model = self.ema or self.model
+        model.eval()
+        _, feats, mask = self.batch("test", torch.arange(k))
+        h, w = self.prep.store.grid
+        rows = []
+        for t in temps:
+            g = torch.Generator(self.device).manual_seed(_step_seed(self.spec.seed, 0, salt=888))
+            spec = self.spec.sample.model_copy(update={"temperature": t})
+            with autocast(self.spec.train.precision, self.device):
+                codes = self.paradigm.sample(model, feats, mask, *self.null, spec, generator=g)
+            rows.append(self.prep.vq.decode(codes.view(-1, h, w)).cpu())
+        path = self.out_dir / "temperatures.png"
+        save_sheet(torch.cat(rows), path, cols=k)
+        meta = {"temperatures": list(temps), "prompts": list(test.captions[:k])}
+        (self.out_dir / "temperatures.json").write_text(json.dumps(meta, indent=1) + "\n")
+        self.temperatures_path = path
+        return path
 
     # -- sample-sheet snapshots ------------------------------------------------------------------
     def sheet_due(self, step: int) -> bool:
