@@ -91,7 +91,14 @@ class TokenizerSpec(Closed):
     VQGAN options (``disc_weight``, ``lpips_weights``, ``l1_weight``, ``ema_weights``) give the
     recipe of Esser et al.; at their defaults it is the plain MSE VQ-VAE of before."""
 
-    kind: Literal["vqvae", "diffusers"] = Field("vqvae", json_schema_extra=LATER)
+    kind: Literal["vqvae", "diffusers", "multiscale"] = Field(
+        "vqvae", json_schema_extra=LATER,
+        description="vqvae (trained here), diffusers (a frozen pretrained VQModel), multiscale (VAR's residual "
+                    "quantizer over tokenizer.scales, one shared codebook; for model.paradigm: var)")
+    scales: list[int] = Field(
+        default_factory=list, json_schema_extra=LATER,
+        description="multiscale: token map sides, coarse to fine, ending at the grid side "
+                    "(image_size / downsample), e.g. [1, 2, 3, 4, 6, 8]")
     path: Optional[str] = Field(None, json_schema_extra=LATER,
                                 description="diffusers: a local VQModel directory (aMUSEd: its vqvae/)")
 
@@ -156,6 +163,16 @@ class TokenizerSpec(Closed):
         if self.kind == "diffusers" and not self.path:
             raise ValueError("tokenizer.path is required when tokenizer.kind is 'diffusers' "
                              "(a local diffusers VQModel directory)")
+        if self.kind == "multiscale":
+            sc = self.scales
+            if not sc or any(b <= a for a, b in zip(sc, sc[1:])) or sc[0] < 1:
+                raise ValueError(f"tokenizer.scales: multiscale needs increasing token map sides ending at the "
+                                 f"grid side, e.g. [1, 2, 3, 4, 6, 8]; got {sc}")
+            if self.stages:
+                raise ValueError("tokenizer.stages: a multiscale tokenizer trains at one resolution (its scales "
+                                 "end at the grid side); remove tokenizer.stages")
+        elif self.scales:
+            raise ValueError(f"tokenizer.scales: only for kind: multiscale (kind is {self.kind}); remove it")
         if self.codebooks > 1 and self.kind != "vqvae":
             raise ValueError(f"tokenizer.codebooks: {self.codebooks} codebooks need the vqvae trained here "
                              f"(a pretrained {self.kind} tokenizer has its own one codebook); set codebooks: 1")
@@ -235,10 +252,10 @@ class ModelSpec(Closed):
     hyperparameters; they are validated (and defaults filled in) by the variant's ``Config``."""
 
     variant: str = "transformer"
-    paradigm: Literal["masked", "ar"] = Field(
+    paradigm: Literal["masked", "ar", "var"] = Field(
         "masked", json_schema_extra=LATER,
-        description="how images are generated from tokens: masked (Muse/MaskGIT parallel decoding) or ar "
-                    "(next token, causal backbone)")
+        description="how images are generated from tokens: masked (Muse/MaskGIT parallel decoding), ar "
+                    "(next token, causal backbone) or var (next scale, block-causal; tokenizer.kind: multiscale)")
     order: Literal["raster", "snake"] = Field(
         "raster", json_schema_extra=LATER,
         description="ar: the order tokens are generated in (snake: every other row right to left)")
@@ -409,6 +426,20 @@ class RunSpec(Closed):
     sample: SampleSpec = Field(default_factory=SampleSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _paradigm_fits_tokenizer(self) -> "RunSpec":
+        t = self.tokenizer
+        if (self.model.paradigm == "var") != (t.kind == "multiscale"):
+            raise ValueError("model.paradigm: var predicts the scales of a multiscale tokenizer and only var "
+                             f"reads them; set both or neither (paradigm {self.model.paradigm}, tokenizer.kind "
+                             f"{t.kind})")
+        if t.kind == "multiscale":
+            side = self.data.image_size // t.downsample
+            if t.scales[-1] != side:
+                raise ValueError(f"tokenizer.scales: must end at the grid side {side} (data.image_size "
+                                 f"{self.data.image_size} / tokenizer.downsample {t.downsample}); got {t.scales}")
+        return self
 
     @model_validator(mode="after")
     def _stages_end_at_data_size(self) -> "RunSpec":

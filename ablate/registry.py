@@ -8,8 +8,10 @@ A variant is an ``nn.Module`` class (the *backbone* of the generator) with these
 - ``Config``: a pydantic model of its hyperparameters (``model.params``), extra keys forbidden;
 - ``scan_orders``: tuple of image scan orders it supports (``()`` when it has none);
 - ``paradigms`` (optional, default ``("masked",)``): the generation paradigms it can serve. For
-  a causal one (``ar``) it is built with ``ctx.causal = True`` and must then make image token i
-  depend on tokens ``<= i`` only (a contract test perturbs token t and checks nothing before t
+  a causal one (``ar``, ``var``) it is built with ``ctx.causal = True`` (for ``var`` also
+  ``ctx.blocks``, the scales' sizes: block-causal, see ``ctx.block_mask()``; a forward scan is
+  causal, hence block-causal too) and must then make image token i depend on tokens ``<= i`` (of
+  its block or earlier ones) only (a contract test perturbs token t and checks nothing before t
   moves); ``causal_problem(cfg) -> str | None`` (optional) says why a config cannot be causal
   (a scan order that reads later tokens).
 
@@ -59,7 +61,19 @@ class VariantContext:
     grid: tuple[int, int]  # image token grid (h, w); L = h * w
     text_len: int  # T, padded text length
     dropout: float = 0.0
-    causal: bool = False  # image token i may depend on tokens <= i only (in sequence order)
+    causal: bool = False  # image token i may depend on tokens <= i only (in sequence order) ...
+    blocks: tuple[int, ...] = ()  # ... or, when given, on tokens of its own block and earlier ones (var: scales)
+
+    def block_mask(self, device: Any = None) -> Any:
+        """``[L, L]`` bool, True where query i may read key j: block-causal over ``blocks``, else
+        causal (None when not causal)."""
+        import torch
+
+        if not self.causal:
+            return None
+        ids = (torch.repeat_interleave(torch.arange(len(self.blocks)), torch.tensor(self.blocks))
+               if self.blocks else torch.arange(self.seq_len)).to(device)
+        return ids[:, None] >= ids[None, :]
 
     @property
     def seq_len(self) -> int:

@@ -89,16 +89,20 @@ class AttentionBlock(nn.Module):
         return s + self.mlp(self.norm2(s))
 
 
-def causal_mask(key_mask: Tensor, t: int) -> Tensor:
+def causal_mask(key_mask: Tensor, t: int, image_mask: Tensor | None = None) -> Tensor:
     """``[B, 1, S, S]`` for ``[text; image]`` with a causal image: a text row attends the real
     text tokens (never an image token, which would carry later tokens back to earlier ones
-    through the text stream); image row i the real text tokens and image tokens <= i; every row
-    itself (a padded row then reads only itself, never NaN)."""
+    through the text stream); image row i the real text tokens and image tokens <= i (or, with
+    ``image_mask [L, L]``, the image tokens it allows: block-causal for var); every row itself (a
+    padded row then reads only itself, never NaN)."""
     S = key_mask.shape[1]
     i = torch.arange(S, device=key_mask.device).view(S, 1)
     j = torch.arange(S, device=key_mask.device).view(1, S)
     text_col = (j < t) & key_mask[:, None, :]  # [B, S(rows), S]
     image_col = (j >= t) & (i >= t) & (j <= i)
+    if image_mask is not None:
+        image_col = torch.zeros(S, S, dtype=torch.bool, device=key_mask.device)
+        image_col[t:, t:] = image_mask
     return (text_col | image_col | (i == j)).unsqueeze(1)
 
 
@@ -107,14 +111,16 @@ class HybridGSA(MambaBackbone):
     description = "Mamba over [text; image] with one weight-shared self-attention+MLP block every N layers"
     family = "hybrid"
     Config = Config
-    paradigms = ("masked", "ar")
+    paradigms = ("masked", "ar", "var")
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()
         if ctx.width % ctx.heads:
             raise ValueError(f"model.width ({ctx.width}) must be divisible by model.heads ({ctx.heads})")
         self.text_len, self.every, self.share, self.causal = ctx.text_len, cfg.every, cfg.share, ctx.causal
-        self.heads = ctx.heads
+        self.heads, self.scale_blocks = ctx.heads, ctx.blocks
+        if ctx.blocks:
+            self.register_buffer("block_mask", ctx.block_mask(), persistent=False)
         image_perms = scan_permutations(cfg.scan, ctx.grid)  # [K, L]
         self.register_buffer("orders", sequence_orders(image_perms, ctx.text_len, "prefix"),
                              persistent=False)  # [K, S]
@@ -153,7 +159,7 @@ class HybridGSA(MambaBackbone):
         s = torch.cat([text, x], dim=1)  # [B, S, D]
         mask = torch.cat([text_mask, text_mask.new_ones(b, length)], dim=1)  # [B, S], also the key mask
         orders = pads_first(self.orders, mask)  # [K, B, S]
-        attn_mask = causal_mask(mask, t) if self.causal else None
+        attn_mask = causal_mask(mask, t, self.block_mask if self.scale_blocks else None) if self.causal else None
         for i, layer in enumerate(self.layers):
             gsa = self.attention_block(i)
             if gsa is not None:
@@ -165,7 +171,9 @@ class HybridGSA(MambaBackbone):
         """Decoding one image position at a time (causal, forward scan): the caption prefilled
         through every layer, then each attention application's key/value cache and each Mamba
         layer's recurrent state."""
-        return GSADecoder(self, text, text_mask, length) if self.causal and self.orders.shape[0] == 1 else None
+        if not self.causal or self.scale_blocks or self.orders.shape[0] != 1:
+            return None
+        return GSADecoder(self, text, text_mask, length)
 
 
 class GSADecoder:

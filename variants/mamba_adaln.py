@@ -81,7 +81,7 @@ class MambaAdaLN(MambaBackbone):
     name = "mamba-adaln"
     description = "AiM: Mamba over [text; image] with adaLN-group modulation from the pooled caption"
     Config = Config
-    paradigms = ("masked", "ar")
+    paradigms = ("masked", "ar", "var")  # var: a forward scan, coarse to fine, is causal, hence block-causal
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()

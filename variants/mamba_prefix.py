@@ -56,7 +56,7 @@ class MambaPrefix(MambaBackbone):
     name = "mamba-prefix"
     description = "Mamba over [text; image]: caption states as extra sequence positions"
     Config = Config
-    paradigms = ("masked", "ar")
+    paradigms = ("masked", "ar", "var")  # var: a forward scan, coarse to fine, is causal, hence block-causal
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()

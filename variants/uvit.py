@@ -60,7 +60,7 @@ class UViT(TransformerStack):
     name = "uvit"
     description = "U-ViT: Muse transformer blocks with long in->out skip connections (concat+linear or add)"
     Config = Config
-    paradigms = ("masked", "ar")  # the skips are position-wise: causal attention keeps it causal
+    paradigms = ("masked", "ar", "var")  # the skips are position-wise: causal attention keeps it causal
 
     def _add_modules(self, ctx: VariantContext, cfg: Config) -> None:
         d = ctx.width

@@ -69,7 +69,7 @@ def _arguments(b: argparse.ArgumentParser) -> None:
     bl.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="autocast precision of every forward")
     bsa = bsub.add_parser("sample", help="sampling images/s of every paradigm x backbone (random weights), paired")
-    bsa.add_argument("--paradigms", nargs="+", default=["masked", "ar"], choices=["masked", "ar"])
+    bsa.add_argument("--paradigms", nargs="+", default=["masked", "ar", "var"], choices=["masked", "ar", "var"])
     bsa.add_argument("--variants", nargs="+", default=["transformer", "mamba-prefix", "mamba-adaln", "hybrid-gsa"])
     bsa.add_argument("--tokens", type=grid_shape, nargs="+", default=[(8, 8), (16, 16)],
                      help="image token grids HxW (default: 8x8 16x16)")

@@ -92,8 +92,9 @@ class MuseBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: Tensor, text: Tensor, text_mask: Tensor, has_text: Tensor, causal: bool = False) -> Tensor:
-        h = h + self.drop(self.self_attn(self.norm1(h), causal=causal))
+    def forward(self, h: Tensor, text: Tensor, text_mask: Tensor, has_text: Tensor, causal: bool = False,
+                attn_mask: Optional[Tensor] = None) -> Tensor:
+        h = h + self.drop(self.self_attn(self.norm1(h), causal=causal, attn_mask=attn_mask))
         h = h + self.drop(self.cross_attn(self.norm2(h), text, text_mask)) * has_text
         return h + self.drop(self.mlp(self.norm3(h)))
 
@@ -129,13 +130,16 @@ class TransformerStack(nn.Module):
 
     family = "transformer"
     scan_orders: tuple[str, ...] = ()
-    paradigms = ("masked", "ar")
+    paradigms = ("masked", "ar", "var")
 
     def __init__(self, ctx, cfg):  # noqa: ANN001  (VariantContext, the variant's Config)
         super().__init__()
         if ctx.width % ctx.heads:
             raise ValueError(f"model.width ({ctx.width}) must be divisible by model.heads ({ctx.heads})")
         self.causal, self.heads = ctx.causal, ctx.heads
+        self.scale_blocks = ctx.blocks  # var: block-causal over the scales
+        if ctx.blocks:
+            self.register_buffer("block_mask", ctx.block_mask(), persistent=False)
         self.blocks = nn.ModuleList(MuseBlock(ctx.width, ctx.heads, cfg.mlp_ratio, cfg.qk_norm, ctx.dropout)
                                     for _ in range(ctx.depth))
         self._add_modules(ctx, cfg)
@@ -165,14 +169,15 @@ class TransformerStack(nn.Module):
     def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
         text, key_mask, gate = text_inputs(x, text, text_mask)
-        return self.run(x, lambda i, block, h: block(h, text, key_mask, gate, self.causal))
+        mask = self.block_mask if self.scale_blocks else None
+        return self.run(x, lambda i, block, h: block(h, text, key_mask, gate, self.causal, mask))
 
-    def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "StackDecoder":
+    def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "StackDecoder | None":
         """One position at a time (needs ``ctx.causal``): each block's key/value cache, the
         caption's keys and values computed once."""
         if not self.causal:
             raise ValueError("decoder: the backbone was not built causal (ctx.causal)")
-        return StackDecoder(self, text, text_mask, length)
+        return None if self.scale_blocks else StackDecoder(self, text, text_mask, length)
 
 
 class StackDecoder:

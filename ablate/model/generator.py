@@ -27,7 +27,7 @@ class Generator(nn.Module):
     def __init__(self, backbone_cls: type, backbone_cfg: Any, text_encoder: nn.Module,
                  codebook_size: int, grid: tuple[int, int], width: int, depth: int, heads: int,
                  text_len: int, dropout: float = 0.0, causal: bool = False,
-                 order: Optional[torch.Tensor] = None):
+                 order: Optional[torch.Tensor] = None, blocks: tuple[int, ...] = ()):
         super().__init__()
         self.codebook_size = codebook_size
         self.mask_id = codebook_size
@@ -46,7 +46,7 @@ class Generator(nn.Module):
         self.emb_norm = nn.LayerNorm(width)
         self.emb_drop = nn.Dropout(dropout)
         ctx = VariantContext(width=width, depth=depth, heads=heads, grid=grid, text_len=text_len,
-                             dropout=dropout, causal=causal)
+                             dropout=dropout, causal=causal, blocks=tuple(blocks))
         self.backbone = backbone_cls(ctx, backbone_cfg)
         self.out_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, codebook_size)

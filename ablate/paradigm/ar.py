@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import SampleSpec
-from .base import Batch, Paradigm, cfg_mix, gumbel, with_aux
+from .base import Batch, Paradigm, cfg_mix, full_loss, gumbel
 
 ORDERS = ("raster", "snake")
 
@@ -78,10 +77,7 @@ class AR(Paradigm):
 
     def loss(self, net: Any, batch: Batch, feats: Tensor, mask: Tensor, label_smoothing: float = 0.0,
              share: tuple[int, int] = (0, 1)) -> Tensor:
-        logits, aux = net(batch.inputs, feats, mask)
-        ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), label_smoothing=label_smoothing,
-                             reduction="sum")
-        return with_aux(ce / batch.total, aux, share)
+        return full_loss(net, batch, feats, mask, label_smoothing, share)
 
     @torch.no_grad()
     def sample(self, net: Any, feats: Tensor, mask: Tensor, null_feats: Tensor, null_mask: Tensor,

@@ -85,6 +85,16 @@ def with_aux(loss: Tensor, aux: dict[str, Tensor], share: tuple[int, int]) -> Te
     return loss
 
 
+def full_loss(net: Any, batch: Batch, feats: Tensor, mask: Tensor, label_smoothing: float,
+              share: tuple[int, int]) -> Tensor:
+    """Cross-entropy at every position (next token, next scale): this share's part of the global
+    batch's mean (``batch.total`` positions), plus the backbone's auxiliary losses."""
+    logits, aux = net(batch.inputs, feats, mask)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
+                                           label_smoothing=label_smoothing, reduction="sum")
+    return with_aux(ce / batch.total, aux, share)
+
+
 def drop_text(feats: Tensor, mask: Tensor, null_feats: Tensor, null_mask: Tensor, p: float,
               generator: Optional[torch.Generator] = None, share: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor]:
     """Replace each caption by the null caption with probability ``p`` (classifier-free guidance);

@@ -95,9 +95,8 @@ def reconstruct(model: VQVAE, images: Tensor) -> tuple[Tensor, Tensor]:
         codes, recon = [], []
         for chunk in images.split(256):
             z = model.encoder(model.to_input(chunk.to(dev)))
-            n, C, h, w = z.shape
-            idx = model.quantizer.codes(z.permute(0, 2, 3, 1).reshape(-1, C)).reshape(n, h, -1)  # [n, h, w * c]
-            x = model.decoder(model.quantizer.lookup(idx).permute(0, 3, 1, 2)).clamp(0.0, 1.0)
+            idx = model.codes_of(z)  # [n, h, w * codebooks], or [n, 1, L] for multiscale
+            x = model.decoder(model.latents_of(idx)).clamp(0.0, 1.0)
             codes.append(idx.cpu())
             recon.append(x.mul(255).round_().to(torch.uint8).cpu())
         return torch.cat(codes), torch.cat(recon)

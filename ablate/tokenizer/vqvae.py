@@ -285,6 +285,91 @@ class GroupQuantizer(nn.Module):
         return q, idx, torch.stack([o[2] for o in outs]).mean()
 
 
+class MultiScaleQuantizer(nn.Module):
+    """VAR's multi-scale residual quantizer (Tian et al. 2024): one shared codebook, and the
+    encoder's map ``z [n, C, h, h]`` quantized as a sum over ``scales`` s_1 < ... < s_K = h::
+
+        f = 0
+        for s in scales:
+            r_s  = area-downsample(z - f, s x s)          what the coarser scales left
+            c_s  = nearest codes of r_s                   s^2 tokens
+            f   += phi(bicubic-upsample(e[c_s], h x h))   phi(u) = u / 2 + conv3x3(u) / 2
+        decoder(f)
+
+    Codes are the scales' maps flattened in raster order and concatenated, coarse to fine:
+    ``sum s^2`` tokens (``[n, 1, L]``: a one-row "grid"). Training: the codebook learns by EMA
+    (or straight-through) on every scale's residuals, the encoder commits to ``f`` and ``phi``
+    learns to make ``f`` match ``z``; the decoder reads ``f`` straight-through to the encoder."""
+
+    def __init__(self, spec: TokenizerSpec, side: int) -> None:
+        super().__init__()
+        self.q = Quantizer(spec)
+        self.scales, self.side, self.K = list(spec.scales), side, spec.codebook_size
+        self.commitment = spec.commitment
+        self.phi = nn.Conv2d(spec.code_dim, spec.code_dim, 3, padding=1)
+        self.L = sum(s * s for s in self.scales)
+
+    @property
+    def restarts(self) -> int:
+        return self.q.restarts
+
+    @restarts.setter
+    def restarts(self, value: int) -> None:
+        self.q.restarts = int(value)
+
+    @property
+    def _idle(self) -> Tensor:
+        return self.q._idle
+
+    @_idle.setter
+    def _idle(self, value: Tensor) -> None:
+        self.q._idle = value
+
+    def _add(self, e: Tensor) -> Tensor:
+        """A scale's code vectors ``[n, C, s, s]`` -> its share of ``f`` ``[n, C, h, h]``."""
+        if e.shape[-1] != self.side:
+            e = F.interpolate(e, size=(self.side, self.side), mode="bicubic", align_corners=False)
+        return 0.5 * e + 0.5 * self.phi(e)
+
+    def _residual(self, z: Tensor, f: Tensor, s: int) -> Tensor:
+        r = z - f
+        return r if s == self.side else F.interpolate(r, size=(s, s), mode="area")
+
+    def codes_map(self, z: Tensor) -> Tensor:
+        """z: [n, C, h, h] -> codes [n, 1, L] (no training updates)."""
+        f, out = torch.zeros_like(z), []
+        for s in self.scales:
+            r = self._residual(z, f, s)
+            idx = self.q.codes(r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])).view(z.shape[0], s, s)
+            out.append(idx.flatten(1))
+            f = f + self._add(self.q.lookup(idx).permute(0, 3, 1, 2))
+        return torch.cat(out, dim=1).unsqueeze(1)
+
+    def latents(self, codes: Tensor) -> Tensor:
+        """codes [n, 1, L] or [n, L] -> f [n, C, h, h]."""
+        codes = codes.reshape(codes.shape[0], -1)
+        f, at = None, 0
+        for s in self.scales:
+            idx = codes[:, at:at + s * s].view(-1, s, s)
+            at += s * s
+            add = self._add(self.q.lookup(idx).permute(0, 3, 1, 2))
+            f = add if f is None else f + add
+        return f
+
+    def forward(self, z: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """z: [n, C, h, h] -> (f straight-through [n, C, h, h], codes [n, 1, L], loss)."""
+        f, out = torch.zeros_like(z), []
+        for s in self.scales:
+            r = self._residual(z.detach(), f.detach(), s)
+            _, idx, q_loss = self.q(r, gen)  # the codebook learns on this scale's residuals
+            out.append(idx.flatten(1))
+            f = f + self._add(self.q.lookup(idx).permute(0, 3, 1, 2))
+        loss = self.commitment * F.mse_loss(z, f.detach()) + F.mse_loss(f, z.detach())
+        if self.q.kind == "st":  # the straight-through codebook's own loss, per scale
+            loss = loss + q_loss
+        return z + (f - z).detach(), torch.cat(out, dim=1).unsqueeze(1), loss
+
+
 class VQVAE(nn.Module):
     """Image tokenizer. ``encode``/``decode`` work in uint8 pixels and long codes, in batches,
     without gradients and in eval mode (the module's mode is restored afterwards)."""
@@ -300,7 +385,14 @@ class VQVAE(nn.Module):
         self.grid = (H // ds, W // ds * spec.codebooks)  # a location's codebooks side by side
         self.codebook_size = spec.codebook_size
         self.encoder = Encoder(spec)
-        self.quantizer = Quantizer(spec) if spec.codebooks == 1 else GroupQuantizer(spec)
+        if spec.kind == "multiscale":
+            if H != W or spec.scales[-1] != H // ds:
+                raise ValueError(f"tokenizer.scales: a multiscale tokenizer needs square images whose grid side "
+                                 f"({H // ds}x{W // ds}) is its last scale; got scales {spec.scales}")
+            self.quantizer = MultiScaleQuantizer(spec, H // ds)
+            self.grid = (1, self.quantizer.L)  # the scales' codes, coarse to fine, in one row
+        else:
+            self.quantizer = Quantizer(spec) if spec.codebooks == 1 else GroupQuantizer(spec)
         self.decoder = Decoder(spec)
 
     @staticmethod
@@ -313,6 +405,19 @@ class VQVAE(nn.Module):
         codes [n, h, w * codebooks], vq loss)."""
         q, idx, vq_loss = self.quantizer(self.encoder(x), gen)
         return self.decoder(q), idx, vq_loss
+
+    def codes_of(self, z: Tensor) -> Tensor:
+        """The encoder's map ``z [n, C, h, w]`` -> codes ``[n, *grid-like]`` (no training updates)."""
+        if isinstance(self.quantizer, MultiScaleQuantizer):
+            return self.quantizer.codes_map(z)
+        n, C, h, _ = z.shape
+        return self.quantizer.codes(z.permute(0, 2, 3, 1).reshape(-1, C)).reshape(n, h, -1)
+
+    def latents_of(self, codes: Tensor) -> Tensor:
+        """Codes -> the decoder's input ``[n, C, h, w]``."""
+        if isinstance(self.quantizer, MultiScaleQuantizer):
+            return self.quantizer.latents(codes)
+        return self.quantizer.lookup(codes.long()).permute(0, 3, 1, 2)
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[torch.device]:
@@ -334,8 +439,7 @@ class VQVAE(nn.Module):
         with self._inference() as dev:
             for chunk in images.split(ENCODE_BATCH):
                 z = self.encoder(self.to_input(chunk.to(dev)))
-                flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-                out.append(self.quantizer.codes(flat).reshape(chunk.shape[0], *self.grid).to(images.device))
+                out.append(self.codes_of(z).reshape(chunk.shape[0], *self.grid).to(images.device))
         return torch.cat(out) if out else torch.zeros(0, *self.grid, dtype=torch.long, device=images.device)
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -346,8 +450,7 @@ class VQVAE(nn.Module):
         out = []
         with self._inference() as dev:
             for chunk in codes.split(ENCODE_BATCH):
-                q = self.quantizer.lookup(chunk.to(dev).long()).permute(0, 3, 1, 2)
-                x = self.decoder(q).clamp(0.0, 1.0)
+                x = self.decoder(self.latents_of(chunk.to(dev))).clamp(0.0, 1.0)
                 out.append(x.mul(255).round_().to(torch.uint8).to(codes.device))
         H, W = self.image_size
         return torch.cat(out) if out else torch.zeros(0, 3, H, W, dtype=torch.uint8, device=codes.device)

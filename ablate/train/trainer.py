@@ -109,14 +109,15 @@ class Trainer:
         self.stream = TokenStream(self.data, self.text, device, self.global_batch, spec.seed, spec.text.cache)
         store = prep.store
         order = paradigms.generation_order(spec.model.order, store.grid)
-        self.paradigm = paradigms.get(spec.model.paradigm, store.codebook_size, order)
+        self.paradigm = paradigms.get(spec.model.paradigm, store.codebook_size, order, spec.tokenizer.scales)
         variant = load_registry().get(spec.model.variant)
         model = Generator(variant, variant.Config(**spec.model.params), self.text,
                           codebook_size=store.codebook_size, grid=store.grid,
                           width=spec.model.width, depth=spec.model.depth, heads=spec.model.heads,
                           text_len=spec.text.max_len, dropout=spec.model.dropout,
                           causal=self.paradigm.causality != "none",
-                          order=order if spec.model.paradigm == "ar" else None).to(device)
+                          order=order if spec.model.paradigm == "ar" else None,
+                          blocks=getattr(self.paradigm, "blocks", ())).to(device)
         self.state = TrainState(model, spec.train, device)
         self.state.net = self._runner(model)
         self.state.first_step_at = None  # when this attempt's first step began (not checkpointed)
