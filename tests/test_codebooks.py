@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from ablate.config import RunSpec, TokenizerSpec
 from ablate.tokenizer.vqvae import VQVAE, GroupQuantizer
+from test_precision import _losses
 from test_trust_jobs import TINY
 
 
@@ -78,10 +79,7 @@ def test_an_ar_run_on_two_codebooks_trains_samples_and_leaves_its_temperature_sh
     prep = prepare(spec, tmp_path, torch.device("cpu"), lambda m: None)
     assert prep.store.grid == (2, 4)  # 16 px / 8 = 2x2 locations, two codes each
     tr = Trainer(spec, prep, torch.device("cpu"), tmp_path / "runs" / "c2", say=lambda m: None)
-    losses = []
-    for s in range(20):
-        losses.append(tr.train_step(s))
-        tr.step += 1
+    losses = _losses(tr, 20)
     assert sum(losses[-4:]) < sum(losses[:4]), losses
     metrics = tr.evaluate()
     assert metrics["sample_s_per_image"] > 0 and 0 <= metrics["align_acc"] <= 1

@@ -16,26 +16,27 @@ from ablate.paradigm import AR, generation_order
 from ablate.paradigm.ar import filter_logits
 from ablate.registry import load_registry, paradigm_problem
 from test_contract import GRID, K, L, T
+from test_precision import _losses
 from test_trust_jobs import TINY
 
 REGISTRY = load_registry(refresh=True)
 D = 16
 
 
-def causal_pairs() -> list[tuple[str, dict]]:
-    """Every (variant, params) that declares ``ar``, with params that make it causal."""
+def pairs_for(paradigm: str) -> list[tuple[str, dict]]:
+    """Every (variant, params) that declares ``paradigm``, with params that make it causal."""
     out = []
     for name in sorted(REGISTRY.variants):
         cls = REGISTRY.get(name)
-        if "ar" not in getattr(cls, "paradigms", ("masked",)):
+        if paradigm not in getattr(cls, "paradigms", ("masked",)):
             continue
         params = {"scan": "forward"} if "scan" in cls.Config.model_fields else {}
-        assert paradigm_problem(cls, cls.Config(**params), "ar") is None, name
+        assert paradigm_problem(cls, cls.Config(**params), paradigm) is None, name
         out.append((name, params))
     return out
 
 
-PAIRS = causal_pairs()
+PAIRS = pairs_for("ar")
 
 
 class FeatText(torch.nn.Module):
@@ -173,10 +174,7 @@ def test_a_tiny_ar_run_learns_and_samples(tmp_path):
     spec = RunSpec.model_validate(d)
     prep = prepare(spec, tmp_path, torch.device("cpu"), lambda m: None)
     tr = Trainer(spec, prep, torch.device("cpu"), tmp_path / "runs" / "ar", say=lambda m: None)
-    losses = []
-    for s in range(30):
-        losses.append(tr.train_step(s))
-        tr.step += 1
+    losses = _losses(tr, 30)
     assert sum(losses[-5:]) < sum(losses[:5]), losses
     images = tr.generate(4)
     assert images.shape[0] == 4 and images.dtype == torch.uint8

@@ -15,32 +15,19 @@ from ablate.grid import GridError, load_grid
 from ablate.model import Generator
 from ablate.paradigm import VAR
 from ablate.paradigm.var import parents
-from ablate.registry import load_registry, paradigm_problem
 from ablate.tokenizer.vqvae import VQVAE
 from test_contract import K, T
-from test_paradigm_ar import FeatText, text_batch
+from test_paradigm_ar import REGISTRY, FeatText, pairs_for, text_batch
+from test_precision import _losses
 from test_trust_jobs import TINY
 
-REGISTRY = load_registry(refresh=True)
 D = 16
 SCALES = [1, 2, 3]
 BLOCKS = (1, 4, 9)
 L = sum(BLOCKS)
 
 
-def var_pairs() -> list[tuple[str, dict]]:
-    out = []
-    for name in sorted(REGISTRY.variants):
-        cls = REGISTRY.get(name)
-        if "var" not in getattr(cls, "paradigms", ("masked",)):
-            continue
-        params = {"scan": "forward"} if "scan" in cls.Config.model_fields else {}
-        assert paradigm_problem(cls, cls.Config(**params), "var") is None, name
-        out.append((name, params))
-    return out
-
-
-PAIRS = var_pairs()
+PAIRS = pairs_for("var")
 
 
 def generator(name: str, params: dict, seed: int = 0) -> Generator:
@@ -153,10 +140,7 @@ def test_a_tiny_var_run_learns_and_samples(tmp_path):
     prep = prepare(spec, tmp_path, torch.device("cpu"), lambda m: None)
     assert prep.store.grid == (1, 21)
     tr = Trainer(spec, prep, torch.device("cpu"), tmp_path / "runs" / "var", say=lambda m: None)
-    losses = []
-    for s in range(20):
-        losses.append(tr.train_step(s))
-        tr.step += 1
+    losses = _losses(tr, 20)
     assert sum(losses[-4:]) < sum(losses[:4]), losses
     images = tr.generate(4)
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
