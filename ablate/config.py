@@ -259,6 +259,10 @@ class ModelSpec(Closed):
     order: Literal["raster", "snake"] = Field(
         "raster", json_schema_extra=LATER,
         description="ar: the order tokens are generated in (snake: every other row right to left)")
+    positions: Literal["learned", "rope2d"] = Field(
+        "learned", json_schema_extra=LATER,
+        description="learned absolute position embeddings, or 2D rotary positions in the attention blocks "
+                    "(seed 002; var adds a learned embedding per scale)")
     width: int = Field(128, ge=8, description="D, model width")
     depth: int = Field(4, ge=1, description="backbone layers")
     heads: int = Field(4, ge=1)

@@ -121,6 +121,7 @@ def _resolve(tree: dict, registry: Registry, where: str) -> RunSpec:
     try:
         params = registry.resolve_params(spec.model.variant, spec.model.params)
         registry.check_paradigm(spec.model.variant, params, spec.model.paradigm)
+        registry.check_positions(spec.model.variant, spec.model.positions)
     except (UnknownVariant, ValueError) as err:
         raise GridError(f"{where}: {err}") from None
     spec.model.params = params

@@ -63,6 +63,8 @@ class VariantContext:
     dropout: float = 0.0
     causal: bool = False  # image token i may depend on tokens <= i only (in sequence order) ...
     blocks: tuple[int, ...] = ()  # ... or, when given, on tokens of its own block and earlier ones (var: scales)
+    positions: str = "learned"  # or "rope2d": attention blocks rotate queries and keys by coords
+    coords: tuple[tuple[float, float], ...] = ()  # (row, column) of each image position, in sequence order
 
     def block_mask(self, device: Any = None) -> Any:
         """``[L, L]`` bool, True where query i may read key j: block-causal over ``blocks``, else
@@ -106,6 +108,14 @@ class Registry:
             able = sorted(n for n, c in self.variants.items() if paradigm in getattr(c, "paradigms", ("masked",)))
             raise ValueError(f"model.paradigm: variant {name!r} cannot generate with {paradigm!r}: {why} "
                              f"(variants that can: {', '.join(able) or 'none'})")
+
+    def check_positions(self, name: str, positions: str) -> None:
+        """Raise ValueError naming model.positions if ``rope2d`` is asked of a variant without
+        attention blocks that take it (its ``rope`` attribute)."""
+        if positions == "rope2d" and not getattr(self.get(name), "rope", False):
+            able = sorted(n for n, c in self.variants.items() if getattr(c, "rope", False))
+            raise ValueError(f"model.positions: rope2d rotates attention's queries and keys; variant {name!r} has "
+                             f"no attention block that takes it (variants that do: {', '.join(able)}); use learned")
 
     def resolve_params(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Validate ``params`` against the variant's Config; return them with defaults filled."""

@@ -53,7 +53,7 @@ import torch.nn as nn
 from pydantic import Field
 from torch import Tensor
 
-from ablate.model.attention import Attention, KVCache
+from ablate.model.attention import Attention, KVCache, rope_tables
 from ablate.model.scan_order import pads_first, scan_permutations, sequence_orders
 from ablate.registry import VariantContext
 from variants._common import MambaBackbone, MambaLayer, MambaOptions
@@ -77,15 +77,16 @@ class AttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, s: Tensor, key_mask: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        s = s + self.drop(self.attn(self.norm1(s), key_mask=key_mask, attn_mask=attn_mask))
+    def forward(self, s: Tensor, key_mask: Tensor, attn_mask: Tensor | None = None,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        s = s + self.drop(self.attn(self.norm1(s), key_mask=key_mask, attn_mask=attn_mask, rope=rope))
         return s + self.drop(self.mlp(self.norm2(s)))
 
-    def step(self, s: Tensor, cache: KVCache, key_mask: Tensor) -> Tensor:
+    def step(self, s: Tensor, cache: KVCache, key_mask: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Positions ``s [B, n, D]`` after those in ``cache`` (whose keys ``key_mask [B, all]`` masks)."""
         u = self.norm1(s)
-        k, v = cache.add(*self.attn.keys(u))
-        s = s + self.attn.attend(self.attn.query(u), k, v, key_mask)
+        k, v = cache.add(*self.attn.keys(u, rope))
+        s = s + self.attn.attend(self.attn.query(u, rope), k, v, key_mask)
         return s + self.mlp(self.norm2(s))
 
 
@@ -112,6 +113,7 @@ class HybridGSA(MambaBackbone):
     family = "hybrid"
     Config = Config
     paradigms = ("masked", "ar", "var")
+    rope = True  # the shared attention takes model.positions: rope2d (image positions; text unrotated)
 
     def __init__(self, ctx: VariantContext, cfg: Config):
         super().__init__()
@@ -121,6 +123,12 @@ class HybridGSA(MambaBackbone):
         self.heads, self.scale_blocks = ctx.heads, ctx.blocks
         if ctx.blocks:
             self.register_buffer("block_mask", ctx.block_mask(), persistent=False)
+        if ctx.positions == "rope2d":  # over [text; image]: the caption's rows are not rotated
+            cos, sin = rope_tables(torch.tensor(ctx.coords), ctx.width // ctx.heads)
+            self.register_buffer("rope_cos", torch.cat([torch.ones(ctx.text_len, cos.shape[1]), cos]),
+                                 persistent=False)
+            self.register_buffer("rope_sin", torch.cat([torch.zeros(ctx.text_len, sin.shape[1]), sin]),
+                                 persistent=False)
         image_perms = scan_permutations(cfg.scan, ctx.grid)  # [K, L]
         self.register_buffer("orders", sequence_orders(image_perms, ctx.text_len, "prefix"),
                              persistent=False)  # [K, S]
@@ -160,12 +168,21 @@ class HybridGSA(MambaBackbone):
         mask = torch.cat([text_mask, text_mask.new_ones(b, length)], dim=1)  # [B, S], also the key mask
         orders = pads_first(self.orders, mask)  # [K, B, S]
         attn_mask = causal_mask(mask, t, self.block_mask if self.scale_blocks else None) if self.causal else None
+        rope = self.rope_at()
         for i, layer in enumerate(self.layers):
             gsa = self.attention_block(i)
             if gsa is not None:
-                s = gsa(s, mask, attn_mask)
+                s = gsa(s, mask, attn_mask, rope)
             s = layer(s, orders, mask)
         return s[:, t:]
+
+    def rope_at(self, i: int | None = None) -> tuple[Tensor, Tensor] | None:
+        """Rotary tables of every position of ``[text; image]``, or of position ``i``."""
+        if not hasattr(self, "rope_cos"):
+            return None
+        if i is None:
+            return self.rope_cos, self.rope_sin
+        return self.rope_cos[i:i + 1], self.rope_sin[i:i + 1]
 
     def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "GSADecoder | None":
         """Decoding one image position at a time (causal, forward scan): the caption prefilled
@@ -199,7 +216,7 @@ class GSADecoder:
                 cache = self.caches[i]
                 seen = torch.cat([self.text_mask, self.text_mask.new_ones(h.shape[0], cache.n + 1 - self.text_mask.shape[1])],
                                  dim=1)[:, None, None, :]
-                h = self.model.attention_block(i).step(h, cache, seen)
+                h = self.model.attention_block(i).step(h, cache, seen, self.model.rope_at(cache.n))
             h = layer.step(h[:, 0], self.states[i]).unsqueeze(1)
         return h[:, 0]
 

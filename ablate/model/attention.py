@@ -19,6 +19,47 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def rope_tables(coords: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """2D rotary position tables (seed 002's 2D RoPE): ``coords [S, 2]`` (row, column; floats)
+    -> ``(cos, sin)`` ``[S, head_dim / 2]``: the first half of each head's rotation pairs turns
+    with the row, the second half with the column, at RoPE's geometric frequencies."""
+    if head_dim % 4:
+        raise ValueError(f"model.positions: rope2d needs a head width (model.width / model.heads) divisible by 4, "
+                         f"got {head_dim}")
+    quarter = head_dim // 4
+    freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # [hd/4]
+    angles = torch.cat([coords[:, :1].double() * freqs, coords[:, 1:].double() * freqs], dim=-1)  # [S, hd/2]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, rope: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+    """Rotate ``x [B, H, S, hd]`` by ``rope = (cos, sin) [S, hd/2]`` (pairs of adjacent channels);
+    ``x`` itself when ``rope`` is None. Dot products of rotated queries and keys depend on the
+    coordinates' differences only."""
+    if rope is None:
+        return x
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def image_coords(grid: tuple[int, int], order: Optional[Tensor] = None, blocks: tuple[int, ...] = ()) -> Tensor:
+    """``[L, 2]`` (row, column) of each position of the sequence: raster position ``order[i]`` on
+    ``grid``; for var's scales (``blocks``, the sides' squares) each scale's token centres on the
+    finest map (a coarse token sits at the centre of the area it covers)."""
+    if blocks:
+        sides = [int(round(b ** 0.5)) for b in blocks]
+        side = sides[-1]
+        out = []
+        for s in sides:
+            c = (torch.arange(s, dtype=torch.float64) + 0.5) * side / s - 0.5
+            out.append(torch.stack(torch.meshgrid(c, c, indexing="ij"), dim=-1).reshape(-1, 2))
+        return torch.cat(out)
+    h, w = grid
+    idx = torch.arange(h * w) if order is None else order
+    return torch.stack([idx // w, idx % w], dim=-1).double()
+
+
 class Attention(nn.Module):
     """Multi-head attention; ``kv is None`` means self-attention."""
 
@@ -32,15 +73,15 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
 
-    def keys(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """``src [B, S, D]`` -> keys and values ``[B, H, S, D/H]`` (keys normed)."""
+    def keys(self, src: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        """``src [B, S, D]`` -> keys and values ``[B, H, S, D/H]`` (keys normed, then rotated)."""
         b, s, _ = src.shape
         k, v = self.kv(src).view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        return self.k_norm(k), v
+        return apply_rope(self.k_norm(k), rope), v
 
-    def query(self, x: Tensor) -> Tensor:
+    def query(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         b, n, _ = x.shape
-        return self.q_norm(self.q(x).view(b, n, self.heads, -1).transpose(1, 2))  # [B, H, L, D/H]
+        return apply_rope(self.q_norm(self.q(x).view(b, n, self.heads, -1).transpose(1, 2)), rope)  # [B, H, L, D/H]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, causal: bool = False) -> Tensor:
         """``q [B, H, L, hd]`` over ``k, v [B, H, S, hd]``; ``mask`` broadcastable to ``[B, H, L, S]``
@@ -51,12 +92,14 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
     def forward(self, x: Tensor, kv: Optional[Tensor] = None, key_mask: Optional[Tensor] = None,
-                causal: bool = False, attn_mask: Optional[Tensor] = None) -> Tensor:
+                causal: bool = False, attn_mask: Optional[Tensor] = None,
+                rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """``x: [B, L, D]``, ``kv: [B, T, D]``, ``key_mask: [B, T]`` bool (True = attend); or a
-        full ``attn_mask`` ``[B, 1, L, S]``; ``causal`` (self-attention): query i attends keys <= i."""
-        k, v = self.keys(x if kv is None else kv)
+        full ``attn_mask`` ``[B, 1, L, S]``; ``causal`` (self-attention): query i attends keys <= i;
+        ``rope`` (self-attention): 2D rotary tables of the positions (:func:`rope_tables`)."""
+        k, v = self.keys(x if kv is None else kv, rope)
         mask = attn_mask if attn_mask is not None else (None if key_mask is None else key_mask[:, None, None, :])
-        return self.attend(self.query(x), k, v, mask, causal)
+        return self.attend(self.query(x, rope), k, v, mask, causal)
 
 
 class KVCache:
@@ -93,17 +136,18 @@ class MuseBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, h: Tensor, text: Tensor, text_mask: Tensor, has_text: Tensor, causal: bool = False,
-                attn_mask: Optional[Tensor] = None) -> Tensor:
-        h = h + self.drop(self.self_attn(self.norm1(h), causal=causal, attn_mask=attn_mask))
+                attn_mask: Optional[Tensor] = None, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        h = h + self.drop(self.self_attn(self.norm1(h), causal=causal, attn_mask=attn_mask, rope=rope))
         h = h + self.drop(self.cross_attn(self.norm2(h), text, text_mask)) * has_text
         return h + self.drop(self.mlp(self.norm3(h)))
 
     def step(self, h: Tensor, cache: KVCache, text_kv: tuple[Tensor, Tensor], text_mask: Tensor,
-             has_text: Tensor) -> Tensor:
-        """The next position ``h [B, 1, D]`` given the cache of the earlier ones (causal)."""
+             has_text: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """The next position ``h [B, 1, D]`` given the cache of the earlier ones (causal);
+        ``rope``: its rotary tables ``[1, hd/2]``."""
         u = self.norm1(h)
-        k, v = cache.add(*self.self_attn.keys(u))
-        h = h + self.self_attn.attend(self.self_attn.query(u), k, v)
+        k, v = cache.add(*self.self_attn.keys(u, rope))
+        h = h + self.self_attn.attend(self.self_attn.query(u, rope), k, v)
         u = self.norm2(h)
         h = h + self.cross_attn.attend(self.cross_attn.query(u), *text_kv, text_mask[:, None, None, :]) * has_text
         return h + self.mlp(self.norm3(h))
@@ -131,6 +175,7 @@ class TransformerStack(nn.Module):
     family = "transformer"
     scan_orders: tuple[str, ...] = ()
     paradigms = ("masked", "ar", "var")
+    rope = True  # its self-attention takes model.positions: rope2d
 
     def __init__(self, ctx, cfg):  # noqa: ANN001  (VariantContext, the variant's Config)
         super().__init__()
@@ -140,6 +185,10 @@ class TransformerStack(nn.Module):
         self.scale_blocks = ctx.blocks  # var: block-causal over the scales
         if ctx.blocks:
             self.register_buffer("block_mask", ctx.block_mask(), persistent=False)
+        if ctx.positions == "rope2d":
+            cos, sin = rope_tables(torch.tensor(ctx.coords), ctx.width // ctx.heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(MuseBlock(ctx.width, ctx.heads, cfg.mlp_ratio, cfg.qk_norm, ctx.dropout)
                                     for _ in range(ctx.depth))
         self._add_modules(ctx, cfg)
@@ -170,7 +219,16 @@ class TransformerStack(nn.Module):
         """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
         text, key_mask, gate = text_inputs(x, text, text_mask)
         mask = self.block_mask if self.scale_blocks else None
-        return self.run(x, lambda i, block, h: block(h, text, key_mask, gate, self.causal, mask))
+        rope = self.rope_at()
+        return self.run(x, lambda i, block, h: block(h, text, key_mask, gate, self.causal, mask, rope))
+
+    def rope_at(self, i: Optional[int] = None) -> Optional[tuple[Tensor, Tensor]]:
+        """The rotary tables of every position, or of position ``i`` (None: learned positions)."""
+        if not hasattr(self, "rope_cos"):
+            return None
+        if i is None:
+            return self.rope_cos, self.rope_sin
+        return self.rope_cos[i:i + 1], self.rope_sin[i:i + 1]
 
     def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "StackDecoder | None":
         """One position at a time (needs ``ctx.causal``): each block's key/value cache, the
@@ -187,9 +245,12 @@ class StackDecoder:
         self.text, self.key_mask, self.gate = text_inputs(text, text, text_mask)
         self.text_kv = [blk.cross_attn.keys(self.text) for blk in stack.blocks]
         self.caches = [KVCache(b, stack.heads, length, d // stack.heads, text) for _ in stack.blocks]
+        self.pos = 0
 
     def step(self, x: Tensor) -> Tensor:
         """``x [B, D]`` the next position's input -> ``h [B, D]``."""
+        rope = self.stack.rope_at(self.pos)
+        self.pos += 1
         out = self.stack.run(x.unsqueeze(1), lambda i, block, h: block.step(
-            h, self.caches[i], self.text_kv[i], self.key_mask, self.gate))
+            h, self.caches[i], self.text_kv[i], self.key_mask, self.gate, rope))
         return out.squeeze(1)

@@ -27,14 +27,22 @@ class Generator(nn.Module):
     def __init__(self, backbone_cls: type, backbone_cfg: Any, text_encoder: nn.Module,
                  codebook_size: int, grid: tuple[int, int], width: int, depth: int, heads: int,
                  text_len: int, dropout: float = 0.0, causal: bool = False,
-                 order: Optional[torch.Tensor] = None, blocks: tuple[int, ...] = ()):
+                 order: Optional[torch.Tensor] = None, blocks: tuple[int, ...] = (), positions: str = "learned"):
         super().__init__()
         self.codebook_size = codebook_size
         self.mask_id = codebook_size
         self.grid = grid
         self.seq_len = grid[0] * grid[1]
         self.tok_emb = nn.Embedding(codebook_size + 1, width)
-        self.pos_emb = nn.Parameter(torch.zeros(1, self.seq_len, width))
+        self.positions = positions
+        # learned: one embedding per position; rope2d: none here (the attention blocks rotate), and
+        # for var's scales a learned embedding per scale (VAR's level embedding)
+        self.pos_emb = nn.Parameter(torch.zeros(1, self.seq_len, width)) if positions == "learned" else None
+        self.level_emb = None
+        if positions == "rope2d" and blocks:
+            self.level_emb = nn.Parameter(torch.zeros(len(blocks), width))
+            self.register_buffer("level", torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks)),
+                                 persistent=False)
         # the sequence the backbone reads: position i holds raster position order[i] (its
         # embedding); identity for raster order
         order = torch.arange(self.seq_len) if order is None else order
@@ -45,13 +53,20 @@ class Generator(nn.Module):
         self.text_proj = nn.Sequential(nn.Linear(text_encoder.out_dim, width), nn.LayerNorm(width))
         self.emb_norm = nn.LayerNorm(width)
         self.emb_drop = nn.Dropout(dropout)
+        coords = ()
+        if positions == "rope2d":
+            from .attention import image_coords
+
+            coords = tuple(tuple(float(v) for v in rc) for rc in image_coords(grid, order, tuple(blocks)).tolist())
         ctx = VariantContext(width=width, depth=depth, heads=heads, grid=grid, text_len=text_len,
-                             dropout=dropout, causal=causal, blocks=tuple(blocks))
+                             dropout=dropout, causal=causal, blocks=tuple(blocks), positions=positions, coords=coords)
         self.backbone = backbone_cls(ctx, backbone_cfg)
         self.out_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, codebook_size)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb, std=0.02)
+        for p in (self.pos_emb, self.level_emb):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
@@ -66,8 +81,18 @@ class Generator(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens ``[B, L]`` (codes or the extra token) -> the backbone's input ``x [B, L, D]``."""
-        pos = self.pos_emb if self.raster else self.pos_emb[:, self.order]
-        return self.emb_drop(self.emb_norm(self.tok_emb(tokens) + pos))
+        return self.emb_drop(self.emb_norm(self.tok_emb(tokens) + self.position_term()))
+
+    def position_term(self, i: Optional[int] = None) -> Any:
+        """What each position (or position ``i``) adds to its token embedding: ``[1, L, D]``,
+        ``[1, D]``, or 0 with rotary positions only."""
+        if self.pos_emb is not None:
+            pos = self.pos_emb if self.raster else self.pos_emb[:, self.order]
+            return pos if i is None else pos[:, i]
+        if self.level_emb is not None:
+            lev = self.level_emb[self.level]
+            return lev.unsqueeze(0) if i is None else lev[i].unsqueeze(0)
+        return 0
 
     def decoder(self, text_feats: torch.Tensor, text_mask: torch.Tensor) -> Optional["Decoder"]:
         """Decoding one position at a time on the backbone's own state (a causal backbone with a
@@ -112,7 +137,6 @@ class Decoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         g = self.gen
-        pos = g.pos_emb[:, g.order[self.i]]  # [1, D]
-        x = g.emb_drop(g.emb_norm(g.tok_emb(tokens) + pos))  # [B, D]
+        x = g.emb_drop(g.emb_norm(g.tok_emb(tokens) + g.position_term(self.i)))  # [B, D]
         self.i += 1
         return g.readout(self.inner.step(x))

@@ -117,7 +117,7 @@ class Trainer:
                           text_len=spec.text.max_len, dropout=spec.model.dropout,
                           causal=self.paradigm.causality != "none",
                           order=order if spec.model.paradigm == "ar" else None,
-                          blocks=getattr(self.paradigm, "blocks", ())).to(device)
+                          blocks=getattr(self.paradigm, "blocks", ()), positions=spec.model.positions).to(device)
         self.state = TrainState(model, spec.train, device)
         self.state.net = self._runner(model)
         self.state.first_step_at = None  # when this attempt's first step began (not checkpointed)
