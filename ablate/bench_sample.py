@@ -111,7 +111,7 @@ def bench_sample(paradigms: Sequence[str] = ("masked", "ar", "var"), variants: S
             j = masked_of.get(v)
             rows.append(dict(
                 paradigm=p, variant=v, L=grid[0] * grid[1], batch=batch, width=width, depth=depth,
-                decode=decode if p == "ar" else "-",
+                decode=decode if p in ("ar", "var") else "-",
                 steps=steps if p == "masked" else len(_par.blocks) if p == "var" else grid[0] * grid[1],
                 threads=torch.get_num_threads(), device=device,
                 images_per_s=max(rates[i]), images_per_s_median=statistics.median(rates[i]),

@@ -94,3 +94,15 @@ def test_a_backbone_without_attention_cannot_take_it(tmp_path):
     with pytest.raises(GridError, match="model.positions: rope2d rotates attention's queries and keys; variant "
                                         "'mamba-prefix' has no attention block"):
         load_grid(path)
+
+
+@pytest.mark.parametrize("name", ["transformer", "hybrid-gsa"])
+def test_var_decoding_with_rope_equals_the_forward(name):
+    blocks = (1, 4, 9)
+    g = gen(name, blocks=blocks, grid=(1, 14))
+    feats, mask = text_batch()
+    tokens = torch.randint(0, K + 1, (3, 14), generator=torch.Generator().manual_seed(8))
+    full = g(tokens, feats, mask)[0]
+    dec = g.decoder(feats, mask)
+    steps = torch.cat([dec.step(tokens[:, a:a + n]) for a, n in ((0, 1), (1, 4), (5, 9))], dim=1)
+    assert torch.allclose(steps, full, rtol=1e-9, atol=1e-10)

@@ -176,19 +176,19 @@ class HybridGSA(MambaBackbone):
             s = layer(s, orders, mask)
         return s[:, t:]
 
-    def rope_at(self, i: int | None = None) -> tuple[Tensor, Tensor] | None:
-        """Rotary tables of every position of ``[text; image]``, or of position ``i``."""
+    def rope_at(self, i: int | None = None, n: int = 1) -> tuple[Tensor, Tensor] | None:
+        """Rotary tables of every position of ``[text; image]``, or of positions ``i .. i + n - 1``."""
         if not hasattr(self, "rope_cos"):
             return None
         if i is None:
             return self.rope_cos, self.rope_sin
-        return self.rope_cos[i:i + 1], self.rope_sin[i:i + 1]
+        return self.rope_cos[i:i + n], self.rope_sin[i:i + n]
 
     def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "GSADecoder | None":
         """Decoding one image position at a time (causal, forward scan): the caption prefilled
         through every layer, then each attention application's key/value cache and each Mamba
         layer's recurrent state."""
-        if not self.causal or self.scale_blocks or self.orders.shape[0] != 1:
+        if not self.causal or self.orders.shape[0] != 1:
             return None
         return GSADecoder(self, text, text_mask, length)
 
@@ -210,15 +210,19 @@ class GSADecoder:
             self.states.append(state)
 
     def step(self, x: Tensor) -> Tensor:
-        h = x.unsqueeze(1)  # [B, 1, D]
+        """``x [B, D]`` -> ``[B, D]``; ``x [B, n, D]`` a var scale: the attention reads the whole
+        scale at once (block-causal), the Mamba layers position by position."""
+        single = x.dim() == 2
+        h = x.unsqueeze(1) if single else x  # [B, n, D]
+        n = h.shape[1]
         for i, layer in enumerate(self.model.layers):
             if i in self.caches:
                 cache = self.caches[i]
-                seen = torch.cat([self.text_mask, self.text_mask.new_ones(h.shape[0], cache.n + 1 - self.text_mask.shape[1])],
+                seen = torch.cat([self.text_mask, self.text_mask.new_ones(h.shape[0], cache.n + n - self.text_mask.shape[1])],
                                  dim=1)[:, None, None, :]
-                h = self.model.attention_block(i).step(h, cache, seen, self.model.rope_at(cache.n))
-            h = layer.step(h[:, 0], self.states[i]).unsqueeze(1)
-        return h[:, 0]
+                h = self.model.attention_block(i).step(h, cache, seen, self.model.rope_at(cache.n, n))
+            h = torch.stack([layer.step(h[:, j], self.states[i]) for j in range(n)], dim=1)
+        return h[:, 0] if single else h
 
 
 VARIANT = HybridGSA

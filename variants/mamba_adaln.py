@@ -148,6 +148,9 @@ class AdaDecoder:
             self.states.append(state)
 
     def step(self, x: Tensor) -> Tensor:
+        """``x [B, D]`` -> ``[B, D]``; ``x [B, n, D]`` (a var scale) position by position."""
+        if x.dim() == 3:
+            return torch.stack([self.step(x[:, j]) for j in range(x.shape[1])], dim=1)
         for layer, state, mod in zip(self.model.layers, self.states, self.mods):
             x = layer.step(x, state, mod)
         shift, scale = self.final

@@ -80,7 +80,8 @@ def _arguments(b: argparse.ArgumentParser) -> None:
     bsa.add_argument("--codebook", type=int, default=512)
     bsa.add_argument("--steps", type=int, default=10, help="masked: decoding steps")
     bsa.add_argument("--guidance", type=float, default=2.0, help="0: no classifier-free guidance batch")
-    bsa.add_argument("--decode", choices=["cached", "full"], default="cached", help="ar: recurrent/KV cache or full")
+    bsa.add_argument("--decode", choices=["cached", "full"], default="cached",
+                     help="ar, var: recurrent state / KV cache, or the whole sequence per step")
     bsa.add_argument("--repeats", type=int, default=3)
     bt = bsub.add_parser("table", help="time `ablate table` on a fresh database of 10,000 runs x 20 metrics")
     bt.add_argument("--runs", type=int, default=10_000)

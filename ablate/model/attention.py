@@ -143,8 +143,9 @@ class MuseBlock(nn.Module):
 
     def step(self, h: Tensor, cache: KVCache, text_kv: tuple[Tensor, Tensor], text_mask: Tensor,
              has_text: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
-        """The next position ``h [B, 1, D]`` given the cache of the earlier ones (causal);
-        ``rope``: its rotary tables ``[1, hd/2]``."""
+        """The next positions ``h [B, n, D]`` given the cache of the earlier ones: each reads the
+        cache and all n (n = 1: causal; a whole scale: block-causal); ``rope``: their rotary
+        tables ``[n, hd/2]``."""
         u = self.norm1(h)
         k, v = cache.add(*self.self_attn.keys(u, rope))
         h = h + self.self_attn.attend(self.self_attn.query(u, rope), k, v)
@@ -222,20 +223,21 @@ class TransformerStack(nn.Module):
         rope = self.rope_at()
         return self.run(x, lambda i, block, h: block(h, text, key_mask, gate, self.causal, mask, rope))
 
-    def rope_at(self, i: Optional[int] = None) -> Optional[tuple[Tensor, Tensor]]:
-        """The rotary tables of every position, or of position ``i`` (None: learned positions)."""
+    def rope_at(self, i: Optional[int] = None, n: int = 1) -> Optional[tuple[Tensor, Tensor]]:
+        """The rotary tables of every position, or of positions ``i .. i + n - 1`` (None: learned
+        positions)."""
         if not hasattr(self, "rope_cos"):
             return None
         if i is None:
             return self.rope_cos, self.rope_sin
-        return self.rope_cos[i:i + 1], self.rope_sin[i:i + 1]
+        return self.rope_cos[i:i + n], self.rope_sin[i:i + n]
 
     def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "StackDecoder | None":
-        """One position at a time (needs ``ctx.causal``): each block's key/value cache, the
-        caption's keys and values computed once."""
+        """One position (or, block-causal, one block) at a time (needs ``ctx.causal``): each
+        block's key/value cache, the caption's keys and values computed once."""
         if not self.causal:
             raise ValueError("decoder: the backbone was not built causal (ctx.causal)")
-        return None if self.scale_blocks else StackDecoder(self, text, text_mask, length)
+        return StackDecoder(self, text, text_mask, length)
 
 
 class StackDecoder:
@@ -248,9 +250,12 @@ class StackDecoder:
         self.pos = 0
 
     def step(self, x: Tensor) -> Tensor:
-        """``x [B, D]`` the next position's input -> ``h [B, D]``."""
-        rope = self.stack.rope_at(self.pos)
-        self.pos += 1
-        out = self.stack.run(x.unsqueeze(1), lambda i, block, h: block.step(
+        """``x [B, D]`` the next position's input -> ``h [B, D]``; or ``x [B, n, D]`` the next n
+        positions (var: a whole scale, which reads itself and everything before it) -> ``[B, n, D]``."""
+        single = x.dim() == 2
+        x = x.unsqueeze(1) if single else x
+        rope = self.stack.rope_at(self.pos, x.shape[1])
+        self.pos += x.shape[1]
+        out = self.stack.run(x, lambda i, block, h: block.step(
             h, self.caches[i], self.text_kv[i], self.key_mask, self.gate, rope))
-        return out.squeeze(1)
+        return out.squeeze(1) if single else out

@@ -83,16 +83,19 @@ class Generator(nn.Module):
         """Tokens ``[B, L]`` (codes or the extra token) -> the backbone's input ``x [B, L, D]``."""
         return self.emb_drop(self.emb_norm(self.tok_emb(tokens) + self.position_term()))
 
-    def position_term(self, i: Optional[int] = None) -> Any:
-        """What each position (or position ``i``) adds to its token embedding: ``[1, L, D]``,
-        ``[1, D]``, or 0 with rotary positions only."""
+    def position_term(self, i: Optional[int] = None, n: Optional[int] = None) -> Any:
+        """What each position adds to its token embedding: every position's ``[1, L, D]``,
+        position ``i``'s ``[1, D]``, positions ``i .. i + n - 1``'s ``[1, n, D]``; or 0 with
+        rotary positions only."""
         if self.pos_emb is not None:
             pos = self.pos_emb if self.raster else self.pos_emb[:, self.order]
-            return pos if i is None else pos[:, i]
-        if self.level_emb is not None:
-            lev = self.level_emb[self.level]
-            return lev.unsqueeze(0) if i is None else lev[i].unsqueeze(0)
-        return 0
+        elif self.level_emb is not None:
+            pos = self.level_emb[self.level].unsqueeze(0)
+        else:
+            return 0
+        if i is None:
+            return pos
+        return pos[:, i] if n is None else pos[:, i:i + n]
 
     def decoder(self, text_feats: torch.Tensor, text_mask: torch.Tensor) -> Optional["Decoder"]:
         """Decoding one position at a time on the backbone's own state (a causal backbone with a
@@ -130,13 +133,15 @@ class Generator(nn.Module):
 
 class Decoder:
     """``step(tokens [B]) -> logits [B, K]``: the next position's prediction, given the tokens
-    of every earlier position (fed one per call, in sequence order) and the caption."""
+    of every earlier position (fed in sequence order) and the caption; ``step(tokens [B, n])
+    -> [B, n, K]``: the next n positions at once (var: a scale, block-causal)."""
 
     def __init__(self, gen: Generator, inner: Any):
         self.gen, self.inner, self.i = gen, inner, 0
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         g = self.gen
-        x = g.emb_drop(g.emb_norm(g.tok_emb(tokens) + g.position_term(self.i)))  # [B, D]
-        self.i += 1
+        n = None if tokens.dim() == 1 else tokens.shape[1]
+        x = g.emb_drop(g.emb_norm(g.tok_emb(tokens) + g.position_term(self.i, n)))  # [B, (n,) D]
+        self.i += 1 if n is None else n
         return g.readout(self.inner.step(x))

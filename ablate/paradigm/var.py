@@ -9,9 +9,12 @@ read each other and all coarser ones: block-causal attention (blocks = scales), 
 scan in coarse-to-fine order (causal, which is stricter). Discrete parents stand in for VAR's
 interpolated continuous features; the coarser scales' tokens themselves are all visible anyway.
 
-Training: teacher forcing, cross-entropy at every position. Sampling: K forwards, scale by scale,
-every token of a scale drawn at once with classifier-free guidance (``t`` rising over the scales
-as ``sample.guidance_schedule`` says), ``sample.temperature``, ``top_k``, ``top_p``.
+Training: teacher forcing, cross-entropy at every position. Sampling: scale by scale, every token
+of a scale drawn at once with classifier-free guidance (``t`` rising over the scales as
+``sample.guidance_schedule`` says), ``sample.temperature``, ``top_k``, ``top_p``. With
+``sample.decode: cached`` each scale runs only its own positions on the backbone's state (the
+attention's key/value cache: each position once in all; Mamba layers step through the scale's
+positions in scan order); ``full`` runs the whole sequence once per scale (the reference).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from ..config import SampleSpec
 from .ar import pick
-from .base import Batch, Paradigm, full_loss, guidance_at, guided_logits
+from .base import Batch, Paradigm, cfg_mix, full_loss, guidance_at, guided_logits
 
 
 def parents(scales: Sequence[int]) -> Tensor:
@@ -71,11 +74,21 @@ class VAR(Paradigm):
                spec: SampleSpec, generator: Optional[torch.Generator] = None) -> Tensor:
         b, length = feats.shape[0], sum(self.blocks)
         codes = torch.zeros(b, length, dtype=torch.long, device=feats.device)
+        decoder = None
+        if spec.decode == "cached" and spec.guidance:  # conditional and null caption as one batch of 2B
+            decoder = net.decoder(torch.cat([feats, null_feats.to(feats.dtype).expand(b, *feats.shape[1:])]),
+                                  torch.cat([mask, null_mask.expand(b, -1)]))
+        elif spec.decode == "cached":
+            decoder = net.decoder(feats, mask)
         at = 0
         for k, n in enumerate(self.blocks):
             inputs = self.inputs_from(codes)  # scale k's inputs are its parents, drawn at step k - 1
             t = guidance_at(spec, k, len(self.blocks))
-            logits = guided_logits(net, inputs, feats, mask, null_feats, null_mask, t)[:, at:at + n]
+            if decoder is not None:  # this scale's positions only, on the caches of the coarser ones
+                logits = decoder.step(inputs[:, at:at + n].repeat(2 if spec.guidance else 1, 1))
+                logits = cfg_mix(logits[:b].float(), logits[b:].float(), t) if spec.guidance else logits
+            else:
+                logits = guided_logits(net, inputs, feats, mask, null_feats, null_mask, t)[:, at:at + n]
             codes[:, at:at + n] = pick(logits, spec, generator)
             at += n
         return codes
