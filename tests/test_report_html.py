@@ -241,7 +241,7 @@ def test_bench_report_small(capsys):
 
 
 def test_conditioning_cpu_sized_report_stays_small(tmp_path):
-    # grids/conditioning-cpu.yaml's shape: 16 variants x 2 seeds, 6 fixed prompts x 4 snapshots of
+    # grids/conditioning-cpu.yaml's shape: every variant x 2 seeds, 6 fixed prompts x 4 snapshots of
     # 32x32 images, 64 final samples per run, and a failure case each
     import yaml
 
@@ -258,7 +258,8 @@ def test_conditioning_cpu_sized_report_stays_small(tmp_path):
         db.close()
     on_disk = sum(f.stat().st_size for f in (tmp_path / "out").rglob("*") if f.is_file())
     images = sum(f.stat().st_size for f in (tmp_path / "results" / "runs").rglob("*.png"))
-    assert info.rows == 16 and info.images == 32 * (4 + 1 + 1) and not info.holes
+    n = len(variants)
+    assert info.rows == n and info.images == 2 * n * (4 + 1 + 1) and not info.holes
     assert on_disk == info.bytes < 10_000_000, on_disk
     assert on_disk - images < 600_000  # the page, its scripts and data: images are copied once, never inlined
 
