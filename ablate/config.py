@@ -432,20 +432,6 @@ class RunSpec(Closed):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _paradigm_fits_tokenizer(self) -> "RunSpec":
-        t = self.tokenizer
-        if (self.model.paradigm == "var") != (t.kind == "multiscale"):
-            raise ValueError("model.paradigm: var predicts the scales of a multiscale tokenizer and only var "
-                             f"reads them; set both or neither (paradigm {self.model.paradigm}, tokenizer.kind "
-                             f"{t.kind})")
-        if t.kind == "multiscale":
-            side = self.data.image_size // t.downsample
-            if t.scales[-1] != side:
-                raise ValueError(f"tokenizer.scales: must end at the grid side {side} (data.image_size "
-                                 f"{self.data.image_size} / tokenizer.downsample {t.downsample}); got {t.scales}")
-        return self
-
-    @model_validator(mode="after")
     def _stages_end_at_data_size(self) -> "RunSpec":
         sizes = [st.image_size for st in self.tokenizer.stages]
         if sizes and (sizes[-1] != self.data.image_size or max(sizes) > self.data.image_size):
@@ -453,6 +439,21 @@ class RunSpec(Closed):
                              f"({self.data.image_size}) and never exceed it: the last stage trains at "
                              "the resolution the tokenizer encodes")
         return self
+
+
+def paradigm_problem(spec: RunSpec) -> Optional[str]:
+    """Why ``spec``'s paradigm and tokenizer do not fit together, or None. Checked per cell (a
+    grid's base may set one and an axis the other), and by the trainer."""
+    t = spec.tokenizer
+    if (spec.model.paradigm == "var") != (t.kind == "multiscale"):
+        return ("model.paradigm: var predicts the scales of a multiscale tokenizer and only var reads them; "
+                f"set both or neither (paradigm {spec.model.paradigm}, tokenizer.kind {t.kind})")
+    if t.kind == "multiscale":
+        side = spec.data.image_size // t.downsample
+        if t.scales[-1] != side:
+            return (f"tokenizer.scales: must end at the grid side {side} (data.image_size {spec.data.image_size} "
+                    f"/ tokenizer.downsample {t.downsample}); got {t.scales}")
+    return None
 
 
 def canonical_json(obj: Any) -> str:

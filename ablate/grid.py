@@ -28,7 +28,8 @@ from typing import Any, Optional
 import yaml
 from pydantic import Field, ValidationError
 
-from .config import (Closed, ConfigError, LauncherSpec, RunSpec, format_validation_error, run_key)
+from .config import (Closed, ConfigError, LauncherSpec, RunSpec, format_validation_error, paradigm_problem,
+                     run_key)
 from .registry import Registry, UnknownVariant, load_registry
 from .utils import expand_path
 
@@ -122,6 +123,9 @@ def _resolve(tree: dict, registry: Registry, where: str) -> RunSpec:
         params = registry.resolve_params(spec.model.variant, spec.model.params)
         registry.check_paradigm(spec.model.variant, params, spec.model.paradigm)
         registry.check_positions(spec.model.variant, spec.model.positions)
+        why = paradigm_problem(spec)
+        if why:
+            raise ValueError(why)
     except (UnknownVariant, ValueError) as err:
         raise GridError(f"{where}: {err}") from None
     spec.model.params = params

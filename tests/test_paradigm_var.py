@@ -110,11 +110,13 @@ def test_multiscale_tokenizer_encode_decode_agree_with_its_forward():
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
-    with pytest.raises(ValidationError, match="var predicts the scales of a multiscale tokenizer"):
-        RunSpec.model_validate({"model": {"paradigm": "var"}})
-    with pytest.raises(ValidationError, match="must end at the grid side 8"):
-        RunSpec.model_validate({"model": {"paradigm": "var"}, "data": {"image_size": 32},
-                                "tokenizer": {"kind": "multiscale", "scales": [1, 2, 4], "downsample": 4}})
+    from ablate.config import paradigm_problem
+
+    assert "var predicts the scales of a multiscale tokenizer" in paradigm_problem(
+        RunSpec.model_validate({"model": {"paradigm": "var"}}))
+    assert "must end at the grid side 8" in paradigm_problem(RunSpec.model_validate(
+        {"model": {"paradigm": "var"}, "data": {"image_size": 32},
+         "tokenizer": {"kind": "multiscale", "scales": [1, 2, 4], "downsample": 4}}))
     with pytest.raises(ValidationError, match="increasing token map sides"):
         TokenizerSpec(kind="multiscale", scales=[2, 1])
     with pytest.raises(ValidationError, match="only for kind: multiscale"):
@@ -124,6 +126,16 @@ def test_bad_settings_are_one_line_errors(tmp_path):
                     "tokenizer: {kind: multiscale, scales: [1, 2, 4, 8], downsample: 4}}\n"
                     "axes:\n  model.variant: [transformer, m-mamba]\n")
     with pytest.raises(GridError, match="variant 'm-mamba' cannot generate with 'var'"):
+        load_grid(path)
+    # the base may set the tokenizer and an axis the paradigm: checked per cell
+    path.write_text("name: g\nbase: {data: {image_size: 32}, "
+                    "tokenizer: {kind: multiscale, scales: [1, 2, 4, 8], downsample: 4}}\n"
+                    "axes:\n  model.paradigm: [var]\n")
+    assert [c.spec.model.paradigm for c in load_grid(path).cells] == ["var"]
+    path.write_text("name: g\nbase: {data: {image_size: 32}, "
+                    "tokenizer: {kind: multiscale, scales: [1, 2, 4, 8], downsample: 4}}\n"
+                    "axes:\n  model.paradigm: [var, ar]\n")
+    with pytest.raises(GridError, match="set both or neither \\(paradigm ar, tokenizer.kind multiscale\\)"):
         load_grid(path)
 
 

@@ -108,6 +108,11 @@ class Trainer:
         self.global_batch = t.batch_size * t.grad_accum * dist.world
         self.stream = TokenStream(self.data, self.text, device, self.global_batch, spec.seed, spec.text.cache)
         store = prep.store
+        from ablate.config import ConfigError, paradigm_problem
+
+        why = paradigm_problem(spec)
+        if why:
+            raise ConfigError(why)
         order = paradigms.generation_order(spec.model.order, store.grid)
         self.paradigm = paradigms.get(spec.model.paradigm, store.codebook_size, order, spec.tokenizer.scales)
         variant = load_registry().get(spec.model.variant)
