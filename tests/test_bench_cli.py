@@ -77,9 +77,10 @@ def test_bench_sample_pairs_paradigms_and_names_what_it_skips(tmp_path, capsys):
     rc = main(["bench", "sample", "--variants", "transformer", "m-mamba", "--tokens", "2x2", "--batch", "2",
                "--width", "16", "--depth", "1", "--steps", "2", "--repeats", "1", "--results", str(tmp_path)])
     out = capsys.readouterr().out
-    assert rc == 0 and "skipped m-mamba ar: it declares masked only" in out
+    assert rc == 0 and "skipped m-mamba ar: it declares masked only" in out and "skipped m-mamba var" in out
     rows = [r.row for r in _bench_rows(tmp_path, "sample")]
     assert [(r["variant"], r["paradigm"]) for r in rows] == [("transformer", "masked"), ("transformer", "ar"),
-                                                             ("m-mamba", "masked")]
+                                                             ("transformer", "var"), ("m-mamba", "masked")]
+    assert rows[2]["steps"] == 2 and rows[2]["vs_ar"] > 0, "var on a 2x2 map: scales 1, 2"
     assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_masked"] > 0 and rows[1]["decode"] == "cached"
     assert all(r["images_per_s"] > 0 for r in rows)

@@ -47,6 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DBError, BadInput) as exc:
         print(f"ablate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `ablate expand GRID | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
 
 
 if __name__ == "__main__":
