@@ -2,9 +2,11 @@
 text projection, backbone, head. What the tokens mean (masked, next token) is the paradigm's
 (:mod:`ablate.paradigm`).
 
-Tokens: image codes in ``[0, K)`` plus one extra token ``K`` (``[MASK]``, or the start token). Text: the text encoder's states,
-projected to width D. The backbone maps ``x: [B, L, D]`` to ``h: [B, L, D]``; a final LayerNorm
-and a linear head give logits over the K codes (never over ``[MASK]``).
+Tokens: image codes in ``[0, K)`` plus one extra token ``K`` (``[MASK]``, or the start token).
+Text: the text encoder's states, projected to width D. The backbone maps ``x: [B, L, D]`` to
+``h: [B, L, D]``; a final LayerNorm and a linear head give logits over the K codes (never over
+the extra token). Positions: a learned embedding each (``positions: learned``), or none here
+when the attention blocks rotate by 2D coordinates (``rope2d``; var then keeps one per scale).
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from ..registry import VariantContext
 
 
 class Generator(nn.Module):
-    """Muse/MaskGIT generator: embeddings, text projection, backbone, head.
+    """Embeddings, text projection, backbone, head.
 
     ``forward(tokens, text_feats, text_mask) -> (logits [B, L, K], aux: dict[str, Tensor])``.
+    Built ``causal`` (ar, var) the backbone reads no later position (``blocks``: no later block);
+    ``order``: the raster position each sequence position holds (ar's snake order).
     ``text_feats`` are what the text encoder's ``featurize`` produced for the batch (ids for a
     learned encoder, cached float states for a frozen one).
     """
