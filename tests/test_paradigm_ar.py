@@ -109,8 +109,10 @@ def test_cached_decoding_gives_the_parallel_logits(name, params, order):
     tokens = torch.randint(0, K + 1, (3, L), generator=torch.Generator().manual_seed(4))
     full = gen(tokens, feats, mask)[0]
     dec = gen.decoder(feats, mask)
-    if dec is None:
-        pytest.skip(f"{name} has no cached decoder (sampling runs the full sequence per token)")
+    if not hasattr(gen.backbone, "decoder"):  # a plugin may have none: sampling then runs the full sequence
+        assert dec is None
+        return
+    assert dec is not None, f"{name}: declares a decoder that gives none for a causal prefix build"
     steps = torch.stack([dec.step(tokens[:, i]) for i in range(L)], dim=1)
     assert torch.allclose(steps, full, rtol=1e-9, atol=1e-10), float((steps - full).abs().max())
 

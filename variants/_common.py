@@ -36,6 +36,18 @@ def masked_mean(v: Tensor, mask: Tensor) -> Tensor:
     return v.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(v.dtype)
 
 
+def prefix_text(name: str, text_len: int, seq_len: int, x: Tensor, text: Tensor,
+                text_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """For a variant that reads ``[text; image]`` (built for ``text_len`` caption tokens and
+    ``seq_len`` positions in all): check the shapes (ValueError naming the variant), and return
+    the caption with its padded states zeroed (garbage-proof) and its mask as bool."""
+    t, length = text.shape[1], x.shape[1]
+    if t != text_len or seq_len != t + length:
+        raise ValueError(f"{name}: built for T={text_len}, S={seq_len}; got text [B, {t}, D] and x [B, {length}, D]")
+    text_mask = text_mask.bool()
+    return torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(())), text_mask
+
+
 class MambaBackbone(nn.Module):
     """Base of the Mamba variants: the contract attributes they share (family, scan orders, and
     what makes one causal: a forward scan, the only order that reads no later image token)."""

@@ -53,10 +53,10 @@ import torch.nn as nn
 from pydantic import Field
 from torch import Tensor
 
-from ablate.model.attention import Attention, KVCache, rope_tables
+from ablate.model.attention import Attention, KVCache, rope_rows, rope_tables
 from ablate.model.scan_order import pads_first, scan_permutations, sequence_orders
 from ablate.registry import VariantContext
-from variants._common import MambaBackbone, MambaLayer, MambaOptions
+from variants._common import MambaBackbone, MambaLayer, MambaOptions, prefix_text
 
 
 class Config(MambaOptions):
@@ -159,11 +159,7 @@ class HybridGSA(MambaBackbone):
         """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
         b, length, _ = x.shape
         t = text.shape[1]
-        if t != self.text_len or self.orders.shape[1] != t + length:
-            raise ValueError(f"hybrid-gsa: built for T={self.text_len}, S={self.orders.shape[1]}; "
-                             f"got text [B, {t}, D] and x [B, {length}, D]")
-        text_mask = text_mask.bool()
-        text = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))  # garbage-proof
+        text, text_mask = prefix_text("hybrid-gsa", self.text_len, self.orders.shape[1], x, text, text_mask)
         s = torch.cat([text, x], dim=1)  # [B, S, D]
         mask = torch.cat([text_mask, text_mask.new_ones(b, length)], dim=1)  # [B, S], also the key mask
         orders = pads_first(self.orders, mask)  # [K, B, S]
@@ -178,11 +174,7 @@ class HybridGSA(MambaBackbone):
 
     def rope_at(self, i: int | None = None, n: int = 1) -> tuple[Tensor, Tensor] | None:
         """Rotary tables of every position of ``[text; image]``, or of positions ``i .. i + n - 1``."""
-        if not hasattr(self, "rope_cos"):
-            return None
-        if i is None:
-            return self.rope_cos, self.rope_sin
-        return self.rope_cos[i:i + n], self.rope_sin[i:i + n]
+        return rope_rows(self, i, n)
 
     def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "GSADecoder | None":
         """Decoding one image position at a time (causal, forward scan): the caption prefilled

@@ -50,7 +50,7 @@ from torch import Tensor
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import inverse, pads_first, permute, scan_permutations, sequence_orders
 from ablate.registry import VariantContext
-from variants._common import MambaBackbone, MambaOptions
+from variants._common import MambaBackbone, MambaOptions, prefix_text
 
 
 class Config(MambaOptions):
@@ -122,12 +122,7 @@ class MMamba(MambaBackbone):
     def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
         b, length, _ = x.shape
-        t = text.shape[1]
-        if t != self.text_len or self.orders.shape[1] != t + length:
-            raise ValueError(f"m-mamba: built for T={self.text_len}, S={self.orders.shape[1]}; "
-                             f"got text [B, {t}, D] and x [B, {length}, D]")
-        text_mask = text_mask.bool()
-        text = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))  # garbage-proof
+        text, text_mask = prefix_text("m-mamba", self.text_len, self.orders.shape[1], x, text, text_mask)
         mask = torch.cat([text_mask, text_mask.new_ones(b, length)], dim=1)  # [B, S]
         orders = pads_first(self.orders, mask)  # [K, B, S]
         h = x

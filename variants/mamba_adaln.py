@@ -37,7 +37,7 @@ from torch import Tensor
 from ablate.model.mamba import Mamba, MambaState, prefill, step
 from ablate.model.scan_order import MultiDirection, inverse, pads_first, permute, scan_permutations, sequence_orders
 from ablate.registry import VariantContext
-from variants._common import MambaBackbone, MambaOptions, masked_mean
+from variants._common import MambaBackbone, MambaOptions, masked_mean, prefix_text
 
 
 class Config(MambaOptions):
@@ -116,11 +116,7 @@ class MambaAdaLN(MambaBackbone):
         """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
         b, length, _ = x.shape
         t = text.shape[1]
-        if t != self.text_len or self.orders.shape[1] != t + length:
-            raise ValueError(f"mamba-adaln: built for T={self.text_len}, S={self.orders.shape[1]}; "
-                             f"got text [B, {t}, D] and x [B, {length}, D]")
-        text_mask = text_mask.bool()
-        text = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))  # garbage-proof
+        text, text_mask = prefix_text("mamba-adaln", self.text_len, self.orders.shape[1], x, text, text_mask)
         mods, (f_shift, f_scale) = self.modulations(text, text_mask)
         s = torch.cat([text, x], dim=1)  # [B, S, D]
         mask = torch.cat([text_mask, text_mask.new_ones(b, length)], dim=1)  # [B, S]

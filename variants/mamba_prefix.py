@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ablate.model.scan_order import pads_first, scan_permutations, sequence_orders
 from ablate.registry import VariantContext
-from variants._common import MambaBackbone, MambaLayer, MambaOptions
+from variants._common import MambaBackbone, MambaLayer, MambaOptions, prefix_text
 
 
 class Config(MambaOptions):
@@ -75,11 +75,7 @@ class MambaPrefix(MambaBackbone):
         """``x: [B, L, D]``, ``text: [B, T, D]``, ``text_mask: [B, T]`` -> ``h: [B, L, D]``."""
         b, length, _ = x.shape
         t = text.shape[1]
-        if t != self.text_len or self.orders.shape[1] != t + length:
-            raise ValueError(f"mamba-prefix: built for T={self.text_len}, S={self.orders.shape[1]}; "
-                             f"got text [B, {t}, D] and x [B, {length}, D]")
-        text_mask = text_mask.bool()
-        text = torch.where(text_mask.unsqueeze(-1), text, text.new_zeros(()))  # garbage-proof
+        text, text_mask = prefix_text("mamba-prefix", self.text_len, self.orders.shape[1], x, text, text_mask)
         s = torch.cat([text, x], dim=1)  # [B, S, D]
         mask = torch.cat([text_mask, text_mask.new_ones(b, length)], dim=1)  # [B, S]
         orders = pads_first(self.orders, mask)  # [K, B, S]

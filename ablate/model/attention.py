@@ -60,6 +60,16 @@ def image_coords(grid: tuple[int, int], order: Optional[Tensor] = None, blocks: 
     return torch.stack([idx // w, idx % w], dim=-1).double()
 
 
+def rope_rows(module: nn.Module, i: Optional[int] = None, n: int = 1) -> Optional[tuple[Tensor, Tensor]]:
+    """A module's rotary tables (its ``rope_cos`` / ``rope_sin`` buffers) for every position, or
+    for positions ``i .. i + n - 1``; None for a module with learned positions."""
+    if not hasattr(module, "rope_cos"):
+        return None
+    if i is None:
+        return module.rope_cos, module.rope_sin
+    return module.rope_cos[i:i + n], module.rope_sin[i:i + n]
+
+
 class Attention(nn.Module):
     """Multi-head attention; ``kv is None`` means self-attention."""
 
@@ -224,13 +234,7 @@ class TransformerStack(nn.Module):
         return self.run(x, lambda i, block, h: block(h, text, key_mask, gate, self.causal, mask, rope))
 
     def rope_at(self, i: Optional[int] = None, n: int = 1) -> Optional[tuple[Tensor, Tensor]]:
-        """The rotary tables of every position, or of positions ``i .. i + n - 1`` (None: learned
-        positions)."""
-        if not hasattr(self, "rope_cos"):
-            return None
-        if i is None:
-            return self.rope_cos, self.rope_sin
-        return self.rope_cos[i:i + n], self.rope_sin[i:i + n]
+        return rope_rows(self, i, n)
 
     def decoder(self, text: Tensor, text_mask: Tensor, length: int) -> "StackDecoder | None":
         """One position (or, block-causal, one block) at a time (needs ``ctx.causal``): each

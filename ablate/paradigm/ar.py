@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..config import SampleSpec
-from .base import Batch, Paradigm, cfg_mix, full_loss, gumbel
+from .base import Batch, EveryPosition, cfg_mix, gumbel
 
 ORDERS = ("raster", "snake")
 
@@ -61,7 +61,7 @@ def pick(logits: Tensor, spec: SampleSpec, generator: Optional[torch.Generator])
     return (logits + gumbel(logits.shape, generator, logits.device)).argmax(-1)
 
 
-class AR(Paradigm):
+class AR(EveryPosition):
     name = "ar"
     causality = "causal"
 
@@ -74,10 +74,6 @@ class AR(Paradigm):
         start = torch.full_like(seq[:, :1], self.special)
         inputs = torch.cat([start, seq[:, :-1]], dim=1)
         return Batch(inputs, seq, torch.ones_like(seq, dtype=torch.bool), seq.numel() * share[1])
-
-    def loss(self, net: Any, batch: Batch, feats: Tensor, mask: Tensor, label_smoothing: float = 0.0,
-             share: tuple[int, int] = (0, 1)) -> Tensor:
-        return full_loss(net, batch, feats, mask, label_smoothing, share)
 
     @torch.no_grad()
     def sample(self, net: Any, feats: Tensor, mask: Tensor, null_feats: Tensor, null_mask: Tensor,

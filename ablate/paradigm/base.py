@@ -67,6 +67,15 @@ class Paradigm:
         return float(ce), int(where.sum())
 
 
+class EveryPosition(Paradigm):
+    """A paradigm whose batch predicts every position (next token, next scale): cross-entropy at
+    each, :func:`full_loss`."""
+
+    def loss(self, net: Any, batch: Batch, feats: Tensor, mask: Tensor, label_smoothing: float = 0.0,
+             share: tuple[int, int] = (0, 1)) -> Tensor:
+        return full_loss(net, batch, feats, mask, label_smoothing, share)
+
+
 def rows(x: Tensor, share: tuple[int, int]) -> Tensor:
     """Rows ``s::S`` of ``x`` for ``share = (s, S)``: share s's part of a global draw."""
     s, n = share

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..config import SampleSpec
 from .ar import pick
-from .base import Batch, Paradigm, cfg_mix, full_loss, guidance_at, guided_logits
+from .base import Batch, EveryPosition, cfg_mix, guidance_at, guided_logits
 
 
 def parents(scales: Sequence[int]) -> Tensor:
@@ -45,7 +45,7 @@ def parents(scales: Sequence[int]) -> Tensor:
     return torch.cat(out)
 
 
-class VAR(Paradigm):
+class VAR(EveryPosition):
     name = "var"
     causality = "block"
 
@@ -64,10 +64,6 @@ class VAR(Paradigm):
         codes = codes.reshape(codes.shape[0], -1)
         return Batch(self.inputs_from(codes), codes, torch.ones_like(codes, dtype=torch.bool),
                      codes.numel() * share[1])
-
-    def loss(self, net: Any, batch: Batch, feats: Tensor, mask: Tensor, label_smoothing: float = 0.0,
-             share: tuple[int, int] = (0, 1)) -> Tensor:
-        return full_loss(net, batch, feats, mask, label_smoothing, share)
 
     @torch.no_grad()
     def sample(self, net: Any, feats: Tensor, mask: Tensor, null_feats: Tensor, null_mask: Tensor,
