@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ablate.ops import cuda as cuda_ops
 from ablate.ops import selective_scan, selective_scan_ref
@@ -209,3 +210,48 @@ def test_gpu_mamba_block_equals_mamba_ssm():
     torch.testing.assert_close(x2.grad, x1.grad, atol=2e-3, rtol=2e-2)
     for (k, p), (_, q) in zip(sorted(ours.named_parameters()), sorted(theirs.named_parameters())):
         torch.testing.assert_close(p.grad, q.grad, atol=2e-3, rtol=2e-2, msg=f"gradient of {k}")
+
+
+def _state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """mamba-ssm's ``selective_state_update`` semantics in torch (its documented reference)."""
+    dt = dt + dt_bias if dt_bias is not None else dt
+    dt = F.softplus(dt) if dt_softplus else dt
+    dA = torch.exp(dt.unsqueeze(-1) * A)  # [b, d, n]
+    state.copy_(state * dA + (dt * x).unsqueeze(-1) * B.unsqueeze(1))
+    out = (state * C.unsqueeze(1)).sum(-1)
+    if D is not None:
+        out = out + x * D
+    return out * F.silu(z) if z is not None else out
+
+
+def test_mamba_step_hands_the_state_update_to_the_kernel_as_mamba_ssm_takes_it():
+    """The wiring of ``Mamba.step`` to mamba-ssm's ``selective_state_update`` (argument order,
+    dt before its bias, the in-place state), on CPU with the kernel's reference standing in."""
+    from ablate.model.mamba import Mamba, prefill, step
+
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=8)
+    x = torch.randn(3, 6, 16)
+    _, s_own = prefill(m, x[:, :5])
+    _, s_kernel = prefill(m, x[:, :5])
+    own = step(m, x[:, 5], s_own)
+    via = step(m, x[:, 5], s_kernel, kernel=_state_update_reference)
+    torch.testing.assert_close(via, own, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_kernel.ssm, s_own.ssm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_kernel.conv, s_own.conv)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; CI has none")
+def test_gpu_mamba_step_kernel_equals_the_parallel_forward():
+    from ablate.model.mamba import Mamba, prefill, step
+    from ablate.ops.cuda import state_update_kernel
+
+    if state_update_kernel() is None:
+        pytest.skip("mamba-ssm is not installed (the cuda extra)")
+    torch.manual_seed(0)
+    m = Mamba(64, d_state=16).cuda()
+    x = torch.randn(4, 33, 64, device="cuda")
+    full = m(x)
+    _, st = prefill(m, x[:, :1])
+    outs = [step(m, x[:, i], st) for i in range(1, 33)]
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 1:], atol=2e-3, rtol=2e-3)

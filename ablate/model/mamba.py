@@ -175,9 +175,12 @@ def prefill(m: Mamba, x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor,
     return y, MambaState(conv, last.to(torch.promote_types(last.dtype, torch.float32)))
 
 
-def step(m: Mamba, x: Tensor, state: MambaState) -> Tensor:
+def step(m: Mamba, x: Tensor, state: MambaState, kernel: Optional[object] = None) -> Tensor:
     """One position ``x [B, D] -> y [B, D]`` after the positions ``state`` summarises (updated in
-    place): O(1) in the sequence length, the recurrence mamba-ssm's ``Mamba.step`` runs."""
+    place): O(1) in the sequence length, the recurrence mamba-ssm's ``Mamba.step`` runs. On a GPU
+    with the ``cuda`` extra the SSM update is mamba-ssm's ``selective_state_update`` kernel
+    (``kernel``: a stand-in with its semantics, for tests); float64 and CPU tensors take this
+    module's own update."""
     E, N, R = m.d_inner, m.d_state, m.dt_rank
     W = m.in_proj.weight
     bx, bz = (None, None) if m.in_proj.bias is None else m.in_proj.bias.split(E)
@@ -189,6 +192,15 @@ def step(m: Mamba, x: Tensor, state: MambaState) -> Tensor:
         u = u + m.conv1d.bias
     u = F.silu(u)
     dt, Bm, Cm = torch.split(m.x_proj(u), [R, N, N], dim=-1)
+    if kernel is None and x.is_cuda and x.dtype != torch.float64:
+        from ..ops.cuda import state_update_kernel
+
+        kernel = state_update_kernel()
+    if kernel is not None:  # (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus): state updated in place
+        y = kernel(state.ssm, u.contiguous(), (dt @ m.dt_proj.weight.t()).contiguous(), -torch.exp(m.A_log.float()),
+                   Bm.contiguous(), Cm.contiguous(), m.D.float(), z=z.contiguous(), dt_bias=m.dt_proj.bias.float(),
+                   dt_softplus=True)
+        return m.out_proj(y.to(x.dtype))
     f = torch.promote_types(x.dtype, torch.float32)  # the state and sums never in half precision
     delta = F.softplus(dt @ m.dt_proj.weight.t() + m.dt_proj.bias).to(f)  # [B, E]
     A = -torch.exp(m.A_log.to(f))  # [E, N]

@@ -65,6 +65,19 @@ def conv_kernel() -> Optional[Callable[..., Any]]:
     return _state["conv"]
 
 
+def state_update_kernel() -> Optional[Callable[..., Any]]:
+    """mamba-ssm's ``selective_state_update`` (one decoding step of the SSM, state updated in
+    place: the kernel ``Mamba.step`` uses), or None if the package does not import."""
+    if "step" not in _state:
+        try:
+            from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+            _state["step"] = selective_state_update
+        except Exception as exc:
+            _state["step"] = None
+            log.info("mamba-ssm's state update unavailable (%s)", type(exc).__name__)
+    return _state["step"]
+
+
 def cuda_available() -> bool:
     """Whether the mamba-ssm kernel can run here (a GPU and an importable package)."""
     return torch.cuda.is_available() and mamba_kernel() is not None
