@@ -133,19 +133,28 @@ def test_prep_key_is_made_of_the_caches_own_keys(reference):
     assert prep_key(same) == base, "the generator's settings share the preparation"
 
 
-def test_attempts_keep_their_own_checkpoints_and_resume_from_the_furthest(reference, tmp_path):
+def _checkpointed(reference, out: Path, steps: int):
+    """(spec, preparation, a Trainer of attempt ``aaaa`` in ``out`` that trained ``steps`` steps
+    and saved its checkpoint)."""
     from ablate.prepare import prepare
-    from ablate.train import Trainer, latest_checkpoint, remove_checkpoints
+    from ablate.train import Trainer
 
     root, _ = reference
     spec = RunSpec.model_validate(TINY)
     prep = prepare(spec, root, torch.device("cpu"), lambda m: None)
-    out = tmp_path / "run"
     a = Trainer(spec, prep, torch.device("cpu"), out, attempt="aaaa")
-    for _ in range(3):
+    for _ in range(steps):
         a.train_step(a.step)
         a.step += 1
     a.save_checkpoint()
+    return spec, prep, a
+
+
+def test_attempts_keep_their_own_checkpoints_and_resume_from_the_furthest(reference, tmp_path):
+    from ablate.train import Trainer, latest_checkpoint, remove_checkpoints
+
+    out = tmp_path / "run"
+    spec, prep, a = _checkpointed(reference, out, 3)
     b = Trainer(spec, prep, torch.device("cpu"), out, attempt="bbbb")
     assert b.step == 3, "a new attempt resumes from the other attempt's checkpoint"
     b.train_step(b.step)
@@ -157,6 +166,29 @@ def test_attempts_keep_their_own_checkpoints_and_resume_from_the_furthest(refere
     assert latest_checkpoint(out).name == "ckpt-bbbb.pt", "the furthest checkpoint wins, not the newest file"
     remove_checkpoints(out)
     assert not list(out.glob("ckpt*.pt"))
+
+
+def test_a_checkpoint_written_by_other_code_is_not_resumed(reference, tmp_path):
+    """A lost run resumed after the code changed would mix two code versions in one result (and
+    be recorded under the new one): its checkpoint is removed and training starts over. So is a
+    checkpoint that does not say which code wrote it."""
+    from ablate.fingerprint import variant_fingerprint
+    from ablate.train import Trainer, latest_checkpoint
+    from ablate.utils import torch_load
+
+    out = tmp_path / "run"
+    spec, prep, _ = _checkpointed(reference, out, 2)
+    st = torch_load(out / "ckpt-aaaa.pt")
+    assert st["fingerprint"] == variant_fingerprint(spec.model.variant)
+    assert Trainer(spec, prep, torch.device("cpu"), out, attempt="bbbb").step == 2, "same code: resumed"
+
+    for theirs in ("0.1.0-0000000000000000", None):
+        torch.save({**st, "fingerprint": theirs}, out / "ckpt-aaaa.pt")
+        said: list[str] = []
+        b = Trainer(spec, prep, torch.device("cpu"), out, say=said.append, attempt="cccc")
+        assert b.step == 0, f"a checkpoint of {theirs} was resumed"
+        assert not (out / "ckpt-aaaa.pt").exists() and latest_checkpoint(out) is None
+        assert any("ckpt-aaaa.pt was written by other code" in m and "starts over" in m for m in said), said
 
 
 def test_peak_mem_is_the_models_training_memory_not_the_process_peak(reference):

@@ -4,9 +4,11 @@ them together for a run and samples and evaluates it (:mod:`.trainer`)."""
 from __future__ import annotations
 
 from ablate.train.loop import Hooks, Interrupted, fit
-from ablate.train.state import TrainState, latest_checkpoint, lr_factor, param_groups, remove_checkpoints
+from ablate.train.state import (TrainState, foreign_checkpoints, latest_checkpoint, lr_factor, param_groups,
+                                remove_checkpoints)
 from ablate.train.stream import CaptionFeatures, TokenStream
 from ablate.train.trainer import VAL_IMAGES, Trainer, save_sheet
 
 __all__ = ["CaptionFeatures", "Hooks", "Interrupted", "TokenStream", "TrainState", "Trainer", "VAL_IMAGES",
-           "fit", "latest_checkpoint", "lr_factor", "param_groups", "remove_checkpoints", "save_sheet"]
+           "fit", "foreign_checkpoints", "latest_checkpoint", "lr_factor", "param_groups", "remove_checkpoints",
+           "save_sheet"]

@@ -18,7 +18,8 @@ import torch.nn as nn
 from ablate.train.precision import make_scaler
 from ablate.utils import atomic_torch_save, torch_load
 
-__all__ = ["TrainState", "lr_factor", "param_groups", "latest_checkpoint", "remove_checkpoints"]
+__all__ = ["TrainState", "lr_factor", "param_groups", "latest_checkpoint", "foreign_checkpoints",
+           "remove_checkpoints"]
 
 # counters saved with the weights (their defaults: a fresh run, or a checkpoint older than them)
 COUNTERS = {"train_s": 0.0, "data_s": 0.0, "timed_steps": 0, "last_train_loss": float("nan"),
@@ -44,17 +45,38 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def latest_checkpoint(folder: Path) -> Optional[Path]:
-    """The checkpoint furthest in training among the attempts' files (``ckpt*.pt``) in ``folder``."""
+def _header(f: Path) -> Optional[tuple[int, Optional[str]]]:
+    """(step, code fingerprint or None when unrecorded) of checkpoint ``f``; None when unreadable."""
+    try:
+        st = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        return int(st["step"]), st.get("fingerprint")
+    except Exception:  # a file being replaced right now, or damaged: not a resume point
+        return None
+
+
+def latest_checkpoint(folder: Path, fingerprint: Optional[str] = None) -> Optional[Path]:
+    """The checkpoint furthest in training among the attempts' files (``ckpt*.pt``) in ``folder``;
+    with ``fingerprint``, among those written by that code only (see :func:`foreign_checkpoints`)."""
     best, best_step = None, -1
     for f in sorted(Path(folder).glob("ckpt*.pt")):
-        try:
-            step = int(torch.load(f, map_location="cpu", weights_only=True, mmap=True)["step"])
-        except Exception:  # a file being replaced right now, or damaged: not a resume point
+        head = _header(f)
+        if head is None or (fingerprint is not None and head[1] != fingerprint):
             continue
-        if step > best_step:
-            best, best_step = f, step
+        if head[0] > best_step:
+            best, best_step = f, head[0]
     return best
+
+
+def foreign_checkpoints(folder: Path, fingerprint: str) -> list[tuple[Path, Optional[str]]]:
+    """The checkpoints in ``folder`` written by other code than ``fingerprint`` (or by a version
+    that did not record its code), with the fingerprint each names. A run's result comes from one
+    code version: weights trained by other code are no resume point for it."""
+    out = []
+    for f in sorted(Path(folder).glob("ckpt*.pt")):
+        head = _header(f)
+        if head is not None and head[1] != fingerprint:
+            out.append((f, head[1]))
+    return out
 
 
 def remove_checkpoints(folder: Path) -> None:
@@ -75,6 +97,7 @@ class TrainState:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, spec))
         self.scaler = make_scaler(getattr(spec, "precision", "fp32"), device)
         self.step = 0
+        self.fingerprint: Optional[str] = None  # the code that trains it, saved with every checkpoint
         for name, value in COUNTERS.items():
             setattr(self, name, value)
 
@@ -102,7 +125,7 @@ class TrainState:
                 be.copy_(bm)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+        return {"step": self.step, "fingerprint": self.fingerprint, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else {},
                 "scaler": self.scaler.state_dict(),
                 **{name: getattr(self, name) for name in COUNTERS}}

@@ -21,8 +21,9 @@ from ablate.model import Generator
 from ablate.registry import load_registry
 from ablate.train import loop
 from ablate.train.loop import Hooks, Interrupted
+from ablate.fingerprint import fingerprint
 from ablate.train.precision import CompiledOrEager, autocast, checkpoint_layers, compile_model, enable_tf32
-from ablate.train.state import TrainState, latest_checkpoint
+from ablate.train.state import TrainState, foreign_checkpoints, latest_checkpoint
 from ablate.train.stream import TokenStream
 from ablate.utils import atomic_torch_save, peak_memory, step_seed
 
@@ -132,7 +133,15 @@ class Trainer:
         # stale, about to find out) never overwrite each other's live file; a new attempt
         # resumes from the furthest checkpoint any attempt left
         self.ckpt_path = self.out_dir / (f"ckpt-{attempt}.pt" if attempt else "ckpt.pt")
-        latest = latest_checkpoint(self.out_dir)
+        # a run's result comes from one code version: a checkpoint written by other code (the
+        # run was lost, the code changed, the grid was run again) is removed, and training
+        # starts over (the job then clears the old attempt's curves too)
+        self.state.fingerprint = fingerprint(variant)
+        for f, theirs in foreign_checkpoints(self.out_dir, self.state.fingerprint) if dist.main else ():
+            self.say(f"{f.name} was written by other code ({theirs or 'unrecorded'}; this is "
+                     f"{self.state.fingerprint}): not resumed, training starts over")
+            f.unlink(missing_ok=True)
+        latest = latest_checkpoint(self.out_dir, self.state.fingerprint)
         if latest is not None:
             self.state.load(latest)
             self.say(f"resumed from step {self.step} ({latest.name})")
