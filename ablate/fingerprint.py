@@ -24,7 +24,6 @@ from typing import Iterable, Optional
 PACKAGE = Path(__file__).resolve().parent
 # the parts of ablate that decide a run's numbers (folders: every module in them)
 PARTS = ("model", "paradigm", "ops", "train", "prepare.py", "tokenizer", "data", "text", "eval")
-SKIP = ("bench.py",)  # timing code inside those folders
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -54,7 +53,7 @@ def _files(parts: Iterable[str]) -> list[Path]:
     for part in parts:
         p = PACKAGE / part
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*.py") if f.name not in SKIP)
+            out += sorted(p.rglob("*.py"))
         elif p.exists():
             out.append(p)
     return out

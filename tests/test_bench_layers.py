@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ablate import ops
-from ablate.bench_layers import OPS, bench_layers, cells_from_grid, op_timer
+from ablate.bench.layers import OPS, bench_layers, cells_from_grid, op_timer
 from ablate.cli import main
 from ablate.db import Database
 from ablate.registry import load_registry

@@ -403,7 +403,7 @@ def test_mamba_block_same_on_numba_and_torch_paths(masked):
 def test_bench_rows_and_the_mambapy_row_computes_the_same_scan():
     """Not a benchmark: the bench's API at toy size, and its mambapy row must time the same
     function as ours (else the ratio is meaningless)."""
-    from ablate.ops import bench
+    from ablate.bench import ops as bench
 
     rows = bench.bench_ops(lengths=(8,), batch=2, d_inner=8, n=2, repeats=2, cases=("plain", "batch_A"))
     impls = {r["impl"] for r in rows}
@@ -423,7 +423,7 @@ def test_bench_rows_and_the_mambapy_row_computes_the_same_scan():
 
 
 def test_peak_memory_sees_a_torch_allocation():
-    from ablate.ops.bench import peak_memory
+    from ablate.bench.ops import peak_memory
 
     with peak_memory() as m:
         x = torch.ones(16 * 2**20)  # 64 MiB, touched

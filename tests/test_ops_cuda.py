@@ -224,21 +224,85 @@ def _state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     return out * F.silu(z) if z is not None else out
 
 
-def test_mamba_step_hands_the_state_update_to_the_kernel_as_mamba_ssm_takes_it():
-    """The wiring of ``Mamba.step`` to mamba-ssm's ``selective_state_update`` (argument order,
-    dt before its bias, the in-place state), on CPU with the kernel's reference standing in."""
+def _step_inputs(b=3, d=6, n=4, dtype=F64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(state=r(b, d, n), x=r(b, d), dt=r(b, d) * 0.5, A=-torch.rand(d, n, generator=g, dtype=dtype) - 0.2,
+                B=r(b, n), C=r(b, n), D=r(d), z=r(b, d), dt_bias=r(d) * 0.3)
+
+
+@pytest.mark.parametrize("impl", ["ref", "numba", "cuda"])
+@pytest.mark.parametrize("options", [dict(D=True, z=True, bias=True), dict(D=False, z=False, bias=False)])
+def test_state_update_paths_equal_one_step_of_the_scan(impl, options):
+    """Every path of selective_state_update (cuda: mamba-ssm's semantics through the wiring, its
+    reference standing in for the kernel on CPU) equals one position of the reference scan that
+    starts from the state: the output and the state it leaves, float64."""
+    from ablate.ops import selective_state_update
+
+    if impl == "numba":
+        pytest.importorskip("numba")
+    v = _step_inputs()
+    D, z, bias = (v["D"] if options["D"] else None), (v["z"] if options["z"] else None), \
+        (v["dt_bias"] if options["bias"] else None)
+    want, last = selective_scan_ref(v["x"].unsqueeze(-1), v["dt"].unsqueeze(-1), v["A"], v["B"].unsqueeze(-1),
+                                    v["C"].unsqueeze(-1), D, None if z is None else z.unsqueeze(-1), bias,
+                                    options["bias"], return_last_state=True, initial_state=v["state"])
+    state = v["state"].clone()
+    if impl == "cuda":
+        got = cuda_ops.state_update_cuda(state, v["x"], v["dt"], v["A"], v["B"], v["C"], D, z, bias,
+                                         options["bias"], kernel=_state_update_reference)
+    else:
+        got = selective_state_update(state, v["x"], v["dt"], v["A"], v["B"], v["C"], D, z, bias,
+                                     options["bias"], impl=impl)
+    torch.testing.assert_close(got, want[..., 0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(state, last, atol=1e-12, rtol=1e-12)
+
+
+def test_state_update_float32_paths_agree_and_bad_shapes_are_named():
+    from ablate.ops import selective_state_update
+
+    pytest.importorskip("numba")
+    v = {k: t.float() for k, t in _step_inputs(b=5, d=40, n=16).items()}
+    s_ref, s_numba = v["state"].clone(), v["state"].clone()
+    args = (v["x"], v["dt"], v["A"], v["B"], v["C"], v["D"], v["z"], v["dt_bias"], True)
+    torch.testing.assert_close(selective_state_update(s_numba, *args, impl="numba"),
+                               selective_state_update(s_ref, *args, impl="ref"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_numba, s_ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"B must be \[5, 16\]"):
+        selective_state_update(s_ref, v["x"], v["dt"], v["A"], v["B"][:, :3], v["C"])
+    with pytest.raises(ValueError, match="impl must be one of"):
+        selective_state_update(s_ref, *args, impl="nope")
+
+
+def test_mamba_step_paths_agree_and_a_block_of_positions_is_one_scan():
+    """``step`` one position at a time on each path, and ``step`` of n positions at once (one
+    conv and one scan from the carried state, as a var scale runs), give the same outputs and
+    leave the same state (float64)."""
     from ablate.model.mamba import Mamba, prefill, step
 
     torch.manual_seed(0)
-    m = Mamba(16, d_state=8)
-    x = torch.randn(3, 6, 16)
-    _, s_own = prefill(m, x[:, :5])
-    _, s_kernel = prefill(m, x[:, :5])
-    own = step(m, x[:, 5], s_own)
-    via = step(m, x[:, 5], s_kernel, kernel=_state_update_reference)
-    torch.testing.assert_close(via, own, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s_kernel.ssm, s_own.ssm, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s_kernel.conv, s_own.conv)
+    m = Mamba(16, d_state=8).double()
+    x = torch.randn(3, 9, 16, dtype=F64)
+    full = m(x)
+    impls = ["ref"] + (["numba"] if _has_numba() else [])
+    for impl in impls:
+        _, st = prefill(m, x[:, :4])
+        outs = torch.stack([step(m, x[:, i], st, impl=impl) for i in range(4, 9)], 1)
+        torch.testing.assert_close(outs, full[:, 4:], atol=1e-10, rtol=1e-9, msg=impl)
+    _, st_one = prefill(m, x[:, :4])
+    _, st_block = prefill(m, x[:, :4])
+    for i in range(4, 9):
+        step(m, x[:, i], st_one)
+    block = torch.cat([step(m, x[:, 4:6], st_block), step(m, x[:, 6:9], st_block)], 1)
+    torch.testing.assert_close(block, full[:, 4:], atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(st_block.ssm, st_one.ssm, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(st_block.conv, st_one.conv)
+
+
+def _has_numba() -> bool:
+    from ablate.ops import numba_available
+
+    return numba_available()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; CI has none")

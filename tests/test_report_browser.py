@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate.bench_table import build_db
+from ablate.bench.table import build_db
 from ablate.db import Database
 from ablate.report import build_table, display_table
 from ablate.report.browser import load_report, wait_for

@@ -256,7 +256,7 @@ def test_table_command_imports_neither_torch_nor_variants(fixture_db, tmp_path):
 
 
 def test_bench_table_small(tmp_path, capsys):
-    from ablate.bench_table import bench_table, build_db
+    from ablate.bench.table import bench_table, build_db
 
     url = build_db(tmp_path / "b.db", runs=200, n_metrics=20, variants=4, seeds=5)
     df = results.load(url, spec=False)

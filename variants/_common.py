@@ -86,6 +86,7 @@ class MambaLayer(nn.Module):
         return s + permute(y, inverse(order)), state
 
     def step(self, s: Tensor, state: MambaState) -> Tensor:
-        """The next position ``s [B, D]`` (a forward scan's next element)."""
+        """The next position ``s [B, D]`` (a forward scan's next element), or the next n
+        ``s [B, n, D]`` (one scan from the state)."""
         (mixer,) = self.mix.mixers
         return s + step(mixer, self.norm(s), state)

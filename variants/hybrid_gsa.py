@@ -203,7 +203,7 @@ class GSADecoder:
 
     def step(self, x: Tensor) -> Tensor:
         """``x [B, D]`` -> ``[B, D]``; ``x [B, n, D]`` a var scale: the attention reads the whole
-        scale at once (block-causal), the Mamba layers position by position."""
+        scale at once (block-causal), the Mamba layers as one scan each."""
         single = x.dim() == 2
         h = x.unsqueeze(1) if single else x  # [B, n, D]
         n = h.shape[1]
@@ -213,7 +213,7 @@ class GSADecoder:
                 seen = torch.cat([self.text_mask, self.text_mask.new_ones(h.shape[0], cache.n + n - self.text_mask.shape[1])],
                                  dim=1)[:, None, None, :]
                 h = self.model.attention_block(i).step(h, cache, seen, self.model.rope_at(cache.n, n))
-            h = torch.stack([layer.step(h[:, j], self.states[i]) for j in range(n)], dim=1)
+            h = layer.step(h, self.states[i])
         return h[:, 0] if single else h
 
 

@@ -71,7 +71,8 @@ class AdaLayer(nn.Module):
         return s + permute(y, inverse(order)) * (1 + gate.unsqueeze(1)), state
 
     def step(self, s: Tensor, state: MambaState, mod: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        shift, scale, gate = mod
+        """The next position ``s [B, D]``, or the next n ``s [B, n, D]``."""
+        shift, scale, gate = (t.unsqueeze(1) if s.dim() == 3 else t for t in mod)
         (mixer,) = self.mix.mixers
         u = self.norm(s) * (1 + scale) + shift
         return s + step(mixer, u, state) * (1 + gate)
@@ -144,12 +145,10 @@ class AdaDecoder:
             self.states.append(state)
 
     def step(self, x: Tensor) -> Tensor:
-        """``x [B, D]`` -> ``[B, D]``; ``x [B, n, D]`` (a var scale) position by position."""
-        if x.dim() == 3:
-            return torch.stack([self.step(x[:, j]) for j in range(x.shape[1])], dim=1)
+        """``x [B, D]`` -> ``[B, D]``; ``x [B, n, D]`` (a var scale) as one scan per layer."""
         for layer, state, mod in zip(self.model.layers, self.states, self.mods):
             x = layer.step(x, state, mod)
-        shift, scale = self.final
+        shift, scale = (t.unsqueeze(1) if x.dim() == 3 else t for t in self.final)
         return self.model.final_norm(x) * (1 + scale) + shift
 
 

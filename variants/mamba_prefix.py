@@ -102,9 +102,7 @@ class PrefixDecoder:
             self.states.append(state)
 
     def step(self, x: Tensor) -> Tensor:
-        """``x [B, D]`` -> ``[B, D]``; ``x [B, n, D]`` (a var scale) position by position."""
-        if x.dim() == 3:
-            return torch.stack([self.step(x[:, j]) for j in range(x.shape[1])], dim=1)
+        """``x [B, D]`` -> ``[B, D]``; ``x [B, n, D]`` (a var scale) as one scan per layer."""
         for layer, state in zip(self.layers, self.states):
             x = layer.step(x, state)
         return x

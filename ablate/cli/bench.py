@@ -18,7 +18,7 @@ LAYERS_SIZE = (("batch", int, 32, "batch"), ("width", int, 96, "width"), ("depth
 
 def _layers_size(args: argparse.Namespace) -> dict[str, Any]:
     """bench layers' sizes: the options given, else ``--like-seed``'s, else the defaults."""
-    from ..bench_layers import SEED_001_SIZE
+    from ..bench.layers import SEED_001_SIZE
 
     size: dict[str, Any] = {}
     for name, kind, default, _ in LAYERS_SIZE:
@@ -136,15 +136,15 @@ def _check_variants(names: list[str]) -> None:
 
 def _torch_suite(args: argparse.Namespace) -> tuple[Callable[[], list[dict[str, Any]]], Callable[[list], str]]:
     """ops, step, layers: what to measure and how to print it (on ``args.device``)."""
-    from ..ops import bench
+    from ..bench import ops as bench_ops, step as bench_step
 
     device = _device(args.device)
     if args.suite == "ops":
-        return (lambda: bench.bench_ops(lengths=args.lengths, batch=args.batch, d_inner=args.d_inner,
+        return (lambda: bench_ops.bench_ops(lengths=args.lengths, batch=args.batch, d_inner=args.d_inner,
                                         n=args.d_state, repeats=args.repeats, impls=args.impls, device=device),
-                bench.format_rows)
+                bench_ops.format_rows)
     if args.suite == "layers":
-        from .. import bench_layers as bl
+        from ..bench import layers as bl
 
         size = _layers_size(args)
         _check_variants(size["variants"] or [])
@@ -171,7 +171,7 @@ def _torch_suite(args: argparse.Namespace) -> tuple[Callable[[], list[dict[str, 
 
         return layers, show
     if args.suite == "sample":
-        from .. import bench_sample as bsm
+        from ..bench import sample as bsm
 
         _check_variants(args.variants)
         skipped: list[str] = []
@@ -190,27 +190,27 @@ def _torch_suite(args: argparse.Namespace) -> tuple[Callable[[], list[dict[str, 
 
         return sample, show
     _check_variants(args.variants)
-    return (lambda: bench.bench_steps(args.variants, batch=args.batch, width=args.width, depth=args.depth,
+    return (lambda: bench_step.bench_steps(args.variants, batch=args.batch, width=args.width, depth=args.depth,
                                       grid=args.grid, text_len=args.text_len, codebook_size=args.codebook,
                                       repeats=args.repeats, device=device, precisions=args.precision,
                                       compile=args.compile),
-            bench.format_steps)
+            bench_step.format_steps)
 
 
 def _process_suite(args: argparse.Namespace) -> tuple[Callable[[], list[dict[str, Any]]], Callable[[list], str]]:
     """table, data, report: suites that set up their own work (no torch threads of ours)."""
     if args.suite == "table":
-        from ..bench_table import bench_table, format_rows
+        from ..bench.table import bench_table, format_rows
 
         return (lambda: bench_table(runs=args.runs, n_metrics=args.metrics, repeats=args.repeats, fmt=args.format,
                                     subprocess_runs=not args.no_subprocess), format_rows)
     if args.suite == "report":
-        from ..bench_report import bench_report, format_rows as report_rows
+        from ..bench.report import bench_report, format_rows as report_rows
 
         return (lambda: bench_report(runs=args.runs, repeats=args.repeats, one_config_per_run=args.one_config_per_run,
                                      browser=not args.no_browser, subprocess_run=not args.no_subprocess),
                 report_rows)
-    from ..bench_data import bench_data, format_rows as data_rows
+    from ..bench.data import bench_data, format_rows as data_rows
 
     return (lambda: bench_data(images=args.images, image_size=args.image_size, small=args.small, big=args.big,
                                steps=args.steps, batch=args.batch), data_rows)

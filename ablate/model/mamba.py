@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import causal_conv1d, selective_scan
+from ..ops import causal_conv1d, selective_scan, selective_state_update
 
 
 def dt_rank_for(d_model: int, dt_rank: Union[int, str] = "auto") -> int:
@@ -172,15 +172,17 @@ def prefill(m: Mamba, x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor,
     conv = xs.new_zeros(b, E, k - 1)
     if xs.shape[1]:
         conv[:, :, -xs.shape[1]:] = xs.transpose(1, 2)
-    return y, MambaState(conv, last.to(torch.promote_types(last.dtype, torch.float32)))
+    return y, MambaState(conv, last.to(torch.promote_types(last.dtype, torch.float32)).contiguous())
 
 
-def step(m: Mamba, x: Tensor, state: MambaState, kernel: Optional[object] = None) -> Tensor:
-    """One position ``x [B, D] -> y [B, D]`` after the positions ``state`` summarises (updated in
-    place): O(1) in the sequence length, the recurrence mamba-ssm's ``Mamba.step`` runs. On a GPU
-    with the ``cuda`` extra the SSM update is mamba-ssm's ``selective_state_update`` kernel
-    (``kernel``: a stand-in with its semantics, for tests); float64 and CPU tensors take this
-    module's own update."""
+def step(m: Mamba, x: Tensor, state: MambaState, impl: Optional[str] = None) -> Tensor:
+    """The next position(s) after those ``state`` summarises (``state`` updated in place):
+    ``x [B, D] -> [B, D]`` one position, O(1) in the sequence length (the recurrence mamba-ssm's
+    ``Mamba.step`` runs, through :func:`ablate.ops.selective_state_update`: mamba-ssm's kernel on
+    a GPU, one fused pass on CPU; ``impl`` forces a path); ``x [B, n, D] -> [B, n, D]`` n
+    positions in order as one scan continuing from the state (a var scale)."""
+    if x.dim() == 3:
+        return step(m, x[:, 0], state, impl).unsqueeze(1) if x.shape[1] == 1 else _extend(m, x, state)
     E, N, R = m.d_inner, m.d_state, m.dt_rank
     W = m.in_proj.weight
     bx, bz = (None, None) if m.in_proj.bias is None else m.in_proj.bias.split(E)
@@ -192,23 +194,31 @@ def step(m: Mamba, x: Tensor, state: MambaState, kernel: Optional[object] = None
         u = u + m.conv1d.bias
     u = F.silu(u)
     dt, Bm, Cm = torch.split(m.x_proj(u), [R, N, N], dim=-1)
-    if kernel is None and x.is_cuda and x.dtype != torch.float64:
-        from ..ops.cuda import state_update_kernel
+    y = selective_state_update(state.ssm, u, dt @ m.dt_proj.weight.t(), -torch.exp(_at_least_fp32(m.A_log)), Bm, Cm,
+                               _at_least_fp32(m.D), z=z, dt_bias=_at_least_fp32(m.dt_proj.bias), dt_softplus=True,
+                               impl=impl)
+    return m.out_proj(y.to(x.dtype))
 
-        kernel = state_update_kernel()
-    if kernel is not None:  # (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus): state updated in place
-        y = kernel(state.ssm, u.contiguous(), (dt @ m.dt_proj.weight.t()).contiguous(), -torch.exp(m.A_log.float()),
-                   Bm.contiguous(), Cm.contiguous(), m.D.float(), z=z.contiguous(), dt_bias=m.dt_proj.bias.float(),
-                   dt_softplus=True)
-        return m.out_proj(y.to(x.dtype))
-    f = torch.promote_types(x.dtype, torch.float32)  # the state and sums never in half precision
-    delta = F.softplus(dt @ m.dt_proj.weight.t() + m.dt_proj.bias).to(f)  # [B, E]
-    A = -torch.exp(m.A_log.to(f))  # [E, N]
-    uf = u.to(f)
-    state.ssm = state.ssm * torch.exp(delta.unsqueeze(-1) * A) + (delta * uf).unsqueeze(-1) * Bm.to(f).unsqueeze(1)
-    y = (state.ssm * Cm.to(f).unsqueeze(1)).sum(-1) + m.D.to(f) * uf  # [B, E]
-    y = (y * F.silu(z.to(f))).to(x.dtype)
-    return m.out_proj(y)
+
+def _extend(m: Mamba, x: Tensor, state: MambaState) -> Tensor:
+    """``x [B, n, D]``: the n positions after ``state`` in one causal conv and one scan (from the
+    state's conv window and SSM state), ``state`` then moved past them."""
+    n = x.shape[1]
+    E, N, R = m.d_inner, m.d_state, m.dt_rank
+    W = m.in_proj.weight
+    bx, bz = (None, None) if m.in_proj.bias is None else m.in_proj.bias.split(E)
+    xs = F.linear(x, W[:E], bx).transpose(1, 2)  # [B, E, n]
+    z = F.linear(x, W[E:], bz).transpose(1, 2)
+    window = torch.cat([state.conv.to(xs.dtype), xs], dim=-1)  # [B, E, k - 1 + n]
+    state.conv = window[:, :, n:]
+    u = causal_conv1d(window, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu")[:, :, -n:]
+    dt, Bm, Cm = torch.split(m.x_proj(u.transpose(1, 2)), [R, N, N], dim=-1)  # [B, n, .]
+    y, last = selective_scan(u, (dt @ m.dt_proj.weight.t()).transpose(1, 2), -torch.exp(_at_least_fp32(m.A_log)),
+                             Bm.transpose(1, 2), Cm.transpose(1, 2), _at_least_fp32(m.D), z=z,
+                             delta_bias=_at_least_fp32(m.dt_proj.bias), delta_softplus=True,
+                             return_last_state=True, initial_state=state.ssm)
+    state.ssm = last.to(state.ssm.dtype).contiguous()
+    return m.out_proj(y.transpose(1, 2))
 
 
 def _at_least_fp32(p: Tensor) -> Tensor:

@@ -29,16 +29,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import check_conv, check_scan
+from .conv import causal_conv1d_fast
+from .scan_torch import selective_scan_fast
+from .step_ref import selective_state_update_ref
+
 log = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {}
-_said: set[str] = set()
+_said: set[tuple[str, str]] = set()
 
 
-def _once(reason: str) -> None:
-    if reason not in _said:
-        _said.add(reason)
-        log.warning("selective_scan: CUDA kernel not used (%s); running the torch path", reason)
+def _once(op: str, reason: str) -> None:
+    """Log once per (op, reason) that the CUDA kernel of ``op`` did not run, and why."""
+    if (op, reason) not in _said:
+        _said.add((op, reason))
+        log.warning("%s: CUDA kernel not used (%s); running the torch path", op, reason)
+
+
+def _why_not(kernel: Optional[Callable[..., Any]], x: Tensor, package: str) -> Optional[str]:
+    """Why a kernel of ``package`` cannot take ``x`` (not installed, not on a GPU, float64), or None."""
+    if kernel is None:
+        return f"{package} is not installed (pip install .[cuda])"
+    if not x.is_cuda:
+        return "tensors are not on a CUDA device"
+    if x.dtype == torch.float64:
+        return "float64 inputs"
+    return None
 
 
 def mamba_kernel() -> Optional[Callable[..., Any]]:
@@ -139,13 +156,11 @@ def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
                         return_last_state: bool = False, initial_state: Optional[Tensor] = None,
                         A_scale: Optional[Tensor] = None):
     """mamba-ssm's kernel where it can express the inputs, else the torch path (logged once)."""
-    from .selective_scan import _check, selective_scan_fast
-
-    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
     kernel = mamba_kernel()
     reason = "mamba-ssm is not installed (pip install .[cuda])" if kernel is None else unsupported(u, A, initial_state)
     if reason is not None:
-        _once(reason)
+        _once("selective_scan", reason)
         if A_scale is not None:
             A = A_scale.unsqueeze(-1) * A
         return selective_scan_fast(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
@@ -159,22 +174,30 @@ def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
 def causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                        activation: Optional[str] = None) -> Tensor:
     """causal-conv1d's kernel (widths 2 to 4, no float64), else the fast torch path."""
-    from .causal_conv1d import _check, causal_conv1d_fast
-
-    _check(x, weight, bias, activation)
+    check_conv(x, weight, bias, activation)
     kernel = conv_kernel()
-    reason = None
-    if kernel is None:
-        reason = "causal-conv1d is not installed (pip install .[cuda])"
-    elif not x.is_cuda:
-        reason = "tensors are not on a CUDA device"
-    elif x.dtype == torch.float64:
-        reason = "float64 inputs"
-    elif not 2 <= weight.shape[-1] <= 4:
+    reason = _why_not(kernel, x, "causal-conv1d")
+    if reason is None and not 2 <= weight.shape[-1] <= 4:
         reason = f"kernel width {weight.shape[-1]} (the CUDA kernel takes 2 to 4)"
     if reason is not None:
-        if f"conv: {reason}" not in _said:
-            _said.add(f"conv: {reason}")
-            log.warning("causal_conv1d: CUDA kernel not used (%s); running the torch path", reason)
+        _once("causal_conv1d", reason)
         return causal_conv1d_fast(x, weight, bias, activation)
     return kernel(x, weight, bias, activation=activation)
+
+
+def state_update_cuda(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                      D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                      dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+                      kernel: Optional[Callable[..., Any]] = None) -> Tensor:
+    """mamba-ssm's ``selective_state_update`` (``kernel``: a stand-in with its semantics, for
+    tests), else the torch formula (logged once): float64, a CPU tensor, or no mamba-ssm."""
+    if kernel is None:
+        kernel = state_update_kernel()
+        reason = _why_not(kernel, state, "mamba-ssm") or _why_not(kernel, x, "mamba-ssm")
+        if reason is not None:
+            _once("selective_state_update", reason)
+            return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    c = lambda v: None if v is None else v.contiguous()  # noqa: E731
+    f = state.dtype  # float32 (the kernel's): the parameters in it, the activations as they are
+    return kernel(state, c(x), c(dt), A.to(f), c(B), c(C), None if D is None else D.to(f), z=c(z),
+                  dt_bias=None if dt_bias is None else dt_bias.to(f), dt_softplus=dt_softplus)

@@ -47,11 +47,12 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numba import njit
 from torch import Tensor
 
 from .numba_math import const, exp2
-from .selective_scan import ScanResult, _check, _compute_dtype, _delta
+from .common import ScanResult, check_scan, compute_dtype, scan_delta
 
 # Fused multiply-add only: a * b + c may round once instead of twice. No other fast-math
 # licence (no reassociation, no finite-math or no-NaN assumptions). Measured against strict
@@ -362,6 +363,36 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                 dst[j] = gi[j]
 
 
+@njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def state_step(lo_task, hi_task, tid, h, u, delta, A2, B, C, Dv, z, out, has_z):
+    """One decoding step for samples [lo_task, hi_task): ``h [b, d, n]`` updated in place,
+    ``out [b, d]`` written. ``delta [b, d]`` is softplus'd already; ``A2 [d, n]`` = A log2(e);
+    ``B``, ``C`` ``[b, n]``; ``Dv [d]`` (zeros: no D); ``u``, ``z`` ``[b, d]``. One pass over
+    the state, its n entries of a channel contiguous (the loop that vectorises)."""
+    b, d, n = h.shape
+    one = const(h, 1.0)
+    nlog2e = const(h, -1.4426950408889634)
+    for bi in range(lo_task, hi_task):
+        Bb = B[bi]
+        Cb = C[bi]
+        for c in range(d):
+            dl = delta[bi, c]
+            x = u[bi, c]
+            du = dl * x
+            hs = h[bi, c]
+            a = A2[c]
+            y = const(h, 0.0)
+            for i in range(n):
+                hv = exp2(dl * a[i]) * hs[i] + du * Bb[i]
+                hs[i] = hv
+                y += Cb[i] * hv
+            y += Dv[c] * x
+            if has_z:
+                zz = z[bi, c]
+                y = y * zz / (one + exp2(zz * nlog2e))
+            out[bi, c] = y
+
+
 # ------------------------------------------------------------------------------------ torch side
 
 # Bytes of one per-thread chunk buffer ([K, n, w]): the backward keeps two (states and decays),
@@ -503,8 +534,8 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     time-major ``[L, b, d]`` storage avoid a copy, and the output is such a view.
     Time-invariant B or C ([d, n]) run one channel per group, i.e. unvectorised.
     """
-    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    dtype = _compute_dtype(u)
+    check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dtype = compute_dtype(u)
     b, d, L = u.shape
     n = A.shape[-1]
     item = torch.finfo(dtype).bits // 8
@@ -512,7 +543,7 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     def tm(v: Tensor) -> Tensor:  # [b, d, L] -> [L, b, d]; free for views of time-major storage
         return v.to(dtype).permute(2, 0, 1).contiguous()
 
-    dt = _delta(delta, delta_bias, delta_softplus, dtype)
+    dt = scan_delta(delta, delta_bias, delta_softplus, dtype)
     A_k = A.to(dtype).transpose(-1, -2)  # [(b,) n, d]
     A_k = (A_k.unsqueeze(0) if A_k.dim() == 2 else A_k).contiguous()
     D_k = None if D is None else D.to(dtype).reshape(-1, d).contiguous()
@@ -530,3 +561,28 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
                                    None if z is None else tm(z), h0, K, dblk, save)
     out = out.permute(1, 2, 0).to(u.dtype)  # [b, d, L] view of time-major storage
     return (out, last.transpose(1, 2)) if return_last_state else out
+
+
+def state_update_numba(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                       dt_bias: Optional[Tensor] = None, dt_softplus: bool = False) -> Tensor:
+    """:func:`ablate.ops.state_update.selective_state_update` by :func:`state_step` (CPU; no
+    autograd: a decoding step); ``state`` (float32 or float64) updated in place."""
+    if state.device.type != "cpu":
+        raise ValueError(f"selective_state_update: impl 'numba' runs on CPU tensors only, got {state.device}")
+    f = state.dtype
+    work = state if state.is_contiguous() else state.contiguous()
+    with torch.no_grad():
+        delta = dt.to(f) + dt_bias.to(f) if dt_bias is not None else dt.to(f)
+        delta = (F.softplus(delta) if dt_softplus else delta).contiguous()
+        xf = x.to(f).contiguous()
+        out = torch.empty_like(xf)
+        Dv = D.to(f).contiguous() if D is not None else xf.new_zeros(state.shape[1])
+        zf = z.to(f).contiguous() if z is not None else xf
+        b = state.shape[0]
+        run_tasks(state_step, b, max(1, min(torch.get_num_threads(), b)), work.numpy(), xf.numpy(),
+                  delta.numpy(), (A.to(f) * _LOG2E).contiguous().numpy(), B.to(f).contiguous().numpy(),
+                  C.to(f).contiguous().numpy(), Dv.numpy(), zf.numpy(), out.numpy(), int(z is not None))
+        if work is not state:
+            state.copy_(work)
+    return out.to(x.dtype)

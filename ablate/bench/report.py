@@ -2,7 +2,7 @@
 page takes to open in headless Chromium.
 
 :func:`build_report_db` writes the database of ``ablate bench table``
-(:func:`ablate.bench_table.build_db`: 10,000 runs = 10 variants x 100 settings x 10 seeds, 20
+(:func:`ablate.bench.table.build_db`: 10,000 runs = 10 variants x 100 settings x 10 seeds, 20
 final metrics, some failed, pending and older-code runs) with train and validation loss curves on
 every run and, for every finished run, the files a real job leaves: a sample sheet (6 prompts x
 the default spec's snapshot steps, 32x32 tiles), ``samples.png`` (64 tiles) with its captions. With
@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .bench_table import build_db
+from ablate.bench.table import build_db
 
 PROMPTS = ["a large red circle in the top left", "a small blue square in the center",
            "a large green triangle in the right", "a small yellow circle in the bottom",
@@ -65,10 +65,10 @@ def build_report_db(path: Path, runs: int = 10_000, one_config_per_run: bool = F
     ``path.parent / "runs"``; returns its URL."""
     from sqlalchemy import insert, select, update
 
-    from .config import RunSpec
-    from .db import Artifact, Database, Run
-    from .report.site_data import expected_steps
-    from .results import flatten
+    from ablate.config import RunSpec
+    from ablate.db import Artifact, Database, Run
+    from ablate.report.site_data import expected_steps
+    from ablate.results import flatten
 
     steps = sorted(expected_steps(flatten(RunSpec().model_dump(mode="json"))))  # what the page expects
     url = build_db(path, runs=runs, curve_runs=runs, curve_steps=16)
@@ -100,7 +100,7 @@ def build_report_db(path: Path, runs: int = 10_000, one_config_per_run: bool = F
 def _browser_times(index: Path) -> dict[str, float]:
     """Milliseconds: index drawn (second load; the first warms the browser), sorting every row by
     FID and redrawing, a row page with its sample sheet drawn."""
-    from .report.browser import chromium, load_report, wait_for
+    from ablate.report.browser import chromium, load_report, wait_for
 
     with chromium() as d:
         load_report(d, index)
@@ -125,8 +125,8 @@ def bench_report(runs: int = 10_000, repeats: int = 2, one_config_per_run: bool 
     """Build the database, time the report and (``browser``, when Chromium is there) its page.
     One row per measurement: ``what`` (build_db | in_process | subprocess | chromium),
     ``runs``, ``rows`` (table rows), ``seconds`` (best), ``detail``."""
-    from .db import Database
-    from .report.site import write_report
+    from ablate.db import Database
+    from ablate.report.site import write_report
 
     tmp = tempfile.TemporaryDirectory(prefix="ablate-bench-report-") if workdir is None else None
     where = Path(workdir or tmp.name)  # type: ignore[union-attr]
@@ -162,7 +162,7 @@ def bench_report(runs: int = 10_000, repeats: int = 2, one_config_per_run: bool 
             out.append(dict(what="subprocess", runs=runs, rows=best.rows, seconds=wall,
                             detail="`ablate report --db URL`: Python start, imports and the build"))
         if browser:
-            from .report.browser import missing
+            from ablate.report.browser import missing
 
             why = missing()
             if why:

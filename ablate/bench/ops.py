@@ -3,7 +3,7 @@
 :func:`bench_ops` times forward+backward of one selective scan at Mamba's sizes for each
 implementation (the reference loop, the torch path, the numba kernel, mambapy's parallel scan when
 installed) and for each text-dependent form of the scan, plus one self-attention layer of the same
-model width as a yardstick. :func:`bench_train_step` times whole training steps of a generator.
+model width as a yardstick (whole training steps: :mod:`ablate.bench.step`).
 :func:`format_rows` prints either as a table with ratios against a baseline measured in the same run.
 
 Timing: best of ``repeats`` after one warm-up call (compilation, caches), wall clock, at the
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..utils import peak_memory  # noqa: F401  (re-exported: the bench's memory figure)
-from .selective_scan import IMPLS, numba_available, selective_scan
+from ablate.utils import peak_memory  # noqa: F401  (re-exported: the bench's memory figure)
+from ablate.ops.selective_scan import IMPLS, numba_available, selective_scan
 
 MEM_METHOD = "rss high-water mark (/proc/self/clear_refs), after malloc_trim"
 
@@ -189,7 +189,7 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
             impls = ["ref", "torch"] + (["numba"] if numba_available() else []) + (
                 ["mambapy"] if _has_mambapy() else [])
         else:
-            from .cuda import mamba_kernel
+            from ablate.cuda import mamba_kernel
             impls = ["ref", "torch"] + (["cuda"] if mamba_kernel() is not None else []) + (
                 ["mambapy"] if _has_mambapy() else [])
     unknown = [i for i in impls if i not in IMPLS and i != "mambapy"]
@@ -260,115 +260,6 @@ def _has_mambapy() -> bool:
     except Exception:
         return False
     return True
-
-
-def _train_step_closure(variant: str, batch: int, width: int, depth: int, grid: tuple[int, int],
-                        text_len: int, codebook_size: int, seed: int, device: str = "cpu",
-                        dtype: Optional[torch.dtype] = None, compile: bool = False) -> tuple[Callable[[], None], int]:
-    """One generator training step of ``variant`` (default hyperparameters, learned text
-    encoder with ``TextSpec`` defaults) as a closure, and the generator's parameter count.
-    Captions have random lengths in [3, T], so Mamba variants exercise their pad masking.
-    ``dtype``: autocast to it (bf16, fp16; None: fp32); ``compile``: torch.compile the model."""
-    from ..config import TextSpec
-    from ..model.generator import Generator
-    from ..paradigm import Masked
-    from ..registry import load_registry
-    from ..text import LearnedTextEncoder
-
-    torch.manual_seed(seed)
-    cls = load_registry().get(variant)
-    text = LearnedTextEncoder(TextSpec(max_len=text_len, width=width), [f"w{i}" for i in range(100)])
-    model = Generator(cls, cls.Config(), text, codebook_size=codebook_size, grid=grid, width=width,
-                      depth=depth, heads=4, text_len=text_len).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, codebook_size, (batch, grid[0] * grid[1]), generator=g).to(device)
-    lens = torch.randint(3, text_len + 1, (batch,), generator=g)
-    mask = (torch.arange(text_len)[None] < lens[:, None]).to(device)
-    ids = torch.where(mask.cpu(), torch.randint(3, 103, (batch, text_len), generator=g), 0).to(device)
-
-    net = torch.compile(model) if compile else model
-    cast = (lambda: torch.autocast(device_type=codes.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-
-    par = Masked(codebook_size)
-
-    def step() -> None:
-        with cast():
-            loss = par.loss(net, par.make_batch(codes, g), ids, mask, 0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if codes.is_cuda:
-            torch.cuda.synchronize()
-    return step, sum(p.numel() for p in model.parameters())
-
-
-def bench_train_step(variant: str, impl: Optional[str] = None, batch: int = 64, width: int = 128,
-                     depth: int = 4, grid: tuple[int, int] = (8, 8), text_len: int = 16,
-                     codebook_size: int = 256, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Seconds per training step (forward, masked loss, backward, AdamW) of a generator with
-    backbone ``variant``, best of ``repeats`` after two warm-up steps; ``impl`` forces the
-    selective-scan path (:func:`default_impl`)."""
-    from .selective_scan import default_impl
-
-    step, _ = _train_step_closure(variant, batch, width, depth, grid, text_len, codebook_size, seed)
-    times = []
-    with default_impl(impl):
-        for i in range(repeats + 2):
-            t0 = time.perf_counter()
-            step()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-    return dict(variant=variant, impl=impl or "auto", batch=batch, width=width, depth=depth,
-                seq=grid[0] * grid[1] + text_len, threads=torch.get_num_threads(),
-                step_s=min(times), step_median_s=sorted(times)[len(times) // 2])
-
-
-def bench_steps(variants: Sequence[str], batch: int = 64, width: int = 96, depth: int = 4,
-                grid: tuple[int, int] = (4, 4), text_len: int = 10, codebook_size: int = 512,
-                repeats: int = 5, seed: int = 0, device: str = "cpu", precisions: Sequence[str] = ("fp32",),
-                compile: bool = False) -> list[dict[str, Any]]:
-    """Training-step time of each variant's generator at each precision, all interleaved within
-    each repeat (two warm-up steps first). ``vs_first``: the median over repeats of this row's
-    step time over the first row's (first variant, first precision) in the same repeat;
-    ``vs_precision``: over the same variant's first precision's. Defaults: the quickstart's size."""
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    rows, steps, params = [], [], []
-    for v in variants:
-        for p in precisions:
-            step, n = _train_step_closure(v, batch, width, depth, grid, text_len, codebook_size, seed, device,
-                                          dtypes.get(p), compile)
-            rows.append((v, p))
-            steps.append(step)
-            params.append(n)
-    for step in steps:
-        step()
-        step()
-    times: list[list[float]] = [[] for _ in steps]
-    for _ in range(repeats):
-        for i, step in enumerate(steps):
-            t0 = time.perf_counter()
-            step()
-            times[i].append(time.perf_counter() - t0)
-    base = {v: rows.index((v, precisions[0])) for v in variants}
-    return [dict(variant=v, precision=p, compile=compile, batch=batch, width=width, depth=depth,
-                 seq=grid[0] * grid[1] + text_len, params=params[i], threads=torch.get_num_threads(), device=device,
-                 step_s=min(times[i]), step_median_s=statistics.median(times[i]),
-                 vs_first=statistics.median(a / b for a, b in zip(times[i], times[0])),
-                 vs_precision=statistics.median(a / b for a, b in zip(times[i], times[base[v]])))
-            for i, (v, p) in enumerate(rows)]
-
-
-def format_steps(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of :func:`bench_steps` rows."""
-    first = f"{rows[0]['variant']} {rows[0].get('precision', 'fp32')}" if rows else ""
-    base = rows[0].get("precision", "fp32") if rows else "fp32"
-    out = [f"| variant | precision | params | step ms (best) | median ms | / {first} | / {base} |",
-           "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['variant']} | {r.get('precision', 'fp32')} | {r['params']:,} | {r['step_s'] * 1e3:.1f} | "
-                   f"{r['step_median_s'] * 1e3:.1f} | {r['vs_first']:.2f} | {r.get('vs_precision', 1.0):.2f} |")
-    return "\n".join(out)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

@@ -29,7 +29,7 @@ SHARD = 100_000
 
 
 def _captions(n: int) -> list[str]:
-    from .data import shapes
+    from ablate.data import shapes
 
     _, caps, _ = shapes.generate(min(n, CAPTION_POOL), 8, 1, [0, 9], None, 0)
     return caps
@@ -38,7 +38,7 @@ def _captions(n: int) -> list[str]:
 def synthetic_store(root: Path, n: int, tokens: int = 16, codebook: int = 512, seed: int = 0) -> Any:
     """A token store of ``n`` samples: random codes, captions cycled from a pool of shapes
     captions, in shards of :data:`SHARD`."""
-    from .data.store import TokenStore
+    from ablate.data.store import TokenStore
 
     side = int(round(tokens ** 0.5))
     store = TokenStore(root, {"data": f"synthetic-{n}", "tokenizer": "synthetic", "grid": [side, side],
@@ -54,9 +54,9 @@ def synthetic_store(root: Path, n: int, tokens: int = 16, codebook: int = 512, s
 
 
 def _trainer(store: Any, out: Path, steps: int, batch: int) -> Any:
-    from .config import RunSpec
-    from .prepare import Prepared
-    from .train import Trainer
+    from ablate.config import RunSpec
+    from ablate.prepare import Prepared
+    from ablate.train import Trainer
 
     spec = RunSpec.model_validate({
         "model": {"width": 96, "depth": 4, "heads": 4}, "text": {"max_len": 10},
@@ -69,12 +69,12 @@ def _trainer(store: Any, out: Path, steps: int, batch: int) -> Any:
 
 def bench_prepare(n_images: int = 2000, image_size: int = 64, per_shard: int = 500) -> list[dict[str, Any]]:
     """Images/s per core of decoding, and of decoding + VQ-VAE encoding into the store."""
-    from .config import DataSpec, TokenizerSpec
-    from .data.encode import StreamedSplits, encode_store
-    from .data.sources import read_shard
-    from .tokenizer import VQVAE
-    from .data import shapes
-    from .data.sources import write_shards
+    from ablate.config import DataSpec, TokenizerSpec
+    from ablate.data.encode import StreamedSplits, encode_store
+    from ablate.data.sources import read_shard
+    from ablate.tokenizer import VQVAE
+    from ablate.data import shapes
+    from ablate.data.sources import write_shards
 
     torch.set_num_threads(1)
     rows = []
@@ -115,7 +115,7 @@ def _rss_child(root: str, steps: int, batch: int) -> None:
     """Run in a fresh process: train on the store at ``root``; print peak RSS as JSON."""
     import resource
 
-    from .data.store import TokenStore
+    from ablate.data.store import TokenStore
 
     torch.set_num_threads(1)
     info = json.loads((Path(root) / "manifest.json").read_text())
@@ -135,7 +135,7 @@ def bench_memory(small: int = 10_000, big: int = 1_000_000, steps: int = 30, bat
         for n in (small, big):
             root = Path(tmp) / f"store-{n}"
             synthetic_store(root, n)
-            code = f"from ablate.bench_data import _rss_child; _rss_child({str(root)!r}, {steps}, {batch})"
+            code = f"from ablate.bench.data import _rss_child; _rss_child({str(root)!r}, {steps}, {batch})"
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             rows.append({"samples": n, **json.loads(res.stdout.strip().splitlines()[-1])})
     base = rows[0]["maxrss_mb"]

@@ -37,11 +37,11 @@ def default_scales(side: int) -> list[int]:
 
 def _cell(paradigm: str, variant: str, grid: tuple[int, int], width: int, depth: int, text_len: int,
           codebook: int, seed: int, device: str) -> tuple[Any, Any]:
-    from .config import TextSpec
-    from .model import Generator
-    from .paradigm import generation_order, get
-    from .registry import load_registry
-    from .text import LearnedTextEncoder
+    from ablate.config import TextSpec
+    from ablate.model import Generator
+    from ablate.paradigm import generation_order, get
+    from ablate.registry import load_registry
+    from ablate.text import LearnedTextEncoder
 
     cls = load_registry().get(variant)
     params = {"scan": "forward"} if "scan" in cls.Config.model_fields else {}
@@ -68,7 +68,7 @@ def bench_sample(paradigms: Sequence[str] = ("masked", "ar", "var"), variants: S
     """One row per (token grid, variant, paradigm) the variant can serve (the others are named
     in ``skipped``): ``images_per_s`` (best round), ``images_per_s_median``, ``vs_first``,
     ``vs_masked`` (see the module docstring)."""
-    from .config import SampleSpec
+    from ablate.config import SampleSpec
 
     spec = SampleSpec(steps=steps, guidance=guidance, batch_size=batch, decode=decode)
     g = torch.Generator().manual_seed(seed)

@@ -71,7 +71,7 @@ def _patched(original: Callable, wrapper: Callable) -> Iterator[None]:
 def op_timer(text_len: int, device: torch.device) -> Iterator[dict[str, list[float]]]:
     """``with op_timer(T, device) as acc:`` -> ``acc[op] = [seconds, calls]`` added up over the
     block for each op in :data:`OPS`."""
-    from .ops import causal_conv1d, selective_scan
+    from ablate.ops import causal_conv1d, selective_scan
 
     acc: dict[str, list[float]] = {op: [0.0, 0] for op in OPS}
     depth = [0]  # time only the outermost op call (an op calling another is counted once)
@@ -116,7 +116,7 @@ def _inputs(batch: int, grid: tuple[int, int], text_len: int, width: int, device
 
 def _build(cls: type, params: dict[str, Any], width: int, depth: int, heads: int, grid: tuple[int, int],
            text_len: int, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    from .registry import VariantContext
+    from ablate.registry import VariantContext
 
     torch.manual_seed(seed)
     ctx = VariantContext(width=width, depth=depth, heads=heads, grid=tuple(grid), text_len=text_len)
@@ -143,7 +143,7 @@ def _times(model: torch.nn.Module, inputs: tuple, passes: int, warmup: int, devi
 def cells_from_grid(path: Path) -> list[dict[str, Any]]:
     """The distinct (variant, params, width, depth, heads, token grid, T) settings of a grid
     file's cells (seeds collapse), in the grid's order."""
-    from .grid import load_grid
+    from ablate.grid import load_grid
 
     grid = load_grid(Path(path))
     out, seen = [], set()
@@ -217,8 +217,8 @@ def bench_layers(variants: Optional[Sequence[str]] = None, width: int = 96, dept
     ``mixing_share`` (the ops' share of the single-layer time). ``variants`` default: all
     registered ones. Defaults are the quickstart's sizes. ``precision``: fp32, or bf16 / fp16
     autocast around every forward."""
-    from .registry import load_registry
-    from .train.precision import autocast
+    from ablate.registry import load_registry
+    from ablate.train.precision import autocast
 
     reg = load_registry()
     if cells is None:

@@ -47,9 +47,9 @@ def build_db(path: Path, runs: int = 10_000, n_metrics: int = 20, variants: int 
     each. ``curve_runs`` runs get train/val loss curves."""
     from sqlalchemy import insert
 
-    from . import __version__
-    from .config import RunSpec, stored_config_key
-    from .db import Database, GridRun, Metric, Run
+    from ablate import __version__
+    from ablate.config import RunSpec, stored_config_key
+    from ablate.db import Database, GridRun, Metric, Run
 
     if n_metrics > len(METRICS):
         raise ValueError(f"bench table: at most {len(METRICS)} metrics, got {n_metrics}")
@@ -108,11 +108,11 @@ def build_db(path: Path, runs: int = 10_000, n_metrics: int = 20, variants: int 
 
 
 def _time_in_process(url: str, fmt: str) -> dict[str, float]:
-    from .db import Database
-    from .report.catalog import catalog
-    from .report.render import render
-    from .report.table import summarize
-    from .results import load
+    from ablate.db import Database
+    from ablate.report.catalog import catalog
+    from ablate.report.render import render
+    from ablate.report.table import summarize
+    from ablate.results import load
 
     db = Database(url, create=False)
     try:
