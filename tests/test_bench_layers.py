@@ -1,13 +1,13 @@
-"""`ablate bench layers`: a row for every registered variant, the ops told apart, the patches undone."""
+"""`ablate bench layers` and `breakdown`: a row for every registered variant, the ops told apart by
+the model's labels, forward and backward."""
 from __future__ import annotations
 
+import contextlib
 import textwrap
 
 import torch
-import torch.nn.functional as F
 
-from ablate import ops
-from ablate.bench.layers import OPS, bench_layers, cells_from_grid, op_timer
+from ablate.bench.layers import OPS, bench_breakdown, bench_layers, cells_from_grid
 from ablate.cli import main
 from ablate.db import Database
 from ablate.registry import load_registry
@@ -33,18 +33,49 @@ def test_rows_for_every_variant_with_the_ops_they_use():
     assert (mp["ssm_scan_calls"], mp["conv1d_calls"], mp["self_attn_calls"], mp["cross_attn_calls"]) == (2, 2, 0, 0)
 
 
-def test_op_timer_classifies_and_restores():
-    sdpa, scan = F.scaled_dot_product_attention, ops.selective_scan
-    q, kv_text, kv_img = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8)
-    with op_timer(text_len=4, device=torch.device("cpu")) as acc:
-        assert F.scaled_dot_product_attention is not sdpa and ops.selective_scan is not scan
-        F.scaled_dot_product_attention(q, kv_text, kv_text)
-        F.scaled_dot_product_attention(q, kv_img, kv_img)
-        F.scaled_dot_product_attention(q, kv_img, kv_img)
-    assert acc["cross_attn"][1] == 1 and acc["self_attn"][1] == 2 and acc["ssm_scan"][1] == 0
-    assert F.scaled_dot_product_attention is sdpa and ops.selective_scan is scan
-    from ablate.model import mamba
-    assert mamba.selective_scan is scan
+def test_labels_cost_nothing_outside_a_profile_and_attribute_forward_and_backward():
+    """Nested labels give paths and self times that add up to the pass; each backward op lands
+    on the label of the forward op that made it; outside a profile a label is a no-op."""
+    from ablate.bench.profile import OTHER, label_times
+    from ablate.model.labels import label
+
+    assert isinstance(label("x"), contextlib.nullcontext)
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(256, 64)
+
+    def forward():
+        with label("outer"):
+            h = x @ w  # outer's own op
+            with label("inner"):
+                h = (h @ w).tanh() @ w  # twice the outer's matmuls, forward and backward
+        return h.relu()  # unlabelled
+
+    times = label_times(forward, passes=3, device=torch.device("cpu"), backward=True)
+    assert set(times) == {"outer", "outer > inner", OTHER}
+    assert times["outer"]["calls"] == 1 and times["outer > inner"]["calls"] == 1
+    assert times["outer > inner"]["bwd_ms"] > times["outer"]["bwd_ms"] > 0
+    assert times["outer > inner"]["fwd_ms"] > 0 and times["outer"]["fwd_ms"] > 0
+    assert all(t["fwd_ms"] >= 0 and t["bwd_ms"] >= 0 for t in times.values())
+
+
+def test_breakdown_names_every_mamba_op_forward_and_backward(capsys, tmp_path):
+    rows = bench_breakdown(["mamba-prefix", "transformer"], width=16, depth=2, heads=2, grid=(2, 3), text_len=4,
+                           batch=2, passes=1, warmup=1, params=None)
+    by = {(r["variant"], r["op"]): r for r in rows}
+    for op in ("mamba.in_proj", "mamba.conv1d", "mamba.x_proj", "mamba.dt_proj", "mamba.scan", "mamba.out_proj",
+               "scan_order.permute", "norm"):
+        r = by[("mamba-prefix", op)]
+        assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0, op
+    assert by[("mamba-prefix", "mamba.scan")]["calls"] == 4  # bidirectional, two layers
+    assert ("transformer", "attn.self > attn.sdpa") in by and ("transformer", "mamba.scan") not in by
+    total = by[("mamba-prefix", "(total)")]
+    parts = [r for r in rows if r["variant"] == "mamba-prefix" and r["op"] != "(total)"]
+    assert abs(sum(r["fwd_ms"] for r in parts) - total["fwd_ms"]) < 1e-6
+    assert main(["bench", "breakdown", "--variants", "mamba-prefix", "--params", '{"scan": "forward"}',
+                 "--width", "16", "--depth", "1", "--heads", "2", "--tokens", "2x2", "--text-len", "3",
+                 "--batch", "2", "--passes", "1", "--warmup", "0", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| mamba-prefix | 4 | 2 | mamba.scan |" in out and "| 1 |" in out
 
 
 def test_cli_stores_rows_and_takes_a_grid(tmp_path, capsys):

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import Tensor
 
+from ablate.model.labels import label
 from ablate.model.mamba import Mamba
 from ablate.model.scan_order import MultiDirection, inverse, permute, scan_permutations
 from ablate.registry import VariantContext
@@ -122,8 +123,9 @@ class Pool(nn.Module):
         k = self.key(text)  # [B, T, D]
         q = self.query.view(1, 1, 1, -1).expand(u.shape[0], 1, 1, -1) if self.kind == "attention" \
             else self.q(u).unsqueeze(1)  # [B, 1, 1 | L, D]
-        out = F.scaled_dot_product_attention(q, k.unsqueeze(1), text.unsqueeze(1),
-                                             attn_mask=key_mask[:, None, None, :])
+        with label("attn.cross"), label("attn.sdpa"):
+            out = F.scaled_dot_product_attention(q, k.unsqueeze(1), text.unsqueeze(1),
+                                                 attn_mask=key_mask[:, None, None, :])
         out = out.squeeze(1)  # [B, 1 | L, D]
         return out.squeeze(1) if self.kind == "attention" else out
 

@@ -5,14 +5,15 @@ backbone forward (``depth`` layers), of a single layer (the same backbone built 
 ``depth=1``), and of the sequence-mixing ops inside that single layer: self-attention,
 cross-attention, the SSM scan (and the Mamba block's causal conv).
 
-The ops are measured without touching the variants: during separate, instrumented forwards,
-:func:`op_timer` replaces ``torch.nn.functional.scaled_dot_product_attention``,
-``ablate.ops.selective_scan`` and ``ablate.ops.causal_conv1d`` (in every loaded module that
-holds them) by wrappers that add up the time spent inside them (synchronising CUDA around each
-call). An attention call counts as cross-attention when its keys are the caption (key length
-T, query length not T) and as self-attention otherwise (so attention over [text; image] is
-self-attention); with L == T the two are not told apart and all of it is self-attention.
-The full and single-layer forwards run without wrappers and are not slowed by them.
+The ops are the model's own labels (:mod:`ablate.model.labels`), read from a profile of
+separate forwards (:mod:`ablate.bench.profile`): self- and cross-attention are the attention
+kernel inside an ``attn.self`` / ``attn.cross`` range (attention over [text; image] is
+self-attention), the SSM scan is ``mamba.scan`` (with its D skip and gate), the conv
+``mamba.conv1d``. The full and single-layer forwards run unprofiled.
+
+:func:`bench_breakdown` (``ablate bench breakdown``) times every labelled op of a backbone in a
+training step, forward and backward, and what no label covers, for the closing question of any
+speed work: where does the time go?
 
 Timing: forward only (``torch.no_grad``, eval mode), the mean over ``passes`` forwards after
 ``warmup`` (as the seed: "averaged over 50 forward passes"), the median beside it; batch
@@ -30,14 +31,13 @@ Legend: B batch, L image tokens, T text tokens, D width.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from ablate.bench.profile import OTHER, label_modules, label_times
 
 OPS = ("self_attn", "cross_attn", "ssm_scan", "conv1d")
 
@@ -47,61 +47,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@contextmanager
-def _patched(original: Callable, wrapper: Callable) -> Iterator[None]:
-    """Replace ``original`` by ``wrapper`` wherever a loaded module holds it by any name."""
-    found = []
-    for mod in list(sys.modules.values()):
-        d = getattr(mod, "__dict__", None)
-        if not isinstance(d, dict):
-            continue
-        for name, value in list(d.items()):
-            if value is original:
-                found.append((d, name))
-    for d, name in found:
-        d[name] = wrapper
-    try:
-        yield
-    finally:
-        for d, name in found:
-            d[name] = original
+# the seed's op columns: (column, label path suffix)
+OP_LABELS = (("self_attn", "attn.self > attn.sdpa"), ("cross_attn", "attn.cross > attn.sdpa"),
+             ("ssm_scan", "mamba.scan"), ("conv1d", "mamba.conv1d"))
 
 
-@contextmanager
-def op_timer(text_len: int, device: torch.device) -> Iterator[dict[str, list[float]]]:
-    """``with op_timer(T, device) as acc:`` -> ``acc[op] = [seconds, calls]`` added up over the
-    block for each op in :data:`OPS`."""
-    from ablate.ops import causal_conv1d, selective_scan
-
-    acc: dict[str, list[float]] = {op: [0.0, 0] for op in OPS}
-    depth = [0]  # time only the outermost op call (an op calling another is counted once)
-
-    def timed(fn: Callable, classify: Callable[..., str]) -> Callable:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if depth[0]:
-                return fn(*args, **kwargs)
-            op = classify(*args, **kwargs)
-            depth[0] += 1
-            _sync(device)
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _sync(device)
-                acc[op][0] += time.perf_counter() - t0
-                acc[op][1] += 1
-                depth[0] -= 1
-        return wrapper
-
-    def attention_kind(q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any) -> str:
-        lq, lk = q.shape[-2], k.shape[-2]
-        return "cross_attn" if lk == text_len and lq != text_len else "self_attn"
-
-    sdpa = F.scaled_dot_product_attention
-    with _patched(sdpa, timed(sdpa, attention_kind)), \
-            _patched(selective_scan, timed(selective_scan, lambda *a, **k: "ssm_scan")), \
-            _patched(causal_conv1d, timed(causal_conv1d, lambda *a, **k: "conv1d")):
-        yield acc
+def op_columns(times: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """``{op: [seconds per pass, calls per pass]}`` for each op of :data:`OPS` from
+    :func:`ablate.bench.profile.label_times` (forward times)."""
+    out = {op: [0.0, 0.0] for op in OPS}
+    for op, suffix in OP_LABELS:
+        for path, t in times.items():
+            if path == suffix or path.endswith(" > " + suffix):
+                out[op][0] += t["fwd_ms"] / 1e3
+                out[op][1] += t["calls"]
+    return out
 
 
 def _inputs(batch: int, grid: tuple[int, int], text_len: int, width: int, device: torch.device,
@@ -235,9 +195,7 @@ def bench_layers(variants: Optional[Sequence[str]] = None, width: int = 96, dept
         with torch.no_grad(), autocast(precision, dev):
             t_full = _times(full, inputs, passes, warmup, dev)
             t_one = _times(one, inputs, passes, warmup, dev)
-            with op_timer(c["text_len"], dev) as acc:
-                for _ in range(passes):
-                    _forward(one, *inputs)
+            acc = op_columns(label_times(lambda: one(*inputs), passes, dev))
         layer_ms = statistics.mean(t_one) * 1e3
         row = dict(variant=c["variant"], family=cls.family, params=sum(p.numel() for p in full.parameters()),
                    width=c["width"], depth=c["depth"], heads=c["heads"], L=c["grid"][0] * c["grid"][1],
@@ -246,14 +204,13 @@ def bench_layers(variants: Optional[Sequence[str]] = None, width: int = 96, dept
                    full_ms=statistics.mean(t_full) * 1e3, full_median_ms=statistics.median(t_full) * 1e3,
                    layer_ms=layer_ms, layer_median_ms=statistics.median(t_one) * 1e3)
         for op in OPS:
-            row[f"{op}_ms"] = acc[op][0] / passes * 1e3
-            row[f"{op}_calls"] = acc[op][1] / passes
+            row[f"{op}_ms"] = acc[op][0] * 1e3
+            row[f"{op}_calls"] = acc[op][1]
             row[f"{op}_call_ms"] = acc[op][0] / acc[op][1] * 1e3 if acc[op][1] else None
         row["mixing_share"] = sum(row[f"{op}_ms"] for op in OPS) / layer_ms if layer_ms else None
         if c.get("params"):
             row["model_params"] = c["params"]
         rows.append(row)
-        del full, one
     return rows
 
 
@@ -272,4 +229,57 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {r['variant']} | {r['params']:,} | {r['depth']} | {r['full_ms']:.2f} | {r['layer_ms']:.3f} | "
                    f"{op(r, 'self_attn')} | {op(r, 'cross_attn')} | {op(r, 'ssm_scan')} | {op(r, 'conv1d')} | "
                    f"{share} |")
+    return "\n".join(out)
+
+
+def bench_breakdown(variants: Sequence[str], width: int = 96, depth: int = 4, heads: int = 4,
+                    grid: tuple[int, int] = (4, 4), text_len: int = 10, batch: int = 32, passes: int = 10,
+                    warmup: int = 2, device: str = "cpu", seed: int = 0, precision: str = "fp32",
+                    params: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """Per variant, per labelled op of its backbone (and :data:`~ablate.bench.profile.OTHER`):
+    forward and backward milliseconds of one training pass (train mode, the backward of the
+    output's sum), calls per pass and its share of the pass. Every ``nn.LayerNorm`` counts as
+    ``norm``. Rows: ``variant, L, T, batch, width, depth, op, fwd_ms, bwd_ms, calls, share``
+    plus a ``(total)`` row per variant."""
+    from ablate.registry import load_registry
+    from ablate.train.precision import autocast
+
+    reg = load_registry()
+    dev = torch.device(device)
+    rows = []
+    for v in variants:
+        cls = reg.get(v)
+        model = _build(cls, params or {}, width, depth, heads, grid, text_len, dev, seed).train()
+        x, text, mask = _inputs(batch, grid, text_len, width, dev, seed)
+        x.requires_grad_(True)
+
+        def forward() -> torch.Tensor:
+            with autocast(precision, dev):
+                out = model(x, text, mask)
+            return out[0] if isinstance(out, tuple) else out
+
+        for _ in range(warmup):
+            forward().float().sum().backward()
+        with label_modules(model, {torch.nn.LayerNorm: "norm"}):
+            times = label_times(forward, passes, dev, backward=True)
+        total = sum(t["fwd_ms"] + t["bwd_ms"] for t in times.values())
+        base = dict(variant=v, L=grid[0] * grid[1], T=text_len, batch=batch, width=width, depth=depth,
+                    device=str(dev), threads=torch.get_num_threads(), precision=precision, passes=passes)
+        order = sorted(times, key=lambda k: (k == OTHER, -(times[k]["fwd_ms"] + times[k]["bwd_ms"])))
+        for op in order:
+            t = times[op]
+            rows.append(dict(base, op=op, fwd_ms=t["fwd_ms"], bwd_ms=t["bwd_ms"], calls=t["calls"],
+                             share=(t["fwd_ms"] + t["bwd_ms"]) / total if total else None))
+        rows.append(dict(base, op="(total)", fwd_ms=sum(t["fwd_ms"] for t in times.values()),
+                         bwd_ms=sum(t["bwd_ms"] for t in times.values()), calls=None, share=1.0))
+    return rows
+
+
+def format_breakdown(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of :func:`bench_breakdown` rows, one block per variant."""
+    out = ["| variant | L | batch | op | fwd ms | bwd ms | calls | share |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        calls = "" if r["calls"] is None else f"{r['calls']:g}"
+        out.append(f"| {r['variant']} | {r['L']} | {r['batch']} | {r['op']} | {r['fwd_ms']:.2f} | "
+                   f"{r['bwd_ms']:.2f} | {calls} | {r['share']:.0%} |")
     return "\n".join(out)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +69,20 @@ def _arguments(b: argparse.ArgumentParser) -> None:
         bl.add_argument(f"--{name}", type=kind, help=f"{text} (default: {default})")
     bl.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="autocast precision of every forward")
+    bb = bsub.add_parser("breakdown", help="where a training pass's time goes: every labelled op of each "
+                                           "variant's backbone, forward and backward")
+    bb.add_argument("--variants", nargs="+", default=["transformer", "mamba-prefix"])
+    bb.add_argument("--params", type=json.loads, default={},
+                    help='the variants\' model.params as JSON, e.g. \'{"scan": "forward"}\'')
+    for name, kind, default, text in LAYERS_SIZE:
+        if name == "passes":
+            default, text = 10, "profiled training passes (forward + backward)"
+        if name == "warmup":
+            default = 2
+        bb.add_argument(f"--{name}", type=kind, default=kind(default) if isinstance(default, str) else default,
+                        help=f"{text} (default: {default})")
+    bb.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="autocast precision of every forward")
     bsa = bsub.add_parser("sample", help="sampling images/s of every paradigm x backbone (random weights), paired")
     bsa.add_argument("--paradigms", nargs="+", default=["masked", "ar", "var"], choices=["masked", "ar", "var"])
     bsa.add_argument("--variants", nargs="+", default=["transformer", "mamba-prefix", "mamba-adaln", "hybrid-gsa"])
@@ -105,10 +120,10 @@ def _arguments(b: argparse.ArgumentParser) -> None:
                     help="every run its own configuration (10,000 table rows, a large study's shape)")
     br.add_argument("--no-browser", action="store_true", help="time only the build")
     br.add_argument("--no-subprocess", action="store_true", help="time only the in-process build")
-    for sp in (bo, bs, bl, bsa):
+    for sp in (bo, bs, bl, bb, bsa):
         sp.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
         sp.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
-    for sp in (bo, bs, bl, bsa, bt, bd, br):
+    for sp in (bo, bs, bl, bb, bsa, bt, bd, br):
         sp.add_argument("--no-store", action="store_true", help="print only; do not write the database")
         database_options(sp)
 
@@ -135,7 +150,7 @@ def _check_variants(names: list[str]) -> None:
 
 
 def _torch_suite(args: argparse.Namespace) -> tuple[Callable[[], list[dict[str, Any]]], Callable[[list], str]]:
-    """ops, step, layers: what to measure and how to print it (on ``args.device``)."""
+    """ops, step, layers, breakdown, sample: what to measure and how to print it (on ``args.device``)."""
     from ..bench import ops as bench_ops, step as bench_step
 
     device = _device(args.device)
@@ -170,6 +185,15 @@ def _torch_suite(args: argparse.Namespace) -> tuple[Callable[[], list[dict[str, 
             return text
 
         return layers, show
+    if args.suite == "breakdown":
+        from ..bench import layers as bl
+
+        _check_variants(args.variants)
+        return (lambda: bl.bench_breakdown(args.variants, width=args.width, depth=args.depth, heads=args.heads,
+                                           grid=args.tokens, text_len=args.text_len, batch=args.batch,
+                                           passes=args.passes, warmup=args.warmup, device=device,
+                                           precision=args.precision, params=args.params),
+                bl.format_breakdown)
     if args.suite == "sample":
         from ..bench import sample as bsm
 
@@ -223,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import contextlib
     import platform
 
-    torch_suite = args.suite in ("ops", "step", "layers", "sample")
+    torch_suite = args.suite in ("ops", "step", "layers", "breakdown", "sample")
     measure, format_rows = (_torch_suite if torch_suite else _process_suite)(args)
     with contextlib.ExitStack() as stack:
         db = None if args.no_store else stack.enter_context(database(args, create=True))

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .labels import label
+
 
 def rope_tables(coords: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
     """2D rotary position tables (seed 002's 2D RoPE): ``coords [S, 2]`` (row, column; floats)
@@ -97,7 +99,8 @@ class Attention(nn.Module):
         """``q [B, H, L, hd]`` over ``k, v [B, H, S, hd]``; ``mask`` broadcastable to ``[B, H, L, S]``
         (True = attend); ``causal``: query i attends keys <= i. -> ``[B, L, D]``."""
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
+        with label("attn.sdpa"):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
         b, _, n, _ = q.shape
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
@@ -107,9 +110,10 @@ class Attention(nn.Module):
         """``x: [B, L, D]``, ``kv: [B, T, D]``, ``key_mask: [B, T]`` bool (True = attend); or a
         full ``attn_mask`` ``[B, 1, L, S]``; ``causal`` (self-attention): query i attends keys <= i;
         ``rope`` (self-attention): 2D rotary tables of the positions (:func:`rope_tables`)."""
-        k, v = self.keys(x if kv is None else kv, rope)
-        mask = attn_mask if attn_mask is not None else (None if key_mask is None else key_mask[:, None, None, :])
-        return self.attend(self.query(x, rope), k, v, mask, causal)
+        with label("attn.self" if kv is None else "attn.cross"):
+            k, v = self.keys(x if kv is None else kv, rope)
+            mask = attn_mask if attn_mask is not None else (None if key_mask is None else key_mask[:, None, None, :])
+            return self.attend(self.query(x, rope), k, v, mask, causal)
 
 
 class KVCache:
@@ -149,7 +153,8 @@ class MuseBlock(nn.Module):
                 attn_mask: Optional[Tensor] = None, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         h = h + self.drop(self.self_attn(self.norm1(h), causal=causal, attn_mask=attn_mask, rope=rope))
         h = h + self.drop(self.cross_attn(self.norm2(h), text, text_mask)) * has_text
-        return h + self.drop(self.mlp(self.norm3(h)))
+        with label("mlp"):
+            return h + self.drop(self.mlp(self.norm3(h)))
 
     def step(self, h: Tensor, cache: KVCache, text_kv: tuple[Tensor, Tensor], text_mask: Tensor,
              has_text: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:

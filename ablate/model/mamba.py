@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import causal_conv1d, selective_scan, selective_state_update
+from .labels import label
 
 
 def dt_rank_for(d_model: int, dt_rank: Union[int, str] = "auto") -> int:
@@ -105,20 +106,24 @@ class Mamba(nn.Module):
         # where one [L, B, 2E] product would concatenate and copy its two output gradients
         W = self.in_proj.weight
         bx, bz = (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(E)
-        xs = F.linear(xt, W[:E], bx).permute(1, 2, 0)  # [B, E, L] view of [L, B, E]
-        z = F.linear(xt, W[E:], bz).permute(1, 2, 0)
+        with label("mamba.in_proj"):
+            xs = F.linear(xt, W[:E], bx).permute(1, 2, 0)  # [B, E, L] view of [L, B, E]
+            z = F.linear(xt, W[E:], bz).permute(1, 2, 0)
         if x_add is not None:
             xs = xs + _branch_hook(x_add, "x_add", b, L, E)
         if z_add is not None:
             z = z + _branch_hook(z_add, "z_add", b, L, E)
         if keep is not None and (bx is not None or x_add is not None):  # undo what re-fills inert input
             xs = torch.where(keep, xs, xs.new_zeros(()))
-        xs = causal_conv1d(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        x_dbl = self.x_proj(xs.permute(2, 0, 1))  # [L, B, R + 2N]
+        with label("mamba.conv1d"):
+            xs = causal_conv1d(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        with label("mamba.x_proj"):
+            x_dbl = self.x_proj(xs.permute(2, 0, 1))  # [L, B, R + 2N]
         dt, Bm, Cm = torch.split(x_dbl, [R, N, N], dim=-1)
         # dt @ W^T rather than F.linear: autograd then forms the weight gradient as a
         # (R x BL) @ (BL x E) product, ~8x faster on CPU than F.linear's (E x BL) @ (BL x R)
-        dt = (dt.contiguous() @ self.dt_proj.weight.t()).permute(1, 2, 0)  # [B, E, L]; bias in the scan
+        with label("mamba.dt_proj"):
+            dt = (dt.contiguous() @ self.dt_proj.weight.t()).permute(1, 2, 0)  # [B, E, L]; bias in the scan
         Bm = _add_hook(Bm.permute(1, 2, 0), B_add, "B_add", b, N, L)  # [B, N, L]
         Cm = _add_hook(Cm.permute(1, 2, 0), C_add, "C_add", b, N, L)
 
@@ -142,11 +147,13 @@ class Mamba(nn.Module):
             delta = F.softplus(dt + _at_least_fp32(self.dt_proj.bias).unsqueeze(-1))
             delta = torch.where(keep, delta, delta.new_zeros(()))
             delta_bias, softplus = None, False
-        out = selective_scan(xs, delta, A, Bm, Cm, D, z=z, delta_bias=delta_bias,
-                             delta_softplus=softplus, return_last_state=return_last_state,
-                             initial_state=initial_state, A_scale=A_scale)
+        with label("mamba.scan"):
+            out = selective_scan(xs, delta, A, Bm, Cm, D, z=z, delta_bias=delta_bias,
+                                 delta_softplus=softplus, return_last_state=return_last_state,
+                                 initial_state=initial_state, A_scale=A_scale)
         y, last = out if return_last_state else (out, None)
-        y = self.out_proj(y.permute(2, 0, 1)).transpose(0, 1)  # [B, L, D] view of [L, B, D]
+        with label("mamba.out_proj"):
+            y = self.out_proj(y.permute(2, 0, 1)).transpose(0, 1)  # [B, L, D] view of [L, B, D]
         return (y, last) if return_last_state else y
 
 

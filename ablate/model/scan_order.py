@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .labels import label
+
 ORDERS = ("forward", "bidirectional", "cross4")
 
 
@@ -99,7 +101,11 @@ class MultiDirection(nn.Module):
             raise ValueError(f"MultiDirection: {len(self.mixers)} mixers but {perms.shape[0]} permutations")
         out = None
         for mixer, p in zip(self.mixers, perms):
-            m = None if mask is None else permute(mask, p)
-            y = permute(mixer(permute(x, p), m, **kw), inverse(p))
+            with label("scan_order.permute"):
+                m = None if mask is None else permute(mask, p)
+                xp = permute(x, p)
+            y = mixer(xp, m, **kw)
+            with label("scan_order.permute"):
+                y = permute(y, inverse(p))
             out = y if out is None else out + y
         return out
