@@ -422,6 +422,31 @@ def test_bench_rows_and_the_mambapy_row_computes_the_same_scan():
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
 
 
+def test_the_floor_kernels_compute_the_scan_step_they_stand_for():
+    """The floor row times the scan's arithmetic: one forward step of the floor tile is the
+    recurrence h = exp(dt A) h + du B, y = C . h (float32), and the bench prints the row with
+    every plain row's time over it."""
+    pytest.importorskip("numba")
+    import numpy as np
+
+    from ablate.bench import floor
+    from ablate.bench import ops as bench
+
+    t = floor.tile(4)
+    h, a, dt, du, y, b, c = (t[0].copy(), t[5], t[6], t[7], t[9], t[12], t[13])
+    want_h = np.exp2(dt[None] * a) * h + du[None] * b[:, None]
+    want_y = (c[:, None] * want_h).sum(0)
+    floor.floor_fwd(1, t[0], a, dt, du, y, b, c)
+    np.testing.assert_allclose(t[0], want_h, rtol=1e-6)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(floor.run(3, floor.tile(16)))
+    rows = bench.bench_ops(lengths=(8,), batch=2, d_inner=8, n=2, repeats=1, cases=("plain",), impls=["numba"],
+                           attention=False)
+    by = {r["impl"]: r for r in rows}
+    assert set(by) == {"numba", "floor"} and by["numba"]["time_vs_floor"] > 0
+    assert "/ floor" in bench.format_rows(rows)
+
+
 def test_peak_memory_sees_a_torch_allocation():
     from ablate.bench.ops import peak_memory
 

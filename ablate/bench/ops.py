@@ -139,7 +139,23 @@ def _attention_call(batch: int, d_model: int, heads: int, L: int,
     return call
 
 
-def _fwd_bwd(call: Callable[[], Tensor], leaves: Sequence[Tensor]) -> None:
+def _floor_call(batch: int, d_inner: int, n: int, L: int) -> Callable[[], None]:
+    """The compute floor of one scan's forward+backward (:mod:`ablate.bench.floor`) as a job."""
+    from ablate.bench import floor
+
+    tile = floor.tile(n)
+    steps = max(1, round(batch * d_inner * L / floor.W))
+
+    def call() -> None:
+        floor.run(steps, tile)
+    call.leaves = None  # type: ignore[attr-defined]
+    return call
+
+
+def _fwd_bwd(call: Callable[[], Any], leaves: Optional[Sequence[Tensor]]) -> None:
+    if leaves is None:  # not autograd: the floor kernels
+        call()
+        return
     for t in leaves:
         t.grad = None
     y = call()
@@ -170,7 +186,7 @@ def _peak(device: str) -> Iterator[dict[str, Optional[float]]]:
 def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner: int = 256,
               n: int = 16, repeats: int = 3, impls: Optional[Sequence[str]] = None,
               cases: Sequence[str] = tuple(CASES), attention: bool = True,
-              device: str = "cpu") -> list[dict[str, Any]]:
+              device: str = "cpu", floor: bool = True) -> list[dict[str, Any]]:
     """Forward+backward time and peak memory of the selective scan, one row per
     (impl, case, L): ``impl, case, L, batch, d_inner, n, threads, fwd_bwd_s`` (best of
     ``repeats``), ``fwd_bwd_median_s``, the paired ratios ``speedup_vs_mambapy``,
@@ -180,7 +196,9 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
     ``impls`` default on CPU: ref, torch, numba (when importable), mambapy (when installed) for the
     plain case; the other cases run on torch and numba (and cuda) only. On ``device="cuda"``:
     ref, torch, cuda (mamba-ssm's kernel, when installed), mambapy; peak memory is then the
-    allocator's peak. ``attention`` adds an ``impl="attention"``
+    allocator's peak. ``floor`` (CPU, numba) adds an ``impl="floor"`` row per L: the numba
+    kernels' arithmetic alone for as many state elements (:mod:`ablate.bench.floor`), and every
+    plain row its ``time_vs_floor``. ``attention`` adds an ``impl="attention"``
     row per L: one self-attention layer of width ``d_inner // 2`` (the Mamba block's d_model),
     4 heads, over the same b and L.
     """
@@ -189,7 +207,7 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
             impls = ["ref", "torch"] + (["numba"] if numba_available() else []) + (
                 ["mambapy"] if _has_mambapy() else [])
         else:
-            from ablate.cuda import mamba_kernel
+            from ablate.ops.cuda import mamba_kernel
             impls = ["ref", "torch"] + (["cuda"] if mamba_kernel() is not None else []) + (
                 ["mambapy"] if _has_mambapy() else [])
     unknown = [i for i in impls if i not in IMPLS and i != "mambapy"]
@@ -213,6 +231,9 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
                     jobs.append((impl, case, call, call.leaves))  # type: ignore[attr-defined]
                 else:
                     jobs.append((impl, case, _scan_call(impl, args), leaves))
+        if floor and device == "cpu" and numba_available():
+            call = _floor_call(batch, d_inner, n, L)
+            jobs.append(("floor", "plain", call, None))
         if attention:
             call = _attention_call(batch, d_inner // 2, 4, L, device=device)
             jobs.append(("attention", f"self-attention D={d_inner // 2}, 4 heads", call,
@@ -247,6 +268,7 @@ def bench_ops(lengths: Sequence[int] = (64, 256, 1024), batch: int = 32, d_inner
                              speedup_vs_ref=paired(index.get(("ref", "plain")), i)
                              if case == "plain" else None,
                              time_vs_plain=paired(i, plain),
+                             time_vs_floor=paired(i, index.get(("floor", "plain"))) if case == "plain" else None,
                              peak_mem_mb=mem["mb"],
                              mem_method=MEM_METHOD if device == "cpu" else "torch.cuda.max_memory_allocated",
                              device=device))
@@ -265,16 +287,17 @@ def _has_mambapy() -> bool:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`bench_ops` rows with the ratios measured in the same run:
     ``x mambapy`` and ``x ref`` (their time / this row's, plain case) and ``/ plain`` (this
-    case's time / the plain case's, same impl); each ratio is the median of per-repeat pairs."""
+    case's time / the plain case's, same impl) and ``/ floor`` (this row's time / the compute
+    floor's); each ratio is the median of per-repeat pairs."""
     def num(v: Optional[float], fmt: str) -> str:
         return "" if v is None else format(v, fmt)
 
-    out = ["| impl | case | L | fwd+bwd ms (best) | median ms | x mambapy | x ref | / plain "
+    out = ["| impl | case | L | fwd+bwd ms (best) | median ms | x mambapy | x ref | / plain | / floor "
            "| peak MiB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['impl']} | {r['case']} | {r['L']} | {r['fwd_bwd_s'] * 1e3:.1f} | "
                    f"{r['fwd_bwd_median_s'] * 1e3:.1f} | {num(r.get('speedup_vs_mambapy'), '.1f')} | "
                    f"{num(r.get('speedup_vs_ref'), '.1f')} | {num(r.get('time_vs_plain'), '.2f')} | "
-                   f"{num(r.get('peak_mem_mb'), '.0f')} |")
+                   f"{num(r.get('time_vs_floor'), '.2f')} | {num(r.get('peak_mem_mb'), '.0f')} |")
     return "\n".join(out)
