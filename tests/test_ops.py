@@ -433,7 +433,7 @@ def test_the_floor_kernels_compute_the_scan_step_they_stand_for():
     from ablate.bench import ops as bench
 
     t = floor.tile(4)
-    h, a, dt, du, y, b, c = (t[0].copy(), t[5], t[6], t[7], t[9], t[12], t[13])
+    h, a, dt, du, y, b, c = (t[0].copy(), t[6], t[7], t[8], t[10], t[13], t[14])
     want_h = np.exp2(dt[None] * a) * h + du[None] * b[:, None]
     want_y = (c[:, None] * want_h).sum(0)
     floor.floor_fwd(1, t[0], a, dt, du, y, b, c)
