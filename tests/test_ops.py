@@ -465,7 +465,11 @@ def test_peak_memory_sees_a_torch_allocation():
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("bias,activation", [(True, "silu"), (False, None)])
 @pytest.mark.parametrize("time_major", [False, True])
-def test_causal_conv_fast_matches_ref(L, k, bias, activation, time_major):
+@pytest.mark.parametrize("impl", ["fast", "numba"])
+def test_causal_conv_paths_match_ref(L, k, bias, activation, time_major, impl):
+    """Outputs and the gradients of x, weight and bias, float64, every CPU path."""
+    if impl == "numba":
+        pytest.importorskip("numba")
     g = _gen(L * 10 + k)
     x = torch.randn(L, 3, 5, generator=g, dtype=F64).permute(1, 2, 0) if time_major else \
         torch.randn(3, 5, L, generator=g, dtype=F64)
@@ -474,10 +478,30 @@ def test_causal_conv_fast_matches_ref(L, k, bias, activation, time_major):
     bb = torch.randn(5, generator=g, dtype=F64, requires_grad=True) if bias else None
     inputs = [x, w] + ([bb] if bias else [])
     res = []
-    for fn in (causal_conv1d_ref, causal_conv1d_fast):
+    for fn in (causal_conv1d_ref, lambda *a: causal_conv1d(*a, impl=impl)):
         y = fn(x, w, bb, activation)
         gy = torch.randn(y.shape, generator=_gen(9), dtype=F64)
         res.append([y, *torch.autograd.grad((y * gy).sum(), inputs)])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_causal_conv_numba_splits_samples_over_threads():
+    """Two threads: each adds its samples' weight and bias gradients into its own partial sums."""
+    pytest.importorskip("numba")
+    g = _gen(7)
+    x = torch.randn(40, 5, 6, generator=g, dtype=F64).permute(1, 2, 0).requires_grad_()
+    w = torch.randn(6, 4, generator=g, dtype=F64, requires_grad=True)
+    bb = torch.randn(6, generator=g, dtype=F64, requires_grad=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = []
+        for impl in ("ref", "numba"):
+            y = causal_conv1d(x, w, bb, "silu", impl=impl)
+            res.append([y, *torch.autograd.grad(y.square().sum(), [x, w, bb])])
+    finally:
+        torch.set_num_threads(before)
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, **TOL)
 

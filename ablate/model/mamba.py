@@ -158,8 +158,9 @@ class Mamba(nn.Module):
 
 
 class MambaState:
-    """A Mamba mixer's decoding state: ``conv [B, E, d_conv - 1]`` the last inputs of the causal
-    conv (pre-conv x branch), ``ssm [B, E, N]`` the SSM state (fp32)."""
+    """A Mamba mixer's decoding state: ``conv [d_conv - 1, B, E]`` the last inputs of the causal
+    conv (pre-conv x branch), oldest first (time-major: a step reads and shifts whole
+    ``[B, E]`` rows), ``ssm [B, E, N]`` the SSM state (fp32)."""
 
     def __init__(self, conv: Tensor, ssm: Tensor):
         self.conv, self.ssm = conv, ssm
@@ -176,9 +177,9 @@ def prefill(m: Mamba, x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor,
     xs = F.linear(tail, W[:E], None if m.in_proj.bias is None else m.in_proj.bias[:E])  # [B, n, E]
     if mask is not None:
         xs = torch.where(mask[:, max(0, L - (k - 1)):].unsqueeze(-1), xs, xs.new_zeros(()))
-    conv = xs.new_zeros(b, E, k - 1)
+    conv = xs.new_zeros(k - 1, b, E)
     if xs.shape[1]:
-        conv[:, :, -xs.shape[1]:] = xs.transpose(1, 2)
+        conv[-xs.shape[1]:] = xs.transpose(0, 1)
     return y, MambaState(conv, last.to(torch.promote_types(last.dtype, torch.float32)).contiguous())
 
 
@@ -194,11 +195,12 @@ def step(m: Mamba, x: Tensor, state: MambaState, impl: Optional[str] = None) -> 
     W = m.in_proj.weight
     bx, bz = (None, None) if m.in_proj.bias is None else m.in_proj.bias.split(E)
     xs, z = F.linear(x, W[:E], bx), F.linear(x, W[E:], bz)  # [B, E]
-    window = torch.cat([state.conv, xs.unsqueeze(-1)], dim=-1)  # [B, E, k]
-    state.conv = window[:, :, 1:]
-    u = (window * m.conv1d.weight.squeeze(1)).sum(-1)
-    if m.conv1d.bias is not None:
-        u = u + m.conv1d.bias
+    w = m.conv1d.weight[:, 0]  # [E, k]; tap k - 1 reads the current position
+    k = w.shape[1]
+    u = xs * w[:, k - 1] if m.conv1d.bias is None else torch.addcmul(m.conv1d.bias, xs, w[:, k - 1])
+    for j in range(k - 1):  # row-wise multiply-adds: a sum over a size-k last dim is slow on CPU
+        u = u.addcmul_(state.conv[j], w[:, j])
+    state.conv = torch.cat([state.conv[1:], xs.unsqueeze(0)])
     u = F.silu(u)
     dt, Bm, Cm = torch.split(m.x_proj(u), [R, N, N], dim=-1)
     y = selective_state_update(state.ssm, u, dt @ m.dt_proj.weight.t(), -torch.exp(_at_least_fp32(m.A_log)), Bm, Cm,
@@ -216,8 +218,8 @@ def _extend(m: Mamba, x: Tensor, state: MambaState) -> Tensor:
     bx, bz = (None, None) if m.in_proj.bias is None else m.in_proj.bias.split(E)
     xs = F.linear(x, W[:E], bx).transpose(1, 2)  # [B, E, n]
     z = F.linear(x, W[E:], bz).transpose(1, 2)
-    window = torch.cat([state.conv.to(xs.dtype), xs], dim=-1)  # [B, E, k - 1 + n]
-    state.conv = window[:, :, n:]
+    window = torch.cat([state.conv.to(xs.dtype).permute(1, 2, 0), xs], dim=-1)  # [B, E, k - 1 + n]
+    state.conv = window[:, :, n:].permute(2, 0, 1).contiguous()
     u = causal_conv1d(window, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu")[:, :, -n:]
     dt, Bm, Cm = torch.split(m.x_proj(u.transpose(1, 2)), [R, N, N], dim=-1)  # [B, n, .]
     y, last = selective_scan(u, (dt @ m.dt_proj.weight.t()).transpose(1, 2), -torch.exp(_at_least_fp32(m.A_log)),
