@@ -80,6 +80,12 @@ def metric_column(metric: str) -> tuple[str, Optional[bool], str]:
     return metric + {True: " ↑", False: " ↓", None: ""}[hib], hib, "{:.4g}"
 
 
+def table_metrics(metrics: Optional[Sequence[str]] = None) -> list[str]:
+    """The final metrics a table of ``metrics`` (None: the default columns, those present) can
+    show, and the launcher's scale its Hyperparameters name: what :func:`build_table` loads."""
+    return [*(metrics if metrics is not None else [m for m, *_ in METRIC_COLUMNS]), *SCALE]
+
+
 def load_runs(db: Database, grid: Optional[str] = None, study: Optional[str] = None) -> pd.DataFrame:
     """One row per run with its final metrics (the spec left out): :func:`ablate.results.load`."""
     return load(db, grid, study, spec=False)
@@ -551,8 +557,7 @@ def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Reg
     if runs is None or need_spec:
         # the metrics the table can show, not all (a run may record many more); a --metrics name
         # missing from them loads all, for the error's list of what is present
-        shown = None if group_by else [*(metrics if metrics is not None else [m for m, *_ in METRIC_COLUMNS]), *SCALE]
-        runs = load(db, grid, study, spec=need_spec, metrics=shown)
+        runs = load(db, grid, study, spec=need_spec, metrics=None if group_by else table_metrics(metrics))
         if metrics is not None and not set(metrics) <= set(runs.columns):
             runs = load(db, grid, study, spec=need_spec)
     if not include_superseded and len(runs):
