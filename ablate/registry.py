@@ -43,8 +43,6 @@ from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, Optional
 
-from pydantic import BaseModel, ValidationError
-
 log = logging.getLogger(__name__)
 
 GROUP = "ablate.variants"
@@ -119,6 +117,8 @@ class Registry:
 
     def resolve_params(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Validate ``params`` against the variant's Config; return them with defaults filled."""
+        from pydantic import ValidationError
+
         cls = self.get(name)
         try:
             cfg = cls.Config(**params)
@@ -147,6 +147,8 @@ def paradigm_problem(cls: Any, cfg: Any, paradigm: str) -> Optional[str]:
 
 def _check_variant(cls: Any, origin: str) -> Optional[str]:
     """Return None if ``cls`` satisfies the contract, else the reason it does not."""
+    from pydantic import BaseModel
+
     if not inspect.isclass(cls):
         return f"{origin}: {cls!r} is not a class"
     for attr in ("name", "description", "family", "Config"):

@@ -84,6 +84,34 @@ def test_load_one_row_per_run_with_flat_spec_and_final_metrics(fixture_db):
     assert list(results.load(url, grid="other-grid", spec=False)["key"]) == ["key00"]
 
 
+def test_load_of_named_metrics_keeps_them_alone_and_absent_ones_absent(fixture_db):
+    db, _, _ = fixture_db
+    full = results.load(db, grid="g", spec=False)
+    some = results.load(db, grid="g", spec=False, metrics=["params", "nope", "align_acc", "train_loss"])
+    # the named final metrics by name; one no run has, and curves (no final value), get no column
+    assert list(some.columns) == results.RUN_COLUMNS + ["align_acc", "params"]
+    pd.testing.assert_frame_equal(some, full[list(some.columns)])
+    assert list(results.load(db, grid="g", spec=False, metrics=[]).columns) == results.RUN_COLUMNS
+
+
+def test_table_command_reads_no_config_models(fixture_db, tmp_path):
+    """`ablate table` reads the database: the config's pydantic models, the grid and executor
+    code and the HTML report stay unimported (they cost a third of its start)."""
+    import subprocess
+    import sys
+
+    _, url, _ = fixture_db
+    heavy = ["ablate.config", "ablate.grid", "ablate.launch", "ablate.weights", "ablate.report.site"]
+    code = ("import sys; from ablate.cli import main; main(['table', '--db', %r, '--results', %r]); "
+            "print(sorted(m for m in %r if m in sys.modules))" % (url, str(tmp_path), heavy))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    # the names `import ablate` offers still resolve, on first use
+    code = "import ablate; print(ablate.RunSpec.__name__, ablate.load_grid.__name__, 'RunSpec' in dir(ablate))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["RunSpec", "load_grid", "True"]
+
+
 def test_curves_long_form(fixture_db):
     db, _, _ = fixture_db
     c = results.curves(db, grid="g", names=["train_loss"])

@@ -5,7 +5,8 @@ run, its configuration key and code fingerprint, its grid link and overrides, 20
 few loss curves, some failed and pending runs, some seeds made by older code), in bulk.
 :func:`bench_table` then times (1) the table in process: load, summarise and render, best of
 ``repeats``, with the three parts broken down, and (2) the command a user types, ``ablate table
---db URL``, as a subprocess: wall time including Python's start and imports.
+--db URL``, as a subprocess: wall time including Python's start and imports, and, apart, Python's
+start with the imports alone (a fresh interpreter importing the modules the command imported).
 
 Default shape: 10,000 runs = 10 variants x 100 hyperparameter settings x 10 seeds, so the
 table has 1,000 configuration rows, plus one row per configuration with seeds made by older
@@ -108,18 +109,20 @@ def build_db(path: Path, runs: int = 10_000, n_metrics: int = 20, variants: int 
 
 
 def _time_in_process(url: str, fmt: str) -> dict[str, float]:
+    """The table as ``ablate table`` makes it: the runs with the metrics it can show, then
+    :func:`~ablate.report.table.build_table` on them (a spec per configuration, the variants'
+    catalog, the statistics, the paradigms), then the text."""
     from ablate.db import Database
-    from ablate.report.catalog import catalog
     from ablate.report.render import render
-    from ablate.report.table import summarize
+    from ablate.report.table import build_table, table_metrics
     from ablate.results import load
 
     db = Database(url, create=False)
     try:
         t0 = time.perf_counter()
-        runs = load(db, spec=False)
+        runs = load(db, spec=False, metrics=table_metrics())
         t1 = time.perf_counter()
-        table = summarize(runs, catalog(None, tuple(runs["variant"].unique())))
+        table = build_table(db, runs=runs)
         t2 = time.perf_counter()
         text = render(table, fmt)
         t3 = time.perf_counter()
@@ -127,6 +130,16 @@ def _time_in_process(url: str, fmt: str) -> dict[str, float]:
         db.close()
     return dict(load_s=t1 - t0, summarize_s=t2 - t1, render_s=t3 - t2, total_s=t3 - t0,
                 table_rows=len(table), chars=len(text))
+
+
+# imports again, in a fresh interpreter, every module a run of the command left in sys.modules
+_REIMPORT = """import importlib, sys
+for name in sys.stdin.read().split():
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+"""
 
 
 def bench_table(runs: int = 10_000, n_metrics: int = 20, repeats: int = 3, fmt: str = "markdown",
@@ -161,16 +174,18 @@ def bench_table(runs: int = 10_000, n_metrics: int = 20, repeats: int = 3, fmt: 
                 if done.returncode != 0:
                     raise RuntimeError(f"bench table: `ablate table` failed: {done.stderr.strip()[-500:]}")
             probe = subprocess.run([sys.executable, "-c", "import sys, ablate.cli; ablate.cli.main("
-                                    f"{cmd[3:]!r}); print('torch' in sys.modules)"],
-                                   capture_output=True, text=True, env=env)
-            torch_loaded = probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else "?"
-            start = [sys.executable, "-c", "import ablate.cli, pandas, sqlalchemy"]
-            t0 = time.perf_counter()
-            subprocess.run(start, capture_output=True, env=env)
-            imports_s = time.perf_counter() - t0
+                                    f"{cmd[3:]!r}); print(' '.join(sorted(sys.modules)))"],
+                                   capture_output=True, text=True, env=env, check=True)
+            modules = [m for m in probe.stdout.strip().splitlines()[-1].split() if not m.endswith("__main__")]
+            starts = []  # Python's start and the command's imports, without its work
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", _REIMPORT], input=" ".join(modules), capture_output=True,
+                               text=True, env=env, check=True)
+                starts.append(time.perf_counter() - t0)
             rows.append(dict(what="subprocess", runs=runs, metrics=n_metrics, format=fmt, seconds=min(walls),
-                             median_s=statistics.median(walls), imports_s=imports_s,
-                             imports_torch=torch_loaded == "True"))
+                             median_s=statistics.median(walls), imports_s=statistics.median(starts),
+                             imports_torch="torch" in modules, imports_pandas="pandas" in modules))
         return rows
     finally:
         if tmp is not None:
@@ -185,8 +200,9 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             detail = (f"load {r['load_s']:.3f} s, summarise {r['summarize_s']:.3f} s, render "
                       f"{r['render_s']:.3f} s; {r['table_rows']} table rows")
         elif r["what"] == "subprocess":
-            detail = (f"of which Python start + imports {r['imports_s']:.2f} s; "
-                      f"torch imported: {'yes' if r['imports_torch'] else 'no'}")
+            detail = (f"of which Python start + imports {r['imports_s']:.2f} s (median); "
+                      f"torch imported: {'yes' if r['imports_torch'] else 'no'}"
+                      + (f", pandas: {'yes' if r['imports_pandas'] else 'no'}" if "imports_pandas" in r else ""))
         else:
             detail = ""
         med = "" if r.get("median_s") is None else f"{r['median_s']:.3f}"

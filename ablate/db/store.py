@@ -22,7 +22,6 @@ from sqlalchemy.exc import (ArgumentError, IntegrityError, NoSuchModuleError, Op
                             SQLAlchemyError)
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..config import stored_config_key
 from . import schema
 from .models import Artifact, BenchResult, GridRun, Metric, Run, StudyRun, utcnow
 
@@ -183,6 +182,8 @@ class Database:
 
         ``cells``: (key, variant, seed, resolved spec, overrides). Returns {key: status}.
         """
+        from ..config import stored_config_key  # pydantic's models: not on the read-only paths
+
         cells = list(cells)
         out: dict[str, str] = {}
         with self.tx() as s:
@@ -443,6 +444,8 @@ class Database:
         """Insert the run of a study's trial if missing (``pending``), link it to ``grid`` (the
         study's pseudo-grid, with the trial's params as overrides) and to (``study``, ``trial``),
         in one transaction. Returns the run's status (``done``: reuse its result)."""
+        from ..config import stored_config_key
+
         with self.tx() as s:
             run = s.scalar(select(Run).where(Run.key == key))
             if run is None:

@@ -9,7 +9,14 @@ benchmark. Note that ``ablate.report.render`` is the function; the module is
 """
 from .table import FORMATS, METRIC_COLUMNS, build_table, load_runs, metric_column, summarize
 from .render import display_table, render, write_results
-from .site import write_report
 
 __all__ = ["FORMATS", "METRIC_COLUMNS", "build_table", "display_table", "load_runs", "metric_column", "render",
            "summarize", "write_report", "write_results"]
+
+
+def __getattr__(name: str):
+    if name == "write_report":  # the HTML report's modules load only when a report is written
+        from .site import write_report
+
+        return write_report
+    raise AttributeError(f"module 'ablate.report' has no attribute {name!r}")

@@ -26,8 +26,10 @@ turns it into text (``render``, ``display_table``, ``write_results``).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 import re
 from typing import Any, Optional, Sequence
 
@@ -76,6 +78,12 @@ def metric_column(metric: str) -> tuple[str, Optional[bool], str]:
         return _KNOWN[metric]
     hib = higher_is_better(metric)
     return metric + {True: " ↑", False: " ↓", None: ""}[hib], hib, "{:.4g}"
+
+
+def table_metrics(metrics: Optional[Sequence[str]] = None) -> list[str]:
+    """The final metrics a table of ``metrics`` (None: the default columns, those present) can
+    show, and the launcher's scale its Hyperparameters name: what :func:`build_table` loads."""
+    return [*(metrics if metrics is not None else [m for m, *_ in METRIC_COLUMNS]), *SCALE]
 
 
 def load_runs(db: Database, grid: Optional[str] = None, study: Optional[str] = None) -> pd.DataFrame:
@@ -138,7 +146,8 @@ def config_hypers(data: pd.DataFrame, specs: Optional[dict[str, dict]], override
         if len(cks) > 1 and all(c in specs for c in cks):
             names = sorted(set().union(*(specs[c] for c in cks)))
             ref, rest = specs[cks[0]], [specs[c] for c in cks[1:]]
-            differ = [k for k in names if any(sp.get(k, _UNSET) != ref.get(k, _UNSET) for sp in rest)]
+            differ = [k for k in names if any(map(operator.ne, [sp.get(k, _UNSET) for sp in rest],
+                                                  itertools.repeat(ref.get(k, _UNSET))))]
         texts = {}
         for ck, hyper in zip(cks, hypers):
             items: dict[str, str] = {}
@@ -177,6 +186,18 @@ def _code_identity(data: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
     data["_stale"] = finished & has_newest & (data["_fp"] != data["_newest"]).to_numpy()
     data["_code"] = data["_fp"].where(finished, data["_newest"].where(has_newest, _UNKNOWN_CODE))
     return newest, finished
+
+
+def _distinct_ints(data: pd.DataFrame, keys: list[str], column: str) -> dict[tuple, list[int]]:
+    """``{row key tuple: sorted distinct ints of column}`` over the rows where ``column`` is set
+    (a row key without any is absent): one pass, not a Python function per group."""
+    values = data[column].to_numpy(float)
+    have = ~np.isnan(values)
+    out: dict[tuple, set] = {}
+    if have.any():
+        for key, v in zip(data.loc[have, keys].itertuples(index=False, name=None), values[have]):
+            out.setdefault(key, set()).add(int(v))
+    return {key: sorted(seen) for key, seen in out.items()}
 
 
 def row_members(runs: pd.DataFrame, table: pd.DataFrame) -> list[list[int]]:
@@ -278,8 +299,7 @@ def summarize(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Optiona
     errors = data[data["status"] == "failed"].groupby(row_keys, sort=False)["error"].first() if len(data) \
         else pd.Series(dtype=object)
     hypers = {} if pooled_mode else config_hypers(data, specs, overrides)
-    scale = {m: fin.groupby(row_keys, sort=False)[f"_{m}"].agg(lambda v: sorted({int(x) for x in v.dropna()}))
-             for m in SCALE} if len(fin) else {}
+    scale = {m: _distinct_ints(fin, row_keys, f"_{m}") for m in SCALE}
     # configurations with more than one code version here (their current row says which is which)
     versions = fin.groupby("config_key")["_fp"].nunique() if len(fin) else pd.Series(dtype=int)
 
@@ -359,7 +379,7 @@ def summarize(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Optiona
         else:
             hyper = hypers.get(ck, ("base",))[0]
         for m, label in SCALE.items():
-            seen_m = scale[m].get(idx, []) if m in scale else []
+            seen_m = scale[m].get(idx, [])
             if seen_m and seen_m != [1]:
                 hyper += f", {label}={'|'.join(map(str, seen_m))}"
         row["Hyperparameters"] = hyper
@@ -535,7 +555,11 @@ def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Reg
     need_spec = any(k not in ("variant", "method", "Method", "model.variant", "hyper", "seed", "config",
                               "config_key", "fingerprint") for k in (group_by or ()))
     if runs is None or need_spec:
-        runs = load(db, grid, study, spec=need_spec)
+        # the metrics the table can show, not all (a run may record many more); a --metrics name
+        # missing from them loads all, for the error's list of what is present
+        runs = load(db, grid, study, spec=need_spec, metrics=None if group_by else table_metrics(metrics))
+        if metrics is not None and not set(metrics) <= set(runs.columns):
+            runs = load(db, grid, study, spec=need_spec)
     if not include_superseded and len(runs):
         runs = runs[runs["status"] != "superseded"].reset_index(drop=True)
     if group_by or not len(runs):
@@ -552,16 +576,18 @@ def build_table(db: Database, grid: Optional[str] = None, registry: Optional[Reg
 
 def config_paradigms(db: Database, grid: Optional[str], study: Optional[str]) -> dict[str, str]:
     """``{config_key: model.paradigm}`` of the selection's runs, in one query (the spec's JSON
-    path; ``masked`` where a spec predates the field)."""
-    from sqlalchemy import select
+    path; ``masked`` where a spec predates the field). A configuration key fixes the spec but
+    the seed, so one run's spec per configuration says it (10x fewer specs read than runs)."""
+    from sqlalchemy import func, select
 
     from ..db.models import Run
     from ..results import _run_ids
 
-    q = select(Run.config_key, Run.spec[("model", "paradigm")].as_string()).distinct()
+    first = select(func.min(Run.id)).where(Run.config_key.is_not(None)).group_by(Run.config_key)
     ids = _run_ids(grid, study)
     if ids is not None:
-        q = q.where(Run.id.in_(ids))
+        first = first.where(Run.id.in_(ids))
+    q = select(Run.config_key, Run.spec[("model", "paradigm")].as_string()).where(Run.id.in_(first))
     with db.engine.connect() as conn:
         return {ck: p or "masked" for ck, p in conn.execute(q).all() if ck is not None}
 
