@@ -71,6 +71,13 @@ def _dot(a, b, n):
     return s
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _from(row, lo):
+    """``row[lo:]``, without the slice's bounds arithmetic in the common case ``lo == 0`` (a
+    row view per state row and step is the kernels' inner-loop overhead)."""
+    return row if lo == 0 else row[lo:]
+
+
 @njit(nogil=True, cache=True)
 def _segments(d0, d1, hB, hC, segs):
     """Split channels [d0, d1) into runs over which both B's group (channel // hB) and C's
@@ -156,8 +163,8 @@ def scan_fwd(lo_task, hi_task, tid, u, dt, A2, B, C, Dv, z, h0, out, last, ck, h
                 for i in range(n):
                     bv = Bt[i]
                     cv = Ct[i]
-                    hs = h[i, lo:]
-                    as_ = A2[ai, i, d0 + lo:]
+                    hs = _from(h[i], lo)
+                    as_ = _from(A2[ai, i], d0 + lo)
                     for j in range(m):
                         hv = exp2(dts[j] * as_[j]) * hs[j] + dus[j] * bv
                         hs[j] = hv
@@ -280,10 +287,10 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                     for i in range(n):
                         bv = Bt[i]
                         cv = Ct[i]
-                        hp = hb[tt, i, lo:]
-                        hn = hb[tt + 1, i, lo:]
-                        es = eb[tt, i, lo:]
-                        as_ = A2[ai, i, d0 + lo:]
+                        hp = _from(hb[tt, i], lo)
+                        hn = _from(hb[tt + 1, i], lo)
+                        es = _from(eb[tt, i], lo)
+                        as_ = _from(A2[ai, i], d0 + lo)
                         for j in range(m):
                             ev = exp2(dts[j] * as_[j])
                             es[j] = ev
@@ -335,11 +342,11 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                     for i in range(n):
                         bv = Bt[i]
                         cv = Ct[i]
-                        gs = g[i, lo:]
-                        es = eb[tt, i, lo:]
-                        hp = hb[tt, i, lo:]
-                        as_ = A[ai, i, d0 + lo:]
-                        dAs = dA_o[bi, i, d0 + lo:]
+                        gs = _from(g[i], lo)
+                        es = _from(eb[tt, i], lo)
+                        hp = _from(hb[tt, i], lo)
+                        as_ = _from(A[ai, i], d0 + lo)
+                        dAs = _from(dA_o[bi, i], d0 + lo)
                         for j in range(m):
                             gv = gs[j] + cv * dys[j]  # dL/dh_t
                             gt[j] = gv
@@ -350,7 +357,7 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                             dAs[j] += wv * dts[j]
                             gs[j] = gv * ev  # dL/dh_{t-1} through h_t
                         dBt[i] += _dot(gt, dus, m)
-                        dCt[i] += _dot(hb[tt + 1, i, lo:], dys, m)
+                        dCt[i] += _dot(_from(hb[tt + 1, i], lo), dys, m)
                 dut = du_o[t, bi, d0:d1]
                 ddtt = ddt_o[t, bi, d0:d1]
                 for j in range(w):
