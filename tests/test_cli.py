@@ -157,3 +157,19 @@ def test_orphaned_running_cell_is_resumed(tmp_path, capsys):
     db = Database(f"sqlite:///{results / 'ablate.db'}", create=False)
     assert db.run(key).status == "done" and db.run(key).attempts == 2
     db.close()
+
+
+def test_what_a_run_writes_under_results_is_ignored_by_git():
+    """`ablate run` and `ablate table` write into results/ (the default folder): a run must leave
+    the checkout clean, so git ignores all of it."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("results/RESULTS.md", "results/ablate.db", "results/report/quickstart/index.html",
+                 "results/runs/abc/samples.png", "results/cache/tokenizer/x/vqvae.pt"):
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=repo)
+        assert done.returncode == 0, f"{path} is not ignored by git"
