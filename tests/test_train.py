@@ -51,3 +51,42 @@ def test_lr_schedule():
     assert lr_factor(10, t) == pytest.approx(1.0)
     assert lr_factor(100, t) == pytest.approx(0.1)
     assert lr_factor(55, t) == pytest.approx(0.55)
+
+
+def test_cpu_share_tells_a_contended_job_from_one_that_had_its_core(prepared, tmp_path):
+    """train_cpu_share: about 1 for a job alone on its core; about 1/2 when another process spins
+    on the same core (both pinned to it), so a table can say its throughput was measured contended."""
+    import os
+    import subprocess
+    import sys
+
+    from ablate.train import cpu_share
+
+    assert cpu_share(1.0, 2.0) == pytest.approx(0.5 / max(1, torch.get_num_threads()))
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs os.sched_setaffinity (Linux)")
+    spec, root, prep = prepared
+    spec = RunSpec.model_validate({**TINY, "train": {**TINY["train"], "steps": 40}})
+    cpu = min(os.sched_getaffinity(0))
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, {cpu})
+    torch.set_num_threads(1)
+    shares = {}
+    try:
+        for contended in (False, True):
+            spin = None
+            if contended:
+                spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+            try:
+                tr = Trainer(spec, prep, torch.device("cpu"), tmp_path / f"c{contended}")
+                tr.train()
+                shares[contended] = tr.final_metrics()["train_cpu_share"]
+            finally:
+                if spin is not None:
+                    spin.kill()
+                    spin.wait()
+    finally:
+        os.sched_setaffinity(0, before)
+        torch.set_num_threads(threads)
+    assert shares[False] > 0.8, shares
+    assert shares[True] < 0.75, shares

@@ -7,8 +7,8 @@ from ablate.train.loop import Hooks, Interrupted, fit
 from ablate.train.state import (TrainState, foreign_checkpoints, latest_checkpoint, lr_factor, param_groups,
                                 remove_checkpoints)
 from ablate.train.stream import CaptionFeatures, TokenStream
-from ablate.train.trainer import VAL_IMAGES, Trainer, save_sheet
+from ablate.train.trainer import VAL_IMAGES, Trainer, cpu_share, save_sheet
 
 __all__ = ["CaptionFeatures", "Hooks", "Interrupted", "TokenStream", "TrainState", "Trainer", "VAL_IMAGES",
-           "fit", "foreign_checkpoints", "latest_checkpoint", "lr_factor", "param_groups", "remove_checkpoints",
-           "save_sheet"]
+           "cpu_share", "fit", "foreign_checkpoints", "latest_checkpoint", "lr_factor", "param_groups",
+           "remove_checkpoints", "save_sheet"]

@@ -90,7 +90,8 @@ def fit(state: Any, stream: Any, step_loss: StepLoss, spec: Any, hooks: Hooks, d
     """Train from ``state.step`` to ``spec.train.steps``.
 
     Steps from ``spec.train.throughput_warmup`` on are timed into ``state.train_s`` (and their
-    data reading into ``state.data_s``); ``state.first_step_at`` / ``last_step_at`` are this
+    data reading into ``state.data_s``, the process's CPU time over them into
+    ``state.train_cpu_s``); ``state.first_step_at`` / ``last_step_at`` are this
     attempt's wall-clock times of its first step's start and latest step's end."""
     try:
         _fit(state, stream, step_loss, spec, hooks, dist)
@@ -105,7 +106,7 @@ def _fit(state: Any, stream: Any, step_loss: StepLoss, spec: Any, hooks: Hooks, 
     while state.step < t.steps:
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if getattr(state, "first_step_at", None) is None:
             state.first_step_at = time.time()  # wall clock: compared with the submission time
         loss = train_step(state, stream, step_loss, spec.seed, t.cond_dropout, dist)
@@ -114,6 +115,7 @@ def _fit(state: Any, stream: Any, step_loss: StepLoss, spec: Any, hooks: Hooks, 
         state.last_step_at = time.time()
         if state.step >= t.throughput_warmup:
             state.train_s += time.perf_counter() - t0
+            state.train_cpu_s += time.process_time() - c0
             state.data_s += state.data_t
             state.timed_steps += 1
         state.step += 1

@@ -22,7 +22,7 @@ __all__ = ["TrainState", "lr_factor", "param_groups", "latest_checkpoint", "fore
            "remove_checkpoints"]
 
 # counters saved with the weights (their defaults: a fresh run, or a checkpoint older than them)
-COUNTERS = {"train_s": 0.0, "data_s": 0.0, "timed_steps": 0, "last_train_loss": float("nan"),
+COUNTERS = {"train_s": 0.0, "train_cpu_s": 0.0, "data_s": 0.0, "timed_steps": 0, "last_train_loss": float("nan"),
             "last_val_loss": float("nan"), "loss_acc": 0.0, "loss_n": 0, "peak_mem_mb": float("nan")}
 
 

@@ -27,7 +27,14 @@ from ablate.train.state import TrainState, foreign_checkpoints, latest_checkpoin
 from ablate.train.stream import TokenStream
 from ablate.utils import atomic_torch_save, peak_memory, step_seed
 
-__all__ = ["Trainer", "save_sheet", "VAL_IMAGES"]
+__all__ = ["Trainer", "cpu_share", "save_sheet", "VAL_IMAGES"]
+
+
+def cpu_share(cpu_s: float, wall_s: float) -> float:
+    """The process's CPU seconds over what its ``torch.get_num_threads()`` threads could have used
+    in ``wall_s``: about 1 when the job had its cores to itself; well under 1 when another
+    process shared them, so its throughput figures (tokens/s, images/s) were measured contended."""
+    return cpu_s / (wall_s * max(1, torch.get_num_threads())) if wall_s > 0 else float("nan")
 
 VAL_IMAGES = 512
 _step_seed = step_seed
@@ -150,6 +157,7 @@ class Trainer:
     last_train_loss = _delegate("last_train_loss")
     last_val_loss = _delegate("last_val_loss")
     train_s = _delegate("train_s")
+    train_cpu_s = _delegate("train_cpu_s")
     data_s = _delegate("data_s")
     timed_steps = _delegate("timed_steps")
     peak_mem_mb = _delegate("peak_mem_mb")
@@ -285,6 +293,8 @@ class Trainer:
             out["train_tokens_per_s"] = self.timed_steps * self.global_batch * self.model.seq_len / self.train_s
             out["train_s"] = self.train_s
             out["data_wait_share"] = self.data_s / self.train_s  # of the timed step time
+            if self.device.type == "cpu":  # the share of its cores the job had: under 1, a neighbour took some
+                out["train_cpu_share"] = cpu_share(self.train_cpu_s, self.train_s)
         if self.sheet_s:
             out["sheet_s"] = self.sheet_s
         if math.isfinite(self.peak_mem_mb):
@@ -333,11 +343,12 @@ class Trainer:
 
         test = self.prep.splits.test
         n = min(self.spec.eval.n_images, len(test))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         images = self.generate(n)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         sample_s = time.perf_counter() - t0
+        sample_cpu_s = time.process_time() - c0
         if images is None:
             return {}
         self.samples_path = self.out_dir / "samples.png"
@@ -349,6 +360,8 @@ class Trainer:
                                   self.spec.eval, self.device, self.prep.clip)
         metrics["sample_images_per_s"] = n / sample_s  # at sample.batch_size, every rank's share together
         metrics["sample_s_per_image"] = sample_s / n
+        if self.device.type == "cpu":
+            metrics["sample_cpu_share"] = cpu_share(sample_cpu_s, sample_s)
         self.temperature_sheet()
         self.failures_path = write_failures(self.out_dir / "failures", self.prep.splits.name, images,
                                             test.captions[:n], attrs, getattr(test, "heldout", None),
