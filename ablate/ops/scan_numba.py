@@ -120,7 +120,6 @@ def scan_fwd(lo_task, hi_task, tid, u, dt, A2, B, C, Dv, z, h0, out, last, ck, h
     one = const(u, 1.0)
     nlog2e = const(u, -1.4426950408889634)
     h = h_s[tid]
-    dtr = row_s[tid, 0]
     dur = row_s[tid, 1]
     yr = row_s[tid, 2]
     for task in range(lo_task, hi_task):
@@ -145,10 +144,11 @@ def scan_fwd(lo_task, hi_task, tid, u, dt, A2, B, C, Dv, z, h0, out, last, ck, h
         for t in range(L):
             ut = u[t, bi, d0:d1]
             dtt = dt[t, bi, d0:d1]
+            # one array written per row loop: a loop that writes several arrays needs more
+            # runtime aliasing checks than LLVM makes before it vectorises
             for j in range(w):
-                x = dtt[j]
-                dtr[j] = x
-                dur[j] = x * ut[j]
+                dur[j] = dtt[j] * ut[j]
+            for j in range(w):
                 yr[j] = zero
             tb = t if B.shape[0] > 1 else 0
             tc = t if C.shape[0] > 1 else 0
@@ -157,9 +157,9 @@ def scan_fwd(lo_task, hi_task, tid, u, dt, A2, B, C, Dv, z, h0, out, last, ck, h
                 m = segs[sg, 1]
                 Bt = B[tb, bb, segs[sg, 2]]
                 Ct = C[tc, bc, segs[sg, 3]]
-                dts = dtr[lo:]
-                dus = dur[lo:]
-                ys = yr[lo:]
+                dts = _from(dtt, lo)
+                dus = _from(dur, lo)
+                ys = _from(yr, lo)
                 for i in range(n):
                     bv = Bt[i]
                     cv = Ct[i]
