@@ -218,7 +218,6 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
     eb = eb_s[tid]
     g = g_s[tid]
     yb = yb_s[tid]
-    dtr = row_s[tid, 0]
     dur = row_s[tid, 1]
     dyr = row_s[tid, 2]
     ddur = row_s[tid, 3]
@@ -269,10 +268,9 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                 ut = u[t, bi, d0:d1]
                 dtt = dt[t, bi, d0:d1]
                 yt = yb[tt]
+                for j in range(w):  # one array written per row loop (see scan_fwd)
+                    dur[j] = dtt[j] * ut[j]
                 for j in range(w):
-                    x = dtt[j]
-                    dtr[j] = x
-                    dur[j] = x * ut[j]
                     yt[j] = zero
                 tb = t if B.shape[0] > 1 else 0
                 tc = t if C.shape[0] > 1 else 0
@@ -281,9 +279,9 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                     m = segs[sg, 1]
                     Bt = B[tb, bb, segs[sg, 2]]
                     Ct = C[tc, bc, segs[sg, 3]]
-                    dts = dtr[lo:]
-                    dus = dur[lo:]
-                    ys = yt[lo:]
+                    dts = _from(dtt, lo)
+                    dus = _from(dur, lo)
+                    ys = _from(yt, lo)
                     for i in range(n):
                         bv = Bt[i]
                         cv = Ct[i]
@@ -306,21 +304,23 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                 if has_z:  # through out = (y + D u) silu(z): dy, dz
                     zt = z[t, bi, d0:d1]
                     dzt = dz_o[t, bi, d0:d1]
+                    for j in range(w):  # sigmoid(z), in the adjoint's row (free until the rows)
+                        gtmp[j] = one / (one + exp2(zt[j] * nlog2e))
                     for j in range(w):
-                        zz = zt[j]
-                        sg = one / (one + exp2(zz * nlog2e))
-                        go = got[j]
-                        dzt[j] = go * (yt[j] + dv[j] * ut[j]) * sg * (one + zz * (one - sg))
-                        dyr[j] = go * zz * sg
+                        sg = gtmp[j]
+                        dzt[j] = got[j] * (yt[j] + dv[j] * ut[j]) * sg * (one + zt[j] * (one - sg))
+                    for j in range(w):
+                        dyr[j] = got[j] * zt[j] * gtmp[j]
                 else:
                     for j in range(w):
                         dyr[j] = got[j]
                 for j in range(w):
-                    x = dtt[j]
-                    dtr[j] = x
-                    dur[j] = x * ut[j]
+                    dur[j] = dtt[j] * ut[j]
+                for j in range(w):
                     dD_acc[j] += dyr[j] * ut[j]
+                for j in range(w):
                     ddur[j] = zero
+                for j in range(w):
                     ddtr[j] = zero
                 tb = t if B.shape[0] > 1 else 0
                 tc = t if C.shape[0] > 1 else 0
@@ -333,12 +333,12 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                     Ct = C[tc, bc, gc]
                     dBt = dB_o[pB, tb, bb, gb]
                     dCt = dC_o[pC, tc, bc, gc]
-                    gt = gtmp[lo:]
-                    dts = dtr[lo:]
-                    dus = dur[lo:]
-                    dys = dyr[lo:]
-                    ddus = ddur[lo:]
-                    ddts = ddtr[lo:]
+                    gt = _from(gtmp, lo)
+                    dts = _from(dtt, lo)
+                    dus = _from(dur, lo)
+                    dys = _from(dyr, lo)
+                    ddus = _from(ddur, lo)
+                    ddts = _from(ddtr, lo)
                     for i in range(n):
                         bv = Bt[i]
                         cv = Ct[i]
@@ -361,7 +361,8 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                 dut = du_o[t, bi, d0:d1]
                 ddtt = ddt_o[t, bi, d0:d1]
                 for j in range(w):
-                    dut[j] = ddur[j] * dtr[j] + dyr[j] * dv[j]
+                    dut[j] = ddur[j] * dtt[j] + dyr[j] * dv[j]
+                for j in range(w):
                     ddtt[j] = ddtr[j] + ddur[j] * ut[j]
         for i in range(n):
             dst = dh0_o[bi, i, d0:d1]
