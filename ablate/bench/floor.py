@@ -14,18 +14,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ablate.ops.numba_math import const, exp2
+from ablate.ops.numba_math import const, dot, exp2
 
 W = 64  # channels of the tile (a multiple of the vector width); n rows of them
-
-
-@njit(fastmath={"reassoc", "contract"}, cache=True)
-def _dot(a, b, n):
-    """``sum_j a[j] * b[j]``, reassociated so that it vectorises (as the backward kernel's)."""
-    s = const(a, 0.0)
-    for j in range(n):
-        s += a[j] * b[j]
-    return s
 
 
 @njit(fastmath={"contract"}, error_model="numpy", cache=True)
@@ -80,8 +71,8 @@ def floor_bwd(steps, h, hn, e, g, gt, a, dt, du, dy, y, ddu, ddt, dA, b, c, dB, 
                 ddt[j] += wv * as_[j]
                 dAs[j] += wv * dt[j]
                 gs[j] = gv * ev
-            dB[i] += _dot(gt, du, w)
-            dC[i] += _dot(hs, dy, w)
+            dB[i] += dot(gt, du, w)
+            dC[i] += dot(hs, dy, w)
     return ddu.sum() + ddt.sum() + dB.sum() + dC.sum()
 
 

@@ -88,6 +88,16 @@ def _const_ol(like, v):
     return lambda like, v: np.float64(v)
 
 
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def dot(a, b, n):
+    """``sum_j a[j] * b[j]`` over j < n, reassociated so that it vectorises (the kernels' dot
+    products; a sequential sum is a chain of dependent adds and runs latency-bound)."""
+    s = const(a, 0.0)
+    for j in range(n):
+        s += a[j] * b[j]
+    return s
+
+
 @njit(cache=True)
 def exp2_array(x):
     """Elementwise :func:`exp2` of a 1-D array (for tests of the polynomial)."""

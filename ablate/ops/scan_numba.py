@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from numba import njit
 from torch import Tensor
 
-from .numba_math import const, exp2
+from .numba_math import const, dot, exp2
 from .common import ScanResult, check_scan, compute_dtype, scan_delta
 
 # Fused multiply-add only: a * b + c may round once instead of twice. No other fast-math
@@ -60,15 +60,6 @@ from .common import ScanResult, check_scan, compute_dtype, scan_delta
 _FASTMATH = {"contract"}
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@njit(fastmath={"reassoc", "contract"}, cache=True)
-def _dot(a, b, n):
-    """``sum_j a[j] * b[j]`` over j < n, reassociated so that it vectorises."""
-    s = const(a, 0.0)
-    for j in range(n):
-        s += a[j] * b[j]
-    return s
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -356,8 +347,8 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                             ddts[j] += wv * as_[j]
                             dAs[j] += wv * dts[j]
                             gs[j] = gv * ev  # dL/dh_{t-1} through h_t
-                        dBt[i] += _dot(gt, dus, m)
-                        dCt[i] += _dot(_from(hb[tt + 1, i], lo), dys, m)
+                        dBt[i] += dot(gt, dus, m)
+                        dCt[i] += dot(_from(hb[tt + 1, i], lo), dys, m)
                 dut = du_o[t, bi, d0:d1]
                 ddtt = ddt_o[t, bi, d0:d1]
                 for j in range(w):
