@@ -99,3 +99,22 @@ def wait_for(path: Path, timeout: float = 300) -> None:
     while not (any(path.parent.glob(path.name)) if "*" in path.name else path.exists()):
         assert time.time() - t0 < timeout, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def release_when_requeued(job_id: str, timeout: float = 120) -> None:
+    """Requeued Slurm jobs wait ~2 min for their BeginTime; once the job is pending again, make it
+    eligible now (``scontrol update StartTime=now``: what an impatient admin would do).
+
+    Not in the same second as the requeue: slurmd revokes the killed instance's job credential
+    with a time stamp of whole seconds, and an allocation whose credential falls in that second
+    is refused ("Killing non-startable batch job: Job credential revoked"; the job then leaves
+    the queue). Slurm's own requeue delay exists for this; the wait here is the least of it."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout
+        if "PENDING" in st:
+            time.sleep(2.0)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} was never requeued")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -81,18 +80,6 @@ def _job_id(db_url: str, key: str) -> str:
     return job.split(":", 1)[1]
 
 
-def _release_when_requeued(job_id: str, timeout: float = 120) -> None:
-    """Requeued jobs wait ~2 min for their BeginTime; make them eligible now."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        st = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout
-        if "PENDING" in st:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} was never requeued")
-
-
 def _interrupt_mid_training(grid: Path, results: Path, db_url: str, key: str, how: str) -> None:
     """Run ``grid`` with a driver process; once the cell's first checkpoint exists, preempt its
     job (``signal``: submitit's USR2; ``requeue``: ``scontrol requeue``), release the requeued
@@ -105,7 +92,7 @@ def _interrupt_mid_training(grid: Path, results: Path, db_url: str, key: str, ho
             subprocess.run(["scancel", "--signal=USR2", job], check=True)
         else:
             subprocess.run(["scontrol", "requeue", job], check=True)
-        _release_when_requeued(job)
+        jobgrid.release_when_requeued(job)
         out, _ = driver.communicate(timeout=600)
     finally:
         if driver.poll() is None:

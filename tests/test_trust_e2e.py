@@ -183,13 +183,7 @@ def test_preemption_during_evaluation_on_slurm_requeues(slurm, tmp_path):
             time.sleep(0.05)
         db.close()
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
-        t0 = time.time()
-        while time.time() - t0 < 120:  # make the requeued job eligible at once
-            st = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout
-            if "PENDING" in st:
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-                break
-            time.sleep(0.2)
+        jobgrid.release_when_requeued(job)
         out, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, out[-4000:]
     db = Database(db_url, create=False)
