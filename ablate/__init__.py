@@ -7,12 +7,10 @@ that only reads the database (``ablate table``) never pays for pydantic's models
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
 from .compat import bare_torch_fidelity  # noqa: E402
+from .lazy import lazy_names  # noqa: E402
 
 bare_torch_fidelity()
 
@@ -23,14 +21,4 @@ _LAZY = {"ConfigError": "config", "RunSpec": "config", "run_key": "config", "Gri
 __all__ = ["__version__", "ConfigError", "RunSpec", "run_key", "Grid", "GridError", "load_grid",
            "VariantContext", "load_registry"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'ablate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -11,18 +11,17 @@ None for the default database (``$ABLATE_DB_URL`` or ``<results>/ablate.db``).
 """
 from __future__ import annotations
 
+import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import numpy as np
-import pandas as pd
-from sqlalchemy import Text, cast, select
+from .db.read import DbArg, Reader, as_datetimes, reading
 
-from .db import Artifact, Database, DBError, GridRun, Metric, Run, open_db
+if TYPE_CHECKING:
+    import pandas as pd
 
-__all__ = ["RUN_COLUMNS", "artifacts", "curves", "flatten", "higher_is_better", "load", "run_specs"]
+__all__ = ["RUN_COLUMNS", "artifacts", "curves", "flatten", "higher_is_better", "load", "load_columns", "run_specs"]
 
 # the identity columns of ``load``; every other column is a spec key (dotted) or a metric
 # (``config_key``: runs sharing it are seeds of one configuration; ``fingerprint``: the code
@@ -33,9 +32,6 @@ RUN_COLUMNS = ["run_id", "key", "config_key", "grid", "variant", "seed", "status
 # direction of a metric, decided by its name: the first rule that matches wins
 _LOWER = ("fid", "kid", "loss", "blank_rate", "fragment_rate", "peak_mem", "mse", "wall_s", "train_s", "s_per_image")
 _HIGHER = ("align", "acc", "clip", "per_s", "throughput", "score", "precision", "recall")
-
-DbArg = Union[Database, str, None]
-
 
 def higher_is_better(metric: str) -> Optional[bool]:
     """True if a larger ``metric`` is better, False if a smaller one is, None if neither
@@ -52,68 +48,49 @@ def higher_is_better(metric: str) -> Optional[bool]:
     return None
 
 
-@contextmanager
-def _opened(db: DbArg, results: Optional[Path] = None) -> Iterator[Database]:
-    """``db`` as an open Database; closed afterwards only if opened here."""
-    if isinstance(db, Database):
-        yield db
-        return
-    if db is not None and "://" not in db:
-        raise DBError(f"--db: expected a SQLAlchemy URL such as sqlite:///results/ablate.db, got {db!r}")
-    opened = open_db(db, Path(results or "results"), create=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
 def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model": {"width": 96, "params": {"scan": "x"}}}`` -> ``{"model.width": 96,
     "model.params.scan": "x"}``; empty sub-dicts vanish, lists stay values."""
     out: dict[str, Any] = {}
+    _flatten_into(out, spec, prefix)
+    return out
+
+
+def _flatten_into(out: dict[str, Any], spec: dict[str, Any], prefix: str) -> None:
     for k, v in spec.items():
         if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
+            _flatten_into(out, v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
-    return out
 
 
 def _hyper(overrides: Optional[dict]) -> str:
     """The grid's overrides of a cell but the variant (the seed is never among them), as
     ``key=value, ...`` sorted by key: the hyperparameters that differ from the grid's base."""
-    import json
-
     items = {k: v for k, v in (overrides or {}).items() if k not in ("model.variant", "seed")}
     return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
                      for k, v in sorted(items.items()))
 
 
-def _unkeyed_config_keys(conn: Any, ids: list[int]) -> dict[int, str]:
+def _json(value: Any) -> Any:
+    """A JSON column's value: SQLite hands back its text, PostgreSQL's driver the parsed value."""
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def _unkeyed_config_keys(r: Reader, ids: list[int]) -> dict[int, str]:
     """Configuration keys of runs stored without one (written around ``Database.register``, as
     ``ablate bench table`` does): a hash of the stored spec without its seed, taken as stored
     (validating 10,000 specs into :func:`ablate.config.config_key` would take seconds). SQLite
     and PostgreSQL drop the seed in SQL and hand back text, skipping JSON parsing in Python."""
     import hashlib
-    import json
 
-    from sqlalchemy import func
-
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        expr = func.json_remove(Run.spec, "$.seed")
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import JSONB
-
-        expr = cast(cast(Run.spec, JSONB).op("-")("seed"), Text)
+    if r.dialect == "sqlite":
+        pairs = r.rows("SELECT id, json_remove(spec, '$.seed') FROM runs WHERE config_key IS NULL")
+    elif r.dialect == "postgresql":
+        pairs = r.rows("SELECT id, CAST(CAST(spec AS JSONB) - 'seed' AS TEXT) FROM runs WHERE config_key IS NULL")
     else:
-        expr = None
-    unkeyed = Run.config_key.is_(None)  # one query for all of them, not an IN list of ids
-    if expr is not None:
-        pairs = _raw(conn.execute(select(Run.id, expr).where(unkeyed)))
-    else:
-        pairs = [(rid, json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True))
-                 for rid, spec in conn.execute(select(Run.id, Run.spec).where(unkeyed))]
+        pairs = [(rid, json.dumps({k: v for k, v in _json(spec).items() if k != "seed"}, sort_keys=True))
+                 for rid, spec in r.rows("SELECT id, spec FROM runs WHERE config_key IS NULL")]
     wanted = set(ids)
     return {rid: "spec-" + hashlib.sha256(str(text).encode()).hexdigest()[:11] for rid, text in pairs
             if rid in wanted}
@@ -124,64 +101,36 @@ def run_specs(db: DbArg, run_ids: Sequence[int], results: Optional[Path] = None)
     one run per configuration, so it never loads every spec)."""
     ids = [int(i) for i in dict.fromkeys(run_ids)]
     out: dict[int, dict] = {}
-    with _opened(db, results) as d, d.engine.connect() as conn:
+    with reading(db, results) as r:
         for i in range(0, len(ids), 500):  # bounded IN lists
-            for rid, spec in conn.execute(select(Run.id, Run.spec).where(Run.id.in_(ids[i:i + 500]))):
-                out[rid] = flatten({k: v for k, v in (spec or {}).items() if k != "seed"})
+            for rid, spec in r.rows("SELECT id, spec FROM runs WHERE id IN (:ids)", ids=ids[i:i + 500]):
+                out[rid] = flatten({k: v for k, v in (_json(spec) or {}).items() if k != "seed"})
     return out
 
 
-def _run_ids(grid: Optional[str], study: Optional[str]):
-    """A sub-select of the run ids in ``grid`` and ``study`` (None: no filter)."""
-    q = None
-    if grid is not None:
-        q = select(GridRun.run_id).where(GridRun.grid == grid)
-    if study is not None:
-        from .db import models
-
-        link = getattr(models, "StudyRun", None)  # issue 7 links runs to Optuna studies
-        if link is None or not hasattr(link, "study"):
-            raise DBError(f"--study: this database records no studies, so there is no study {study!r} "
-                          "(studies are written by `ablate study`)")
-        sq = select(link.run_id).where(link.study == study)
-        q = sq if q is None else q.where(GridRun.run_id.in_(sq))
-    return q
+def run_ids_sql(grid: Optional[str], study: Optional[str]) -> tuple[Optional[str], dict[str, str]]:
+    """A sub-select of the run ids in ``grid`` and ``study`` and its parameters (None: no filter)."""
+    if study is None:
+        return ("SELECT run_id FROM grid_runs WHERE grid = :grid", {"grid": grid}) if grid is not None else (None, {})
+    in_study = "SELECT run_id FROM study_runs WHERE study = :study"
+    if grid is None:
+        return in_study, {"study": study}
+    return (f"SELECT run_id FROM grid_runs WHERE grid = :grid AND run_id IN ({in_study})",
+            {"grid": grid, "study": study})
 
 
-def _check_study(d: Database, study: str) -> None:
+def _check_study(r: Reader, study: str) -> None:
     """A study filter must name a study this database records (one line otherwise)."""
-    from sqlalchemy import inspect
+    from .db import DBError
 
-    from .db import models
-
-    link = getattr(models, "StudyRun", None)
-    names = []
-    if link is not None and inspect(d.engine).has_table(link.__tablename__):
-        with d.engine.connect() as conn:
-            names = sorted(set(conn.execute(select(link.study)).scalars()))
+    names = sorted({s for s, in r.rows("SELECT DISTINCT study FROM study_runs")}) if r.has_table("study_runs") else []
     if study not in names:
         known = f"known studies: {', '.join(names)}" if names else \
             "this database records no studies yet (studies are written by `ablate study`)"
         raise DBError(f"--study: no study named {study!r}; {known}")
 
 
-def _raw(result: Any) -> list[tuple]:
-    """All rows of a result of plain columns (ints, floats, strings: no type processing
-    needed) as DBAPI tuples, skipping SQLAlchemy's per-row objects (3x faster on 200k rows)."""
-    try:
-        return list(result.cursor.fetchall())
-    finally:
-        result.close()
-
-
-def _frame(rows: Sequence[Any], columns: list[str]) -> pd.DataFrame:
-    """Plain tuples as a frame (SQLAlchemy rows would send pandas down a slow per-row path)."""
-    if not rows:
-        return pd.DataFrame({c: [] for c in columns})
-    return pd.DataFrame(rows, columns=columns)
-
-
-def _pivot(rows: Sequence[tuple], run_ids: Sequence[int]) -> dict[str, np.ndarray]:
+def _pivot(rows: Sequence[tuple], run_ids: Sequence[int]) -> dict[str, list[float]]:
     """``(run_id, name, value)`` rows as ``{name: values in the order of run_ids}`` (NaN where a
     run lacks the metric; names sorted; runs not in ``run_ids`` ignored), in one pass: 4x faster
     than pandas pivoting a long frame of the same 200k rows."""
@@ -194,8 +143,63 @@ def _pivot(rows: Sequence[tuple], run_ids: Sequence[int]) -> dict[str, np.ndarra
         column = columns.get(name)
         if column is None:
             column = columns[name] = [math.nan] * len(at)
-        column[i] = value
-    return {name: np.array(columns[name], dtype=float) for name in sorted(columns)}
+        column[i] = value if type(value) is float else float(value)
+    return {name: columns[name] for name in sorted(columns)}
+
+
+_RUNS_SQL = ("SELECT id, key, config_key, grid, variant, seed, status, error, CAST(overrides AS TEXT), host, "
+             "code_rev, fingerprint, created_at, started_at, finished_at{spec} FROM runs{where} ORDER BY id")
+
+
+def _read(r: Reader, grid: Optional[str], study: Optional[str], spec: bool,
+          metrics: Optional[Sequence[str]]) -> tuple[dict[str, list], Optional[list[dict]], dict[str, list[float]]]:
+    """What :func:`load` and :func:`load_columns` return, as ``({column: values} of
+    RUN_COLUMNS, flat specs (with ``spec``), {metric: values})``, read in one transaction."""
+    if study is not None:
+        _check_study(r, study)
+    ids, params = run_ids_sql(grid, study)
+    where = f" WHERE id IN ({ids})" if ids else ""
+    # the overrides as stored text: runs of one configuration share it, so it is parsed once
+    rows = r.rows(_RUNS_SQL.format(spec=", CAST(spec AS TEXT)" if spec else "", where=where), **params)
+    overrides = dict(r.rows("SELECT run_id, CAST(overrides AS TEXT) FROM grid_runs WHERE grid = :grid",
+                            grid=grid)) if grid is not None else {}
+    mq = "SELECT run_id, name, value FROM metrics WHERE step IS NULL"
+    if metrics is not None:
+        mq += " AND name IN (:names)"
+        params = {**params, "names": list(dict.fromkeys(metrics))}
+    final = r.rows(mq + (f" AND run_id IN ({ids})" if ids else ""), **params)
+    raw = [list(c) for c in zip(*rows)] if rows else [[] for _ in range(len(RUN_COLUMNS) + spec)]
+    cols = dict(zip(RUN_COLUMNS, raw))
+    run_ids, cks = cols["run_id"], cols["config_key"]
+    if None in cks:  # rows written around Database.register (none are, by ablate itself)
+        keys = _unkeyed_config_keys(r, [rid for rid, ck in zip(run_ids, cks) if ck is None])
+        cols["config_key"] = [ck if ck is not None else keys.get(rid, f"spec-run{rid}")
+                              for rid, ck in zip(run_ids, cks)]
+    if grid:
+        cols["grid"] = [grid] * len(run_ids)
+    cols["error"] = [e.strip().splitlines()[0] if e and e.strip() else "" for e in cols["error"]]
+    texts = [overrides.get(rid, t) for rid, t in zip(run_ids, cols["hyper"])] if overrides else cols["hyper"]
+    hypers = {t: _hyper(json.loads(t) if t is not None else None) for t in set(texts)}
+    cols["hyper"] = list(map(hypers.__getitem__, texts))
+    for c in ("created_at", "started_at", "finished_at"):
+        cols[c] = as_datetimes(cols[c])
+    specs = [flatten({k: v for k, v in _json(text).items() if k != "seed"}) for text in raw[-1]] if spec else None
+    wide = {name: v for name, v in _pivot(final, run_ids).items() if name not in RUN_COLUMNS}
+    return cols, specs, wide
+
+
+def load_columns(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = None, spec: bool = True,
+                 results: Optional[Path] = None, metrics: Optional[Sequence[str]] = None) -> dict[str, list]:
+    """:func:`load` without pandas: ``{column: values}`` in :func:`load`'s column order, one value
+    per run (missing: None, NaN for metrics; a spec key some runs lack: None for them)."""
+    with reading(db, results) as r:
+        columns, specs, wide = _read(r, grid, study, spec, metrics)
+    if specs:
+        for key in dict.fromkeys(k for flat in specs for k in flat):
+            if key not in RUN_COLUMNS:
+                columns[key] = [flat.get(key) for flat in specs]
+    columns.update(wide)
+    return columns
 
 
 def load(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = None,
@@ -212,53 +216,28 @@ def load(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = No
     ``metrics``: of these metrics only (None: all; a metric no run here has gets no column).
     A run in two grids appears once; ``grid`` is then the first grid that registered it.
     """
-    import json
+    import numpy as np
+    import pandas as pd
 
-    with _opened(db, results) as d:
-        if study is not None:
-            _check_study(d, study)
-        ids = _run_ids(grid, study)
-        # the overrides as stored text: runs of one configuration share it, so it is parsed once
-        cols = [Run.id, Run.key, Run.config_key, Run.grid, Run.variant, Run.seed, Run.status, Run.error,
-                cast(Run.overrides, Text), Run.host, Run.code_rev, Run.fingerprint, Run.created_at, Run.started_at,
-                Run.finished_at]
-        if spec:
-            cols.append(Run.spec)
-        q = select(*cols).order_by(Run.id)
-        mq = select(Metric.run_id, Metric.name, Metric.value).where(Metric.step.is_(None))
-        if metrics is not None:
-            mq = mq.where(Metric.name.in_(list(dict.fromkeys(metrics))))
-        if ids is not None:
-            q, mq = q.where(Run.id.in_(ids)), mq.where(Metric.run_id.in_(ids))
-        with d.engine.connect() as conn:
-            rows = conn.execute(q).all()
-            overrides = dict(_raw(conn.execute(select(GridRun.run_id, cast(GridRun.overrides, Text)).where(
-                GridRun.grid == grid)))) if grid is not None else {}
-            final = _raw(conn.execute(mq))
-            missing, keys = [r[0] for r in rows if r[2] is None], {}
-            if missing:  # rows written around Database.register (none are, by ablate itself)
-                keys = _unkeyed_config_keys(conn, missing)
-    hypers: dict[Optional[str], str] = {}
-
-    def hyper(text: Optional[str]) -> str:
-        if text not in hypers:
-            hypers[text] = _hyper(json.loads(text) if text is not None else None)
-        return hypers[text]
-
-    base = pd.DataFrame(
-        [(r[0], r[1], r[2] if r[2] is not None else keys.get(r[0], f"spec-run{r[0]}"), grid or r[3], r[4], r[5], r[6],
-          r[7].strip().splitlines()[0] if r[7] and r[7].strip() else "",
-          hyper(overrides.get(r[0], r[8])), r[9], r[10], r[11], r[12], r[13], r[14]) for r in rows],
-        columns=RUN_COLUMNS)
-    parts = [base]
-    if spec and rows:
-        flat = pd.DataFrame.from_records([flatten({k: v for k, v in r[15].items() if k != "seed"})
-                                          for r in rows])
+    with reading(db, results) as r:
+        columns, specs, wide = _read(r, grid, study, spec, metrics)
+    frame = pd.DataFrame(list(zip(*columns.values())), columns=RUN_COLUMNS)
+    parts = [frame]
+    if specs:
+        flat = pd.DataFrame.from_records(specs)
         parts.append(flat.drop(columns=[c for c in flat.columns if c in RUN_COLUMNS]))
-    wide = {name: v for name, v in _pivot(final, [r[0] for r in rows]).items() if name not in RUN_COLUMNS}
     if wide:
-        parts.append(pd.DataFrame(wide))
-    return pd.concat(parts, axis=1) if len(parts) > 1 else base
+        parts.append(pd.DataFrame({name: np.array(v, dtype=float) for name, v in wide.items()}))
+    return pd.concat(parts, axis=1) if len(parts) > 1 else frame
+
+
+def _frame(rows: Sequence[Any], columns: list[str]) -> pd.DataFrame:
+    """Plain tuples as a frame (SQLAlchemy rows would send pandas down a slow per-row path)."""
+    import pandas as pd
+
+    if not rows:
+        return pd.DataFrame({c: [] for c in columns})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def curves(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = None,
@@ -268,16 +247,17 @@ def curves(db: DbArg = None, grid: Optional[str] = None, study: Optional[str] = 
     sorted by run, name and step. ``names`` limits the metrics (e.g. ``["train_loss", "val_loss"]``).
     ``runs``: :func:`load`'s frame of the same ``grid`` and ``study``, when the caller has it
     (saves loading it again; a frame of another selection gives wrong identity columns)."""
-    with _opened(db, results) as d:
-        runs = (load(d, grid, study, spec=False) if runs is None else runs)[["run_id", "key", "variant", "seed", "hyper"]]
-        ids = _run_ids(grid, study)
-        q = select(Metric.run_id, Metric.name, Metric.step, Metric.value).where(Metric.step.is_not(None))
+    with reading(db, results) as r:
+        runs = (load(r, grid, study, spec=False) if runs is None else runs)[
+            ["run_id", "key", "variant", "seed", "hyper"]]
+        ids, params = run_ids_sql(grid, study)
+        q = "SELECT run_id, name, step, value FROM metrics WHERE step IS NOT NULL"
         if ids is not None:
-            q = q.where(Metric.run_id.in_(ids))
+            q += f" AND run_id IN ({ids})"
         if names is not None:
-            q = q.where(Metric.name.in_(list(names)))
-        with d.engine.connect() as conn:
-            rows = _raw(conn.execute(q))
+            q += " AND name IN (:names)"
+            params = {**params, "names": list(names)}
+        rows = r.rows(q, **params)
     long = _frame(rows, ["run_id", "name", "step", "value"])
     out = runs.merge(long, on="run_id", how="inner")
     return out.sort_values(["run_id", "name", "step"], kind="stable").reset_index(drop=True)
@@ -288,13 +268,10 @@ def artifacts(db: DbArg = None, grid: Optional[str] = None, study: Optional[str]
               runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """Files runs produced: ``run_id, key, variant, seed, hyper, status, kind, path``. ``runs``:
     as for :func:`curves`."""
-    with _opened(db, results) as d:
-        runs = (load(d, grid, study, spec=False) if runs is None else runs)[
+    with reading(db, results) as r:
+        runs = (load(r, grid, study, spec=False) if runs is None else runs)[
             ["run_id", "key", "variant", "seed", "hyper", "status"]]
-        q = select(Artifact.run_id, Artifact.kind, Artifact.path)
-        if kind is not None:
-            q = q.where(Artifact.kind == kind)
-        with d.engine.connect() as conn:
-            rows = conn.execute(q).all()
+        q = "SELECT run_id, kind, path FROM artifacts" + (" WHERE kind = :kind" if kind is not None else "")
+        rows = r.rows(q, **({"kind": kind} if kind is not None else {}))
     arts = _frame(rows, ["run_id", "kind", "path"])
     return runs.merge(arts, on="run_id", how="inner").reset_index(drop=True)

@@ -2,11 +2,12 @@
 encodes; on SQLite and on a real PostgreSQL."""
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ablate.config import RunSpec, config_key
 from ablate.db import Database, DBError, Metric, Run, open_db, safe_url
@@ -184,3 +185,67 @@ def test_preemption_release_and_launcher_verdicts(db):
     assert not db.set_status("b", "lost", "died", only_from=("running",), job_id="other-job")
     assert db.set_status("b", "lost", "died", only_from=("running",), job_id="j2")
     assert db.run("b").status == "lost"
+
+
+# ---- the commands that only read: a plain read transaction, SQLite through the standard library ----
+
+def test_reads_neither_wait_on_nor_block_a_running_job(tmp_path, monkeypatch, capsys):
+    """A job holds SQLite's write lock (BEGIN IMMEDIATE, a row written, not committed): the
+    table, plot, report and status reads go through in a plain read transaction instead of
+    waiting for it, and see the database as it was before the job's transaction."""
+    from ablate import results
+    from ablate.cli import main
+    from ablate.db import engine, read
+    from ablate.report import build_table, render
+    from ablate.report.table import config_specs
+    from tabledata import random_db
+
+    monkeypatch.setattr(engine, "SQLITE_BUSY_MS", 300)  # a read that waited would fail in 0.3 s
+    monkeypatch.setattr(read, "SQLITE_BUSY_MS", 300)
+    path = tmp_path / "r.db"
+    url = f"sqlite:///{path}"
+    db = random_db(url, 6)
+    before = render(build_table(db), "csv")
+    job = sqlite3.connect(path, isolation_level=None)
+    job.execute("BEGIN IMMEDIATE")
+    job.execute("UPDATE metrics SET value = value + 1 WHERE step IS NULL")
+    try:
+        assert main(["table", "--db", url, "--results", str(tmp_path), "--format", "csv"]) == 0
+        assert capsys.readouterr().out == before
+        assert render(build_table(db), "csv") == before  # through SQLAlchemy (report, plot)
+        runs = results.load(db, spec=False)
+        assert len(results.curves(db, runs=runs)) and config_specs(db, runs) is not None
+        assert results.artifacts(db, runs=runs).empty and results.run_specs(db, [1])
+        assert db.grids() == ["g1", "g2"] and db.statuses([runs["key"][0]])
+        assert main(["status", "--db", url, "--results", str(tmp_path)]) == 0
+        with pytest.raises(OperationalError, match="locked"):  # a writer still waits: the lock is real
+            with db.tx() as s:
+                s.execute(text("DELETE FROM grid_runs WHERE id = 1"))
+    finally:
+        job.execute("ROLLBACK")
+        job.close()
+        db.close()
+
+
+def test_reader_opens_and_fails_as_the_database(tmp_path):
+    """The standard library's reader of a SQLite file says what the Database would say, and any
+    URL it does not read itself (options, a quoted path) goes through SQLAlchemy."""
+    from ablate import results
+    from ablate.db.read import reading
+
+    for url in [f"sqlite:///{tmp_path}/missing.db", f"sqlite:///{tmp_path}/no/dir/a.db", "sqlite:///:memory:"]:
+        with pytest.raises(DBError) as by_db:
+            Database(url, create=False)
+        with pytest.raises(DBError) as by_reader:
+            with reading(url):
+                pass
+        assert str(by_reader.value) == str(by_db.value)
+    (tmp_path / "junk.db").write_text("not a database")
+    with pytest.raises(DBError, match="cannot reach"):
+        with reading(f"sqlite:///{tmp_path}/junk.db"):
+            pass
+    quoted = f"sqlite:///{tmp_path}/a%23b.db"  # the file a#b.db
+    Database(quoted).close()
+    with reading(quoted) as r:
+        assert r.grids() == [] and r.dialect == "sqlite"
+    assert (tmp_path / "a#b.db").exists() and results.load_columns(quoted)["run_id"] == []

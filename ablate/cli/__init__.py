@@ -43,7 +43,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 # the user's input errors besides BadInput (one line, exit 2), by module: a module not imported
 # raised none of them, and importing it just to test for them (pydantic's models for the config)
 # would slow every command that never needs it (``ablate table``)
-_INPUT_ERRORS = (("ablate.config", "ConfigError"), ("ablate.db.store", "DBError"))
+_INPUT_ERRORS = (("ablate.config", "ConfigError"), ("ablate.db.engine", "DBError"))
 
 
 def _bad_input(exc: BaseException) -> bool:

@@ -44,7 +44,7 @@ def cmd_db(args: argparse.Namespace) -> int:
             print(f"{db!r}: schema {before or '(empty)'} -> {after}" if before != after
                   else f"{db!r}: schema already at {after}")
         else:
-            with db.engine.connect() as conn:
+            with db.read() as conn:
                 rev = schema.current_revision(conn)
             print(f"{db!r}: schema {rev or '(empty)'} (this ablate: {schema.HEAD})")
     finally:

@@ -143,7 +143,7 @@ def _store_status(db, grid: str, results: Path) -> None:  # noqa: ANN001
     from ..db.models import GridRun, Run
     from ..prep_jobs import describe, plan
 
-    with db.engine.connect() as conn:
+    with db.read() as conn:
         stored = conn.execute(select(Run.spec).join(GridRun, GridRun.run_id == Run.id)
                               .where(GridRun.grid == grid)).scalars().all()
     specs = [RunSpec.model_validate(s) for s in stored

@@ -7,7 +7,6 @@ run are committed together in :meth:`Database.finish`.
 from __future__ import annotations
 
 import functools
-import os
 import random
 import socket
 import time
@@ -16,18 +15,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
-from sqlalchemy import and_, create_engine, delete, event, func, literal, or_, select, update
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import (ArgumentError, IntegrityError, NoSuchModuleError, OperationalError,
-                            SQLAlchemyError)
+from sqlalchemy import and_, delete, func, literal, or_, select, update
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import schema
+from .engine import (ENV_URL, READ_ONLY, SQLITE_BUSY_MS, DBError, check_sqlite_file, make_engine, resolve_url,
+                     safe_url, unreachable)
 from .models import Artifact, BenchResult, GridRun, Metric, Run, StudyRun, utcnow
 
+__all__ = ["DBError", "Database", "ENV_URL", "NotOwner", "RETRIES", "SQLITE_BUSY_MS", "open_db", "resolve_url",
+           "retrying", "safe_url", "server_now"]
+
 T = TypeVar("T")
-ENV_URL = "ABLATE_DB_URL"
-SQLITE_BUSY_MS = 60_000
 
 
 RETRIES = 8  # attempts of one write transaction that hit a lock or a concurrent insert
@@ -60,10 +61,6 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-class DBError(RuntimeError):
-    """The database cannot be used; the message is one line and never contains a password."""
-
-
 class NotOwner(RuntimeError):
     """The run was taken by another attempt (marked lost, then claimed again): this attempt must
     stop and write nothing more. Raised by the owner-only writes."""
@@ -82,91 +79,37 @@ def server_now(dialect: str, seconds_ago: float = 0.0) -> Any:
     return literal(utcnow() - timedelta(seconds=seconds_ago))  # other servers: this machine's clock
 
 
-def safe_url(url: str) -> str:
-    """``url`` with its password masked, for messages and logs."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable database URL>"
-
-
-def resolve_url(db: Optional[str], results_dir: Path) -> str:
-    """``--db`` beats ``$ABLATE_DB_URL`` beats ``sqlite:///<results>/ablate.db``."""
-    if db:
-        return db
-    if os.environ.get(ENV_URL):
-        return os.environ[ENV_URL]
-    return f"sqlite:///{Path(results_dir).resolve() / 'ablate.db'}"
-
-
-def _sqlite_pragmas(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
-        # let SQLAlchemy's BEGIN below be the only transaction control (pysqlite otherwise defers it)
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # noqa: ANN001
-        # IMMEDIATE takes the write lock up front: no deadlock-prone lock upgrade mid-transaction
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``url`` (SQLite gets WAL, a busy timeout and IMMEDIATE transactions)."""
-    try:
-        u = make_url(url)
-    except ArgumentError:
-        raise DBError(f"--db: cannot parse database URL {safe_url(url)!r} "
-                      "(expected e.g. sqlite:///results/ablate.db or postgresql+psycopg://user@host/db)") from None
-    if u.get_backend_name() == "sqlite":
-        path = u.database
-        if not path or path == ":memory:":
-            raise DBError("--db: an in-memory SQLite database cannot be shared by jobs; give a file path")
-        parent = Path(path).resolve().parent
-        if not parent.is_dir():
-            raise DBError(f"--db: folder {parent} of SQLite database does not exist; create it or pass another --db")
-        if not os.access(parent, os.W_OK):
-            raise DBError(f"--db: folder {parent} is not writable; pass a writable --db location")
-    try:
-        engine = create_engine(url, future=True, pool_pre_ping=True)
-    except (NoSuchModuleError, ArgumentError, ImportError) as exc:
-        raise DBError(f"--db: unsupported database URL {safe_url(url)!r}: {str(exc).splitlines()[0]}") from None
-    if u.get_backend_name() == "sqlite":
-        _sqlite_pragmas(engine)
-    return engine
-
-
 class Database:
     """The results database: engine, schema, and the harness's transactions."""
 
     def __init__(self, url: str, create: bool = True):
         self.url = url
         u = make_url(url) if "://" in url else None
-        if not create and u is not None and u.get_backend_name() == "sqlite" and u.database \
-                and not Path(u.database).exists():
-            raise DBError(f"--db: no database at {u.database}; run `ablate run GRID` first or pass --db")
+        if not create and u is not None and u.get_backend_name() == "sqlite" and u.database:
+            check_sqlite_file(u.database, create=False)
         self.engine = make_engine(url)
         try:
-            with self.engine.connect() as conn:
+            with self.read() as conn:
                 conn.exec_driver_sql("SELECT 1")
             if create:
                 schema.upgrade(self.engine)
         except OperationalError as exc:
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
-            raise DBError(f"--db: cannot reach {safe_url(url)}: {reason}") from None
+            raise unreachable(url, exc.orig or exc) from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # reads: on SQLite a plain read transaction (writes begin IMMEDIATE), which neither waits
+        # on a running job's write nor blocks it
+        self._reads = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
     def __repr__(self) -> str:
         return f"Database({safe_url(self.url)})"
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def read(self) -> Connection:
+        """A connection for reads only (use it as a context manager): on SQLite its transactions
+        are plain read transactions, not the write transactions of :meth:`tx`."""
+        return self.engine.connect().execution_options(**{READ_ONLY: True})
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -240,7 +183,7 @@ class Database:
 
     def owns(self, key: str, token: str) -> bool:
         """Whether the attempt ``token`` still owns the running run ``key``."""
-        with self._sessions() as s:
+        with self._reads() as s:
             return s.scalar(select(Run.id).where(self._owned(key, token))) is not None
 
     def _check(self, s: Session, key: str, token: str) -> Run:
@@ -405,7 +348,7 @@ class Database:
     def done_fingerprints(self, keys: Iterable[str]) -> dict[str, tuple[str, Optional[str]]]:
         """``{key: (variant, fingerprint)}`` of the finished runs among ``keys``."""
         keys = list(keys)
-        with self._sessions() as s:
+        with self._reads() as s:
             rows = s.execute(select(Run.key, Run.variant, Run.fingerprint).where(
                 Run.key.in_(keys), Run.status == "done")).all()
             return {k: (v, f) for k, v, f in rows}
@@ -413,25 +356,25 @@ class Database:
     # -- reads -------------------------------------------------------------------------------
     def statuses(self, keys: Iterable[str]) -> dict[str, str]:
         keys = list(keys)
-        with self._sessions() as s:
+        with self._reads() as s:
             return dict(s.execute(select(Run.key, Run.status).where(Run.key.in_(keys))).all())
 
     def run(self, key: str) -> Optional[Run]:
-        with self._sessions() as s:
+        with self._reads() as s:
             return s.scalar(select(Run).where(Run.key == key))
 
     def grids(self) -> list[str]:
-        with self._sessions() as s:
+        with self._reads() as s:
             return sorted(set(s.scalars(select(GridRun.grid))))
 
     def final_metrics(self, key: str) -> dict[str, float]:
-        with self._sessions() as s:
+        with self._reads() as s:
             rid = s.scalar(select(Run.id).where(Run.key == key))
             return dict(s.execute(select(Metric.name, Metric.value).where(
                 Metric.run_id == rid, Metric.step.is_(None))).all())
 
     def curve(self, key: str, name: str) -> list[tuple[int, float]]:
-        with self._sessions() as s:
+        with self._reads() as s:
             rid = s.scalar(select(Run.id).where(Run.key == key))
             return list(s.execute(select(Metric.step, Metric.value).where(
                 Metric.run_id == rid, Metric.name == name, Metric.step.is_not(None)).order_by(Metric.step)).all())
@@ -470,12 +413,12 @@ class Database:
 
     def studies(self) -> list[str]:
         """Names of the studies with at least one trial linked to a run."""
-        with self._sessions() as s:
+        with self._reads() as s:
             return sorted(set(s.scalars(select(StudyRun.study))))
 
     def study_runs(self, study: str) -> dict[int, tuple[str, str]]:
         """``{trial number: (run key, run status)}`` of ``study``."""
-        with self._sessions() as s:
+        with self._reads() as s:
             rows = s.execute(select(StudyRun.trial, Run.key, Run.status).join(Run, Run.id == StudyRun.run_id)
                              .where(StudyRun.study == study)).all()
             return {t: (k, st) for t, k, st in rows}
@@ -496,7 +439,7 @@ class Database:
 
     def bench_results(self, suite: str, session: Optional[str] = None) -> list[BenchResult]:
         """The rows of ``suite``'s latest table (or of ``session``), in insertion order."""
-        with self.tx() as s:
+        with self._reads() as s:
             if session is None:
                 last = s.scalars(select(BenchResult.session).where(BenchResult.suite == suite)
                                  .order_by(BenchResult.id.desc()).limit(1)).first()

@@ -578,18 +578,23 @@ def config_paradigms(db: Database, grid: Optional[str], study: Optional[str]) ->
     """``{config_key: model.paradigm}`` of the selection's runs, in one query (the spec's JSON
     path; ``masked`` where a spec predates the field). A configuration key fixes the spec but
     the seed, so one run's spec per configuration says it (10x fewer specs read than runs)."""
-    from sqlalchemy import func, select
+    from ..db.read import reading
+    from ..results import run_ids_sql
 
-    from ..db.models import Run
-    from ..results import _run_ids
-
-    first = select(func.min(Run.id)).where(Run.config_key.is_not(None)).group_by(Run.config_key)
-    ids = _run_ids(grid, study)
-    if ids is not None:
-        first = first.where(Run.id.in_(ids))
-    q = select(Run.config_key, Run.spec[("model", "paradigm")].as_string()).where(Run.id.in_(first))
-    with db.engine.connect() as conn:
-        return {ck: p or "masked" for ck, p in conn.execute(q).all() if ck is not None}
+    ids, params = run_ids_sql(grid, study)
+    first = "SELECT min(id) FROM runs WHERE config_key IS NOT NULL" + (f" AND id IN ({ids})" if ids else "") + \
+        " GROUP BY config_key"
+    with reading(db) as r:
+        if r.dialect == "sqlite":
+            path = "json_extract(spec, '$.\"model\".\"paradigm\"')"
+        elif r.dialect == "postgresql":
+            path = "spec #>> '{model,paradigm}'"
+        else:
+            path = None
+        rows = r.rows(f"SELECT config_key, {path or 'spec'} FROM runs WHERE id IN ({first})", **params)
+    if path is None:  # other databases: the spec's JSON read here
+        rows = [(ck, (json.loads(s) if isinstance(s, str) else s).get("model", {}).get("paradigm")) for ck, s in rows]
+    return {ck: p or "masked" for ck, p in rows if ck is not None}
 
 
 def add_paradigm(table: pd.DataFrame, paradigms: dict[str, str]) -> None:

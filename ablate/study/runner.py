@@ -52,7 +52,7 @@ def storage_for(url: str, heartbeat: Any = None):
     optuna = _optuna()
     from sqlalchemy.engine import make_url
 
-    from ..db.store import _sqlite_pragmas
+    from ..db.engine import _sqlite_pragmas
 
     kw: dict[str, Any] = {}
     if heartbeat is not None:
