@@ -109,25 +109,23 @@ def build_db(path: Path, runs: int = 10_000, n_metrics: int = 20, variants: int 
 
 
 def _time_in_process(url: str, fmt: str) -> dict[str, float]:
-    """The table as ``ablate table`` makes it: the runs with the metrics it can show, then
-    :func:`~ablate.report.table.build_table` on them (a spec per configuration, the variants'
-    catalog, the statistics, the paradigms), then the text."""
-    from ablate.db import Database
+    """The table as ``ablate table`` makes it (no pandas): the runs with the metrics it can show
+    (:func:`~ablate.results.load_columns`), then :func:`~ablate.report.summary.build` on them (a
+    spec per configuration, the variants' catalog, the statistics, the paradigms), then the text;
+    all in one read transaction."""
+    from ablate.db.read import reading
     from ablate.report.render import render
-    from ablate.report.table import build_table, table_metrics
-    from ablate.results import load
+    from ablate.report.summary import build, table_metrics
+    from ablate.results import load_columns
 
-    db = Database(url, create=False)
-    try:
+    with reading(url) as r:
         t0 = time.perf_counter()
-        runs = load(db, spec=False, metrics=table_metrics())
+        runs = load_columns(r, spec=False, metrics=table_metrics())
         t1 = time.perf_counter()
-        table = build_table(db, runs=runs)
+        table = build(r, runs=runs)
         t2 = time.perf_counter()
         text = render(table, fmt)
         t3 = time.perf_counter()
-    finally:
-        db.close()
     return dict(load_s=t1 - t0, summarize_s=t2 - t1, render_s=t3 - t2, total_s=t3 - t0,
                 table_rows=len(table), chars=len(text))
 
@@ -185,7 +183,9 @@ def bench_table(runs: int = 10_000, n_metrics: int = 20, repeats: int = 3, fmt: 
                 starts.append(time.perf_counter() - t0)
             rows.append(dict(what="subprocess", runs=runs, metrics=n_metrics, format=fmt, seconds=min(walls),
                              median_s=statistics.median(walls), imports_s=statistics.median(starts),
-                             imports_torch="torch" in modules, imports_pandas="pandas" in modules))
+                             imports_torch="torch" in modules, imports_pandas="pandas" in modules,
+                             imports_numpy="numpy" in modules, imports_sqlalchemy="sqlalchemy" in modules,
+                             modules=len(modules)))
         return rows
     finally:
         if tmp is not None:
@@ -202,7 +202,9 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         elif r["what"] == "subprocess":
             detail = (f"of which Python start + imports {r['imports_s']:.2f} s (median); "
                       f"torch imported: {'yes' if r['imports_torch'] else 'no'}"
-                      + (f", pandas: {'yes' if r['imports_pandas'] else 'no'}" if "imports_pandas" in r else ""))
+                      + "".join(f", {name}: {'yes' if r[f'imports_{name}'] else 'no'}"
+                                for name in ("pandas", "numpy", "sqlalchemy") if f"imports_{name}" in r)
+                      + (f"; {r['modules']} modules" if "modules" in r else ""))
         else:
             detail = ""
         med = "" if r.get("median_s") is None else f"{r['median_s']:.3f}"

@@ -68,12 +68,27 @@ def database(args: argparse.Namespace, create: bool = False, grid: Optional[str]
 
     db = open_db(args.db, results_dir(args.results), create=create)
     try:
-        if grid and grid not in db.grids():
-            known = ", ".join(db.grids()) or "(none yet)"
-            raise BadInput(f"{grid_option}: no grid named {grid!r} in the database; known grids: {known}")
+        _known_grid(grid, grid_option, db.grids)
         yield db
     finally:
         db.close()
+
+
+@contextlib.contextmanager
+def reader(args: argparse.Namespace, grid: Optional[str] = None, grid_option: str = "--grid") -> Iterator:
+    """:func:`database` for commands that only read: an :class:`ablate.db.read.Reader` of
+    ``--db``/``--results`` (one read transaction; a SQLite file without SQLAlchemy)."""
+    from ..db.read import reading
+
+    with reading(args.db, results_dir(args.results)) as r:
+        _known_grid(grid, grid_option, r.grids)
+        yield r
+
+
+def _known_grid(grid: Optional[str], grid_option: str, grids: Callable[[], list[str]]) -> None:
+    if grid and grid not in (known := grids()):
+        raise BadInput(f"{grid_option}: no grid named {grid!r} in the database; known grids: "
+                       f"{', '.join(known) or '(none yet)'}")
 
 
 def names(values: Optional[Sequence[str]]) -> Optional[list[str]]:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .core import EXIT_OK, BadInput, command, database, names, results_dir
+from .core import EXIT_OK, BadInput, command, database, names, reader, results_dir
 
 
 def _table_args(t: argparse.ArgumentParser) -> None:
@@ -31,15 +31,17 @@ def _table_args(t: argparse.ArgumentParser) -> None:
 
 @command("table", "regenerate the results table from the database", _table_args)
 def cmd_table(args: argparse.Namespace) -> int:
-    """The table from the database alone; markdown also rewrites RESULTS.md (or ``--out``)."""
-    from ..report import build_table, render, write_results
+    """The table from the database alone; markdown also rewrites RESULTS.md (or ``--out``). It
+    reads in one read transaction and imports neither pandas nor numpy (:mod:`ablate.report.summary`)."""
+    from ..report import render, write_results
+    from ..report.summary import build
     from ..utils import atomic_write_bytes
 
-    with database(args, grid=args.grid) as db:
+    with reader(args, grid=args.grid) as db:
         options = dict(study=args.study, metrics=names(args.metrics), group_by=names(args.group_by),
                        sort=args.sort, baseline=args.baseline, include_superseded=args.include_superseded)
         try:
-            table = build_table(db, args.grid, **options)
+            table = build(db, args.grid, **options)
         except ValueError as exc:
             raise BadInput(str(exc)) from None
         if args.format == "markdown":

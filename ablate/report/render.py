@@ -4,23 +4,35 @@ renderers of :func:`ablate.report.table.build_table`'s numeric table, and ``resu
 Each metric cell reads ``mean ± h (n=k)``, h the half-width of the 95% Student-t interval
 (``mean (n=1)`` without one). The marks ``build_table`` computed (``attrs``: ``best``, ``tied``,
 ``baseline``) become **bold** / _italic_ in markdown, ``\\textbf`` / ``\\textit`` in LaTeX,
-``<strong>`` / ``<em>`` in HTML and ``"best"`` / ``"tied"`` in JSON; csv is the numbers alone.
+``<strong>`` / ``<em>`` in HTML and ``"best"`` / ``"tied"`` in JSON; csv is the numbers alone
+(written as pandas' ``to_csv`` writes the frame: floats as ``repr`` does, absent values empty).
+
+The renderers take the table as :func:`~ablate.report.table.build_table`'s pandas frame or as
+:func:`ablate.report.summary.build`'s :class:`~ablate.report.summary.Table`, and import no pandas
+for the latter (``ablate table``).
 """
 from __future__ import annotations
 
+import csv
 import html as htmllib
+import io
 import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-import numpy as np
-import pandas as pd
-
-from ..db import Database, safe_url
+from ..db.engine import safe_url
 from ..utils import atomic_write_bytes
-from .table import FORMATS, build_table, metric_column
+from .summary import FORMATS, Table, metric_column, missing
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..db import Database
+    from ..db.read import Reader
+
+AnyTable = Union[Table, "pd.DataFrame"]
 
 __all__ = ["display_table", "latex_escape", "render", "write_results"]
 
@@ -58,13 +70,34 @@ def _diff_metrics(attrs: dict) -> list[str]:
     return [m for m in attrs.get("metrics", []) if metric_column(m)[1] is not None]
 
 
-def _bare(table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """``(table without attrs, its attrs)``: pandas deep-copies ``attrs`` (the marks: lists of
-    up to every row) on every column access, which would dominate rendering a large table."""
-    attrs = table.attrs
-    bare = table.copy(deep=False)
-    bare.attrs = {}
-    return bare, attrs
+def _table(table: AnyTable) -> Table:
+    return table if isinstance(table, Table) else Table.from_frame(table)
+
+
+def _display(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of :func:`display_table`."""
+    metrics = table.attrs.get("metrics", [])
+    methods = [str(m) for m in table["Method"]]
+    if "older_code" in table:
+        methods = [m + " †" if old else m for m, old in zip(methods, table["older_code"])]
+    shown = {"Method": methods}
+    if "Paradigm" in table:  # rows that generate in different ways (masked, ar, var)
+        shown["Paradigm"] = table["Paradigm"]
+    shown.update(Implemented=table["Implemented"], Trained=table["Trained"])
+    for m in metrics:
+        title, _, fmt = metric_column(m)
+        shown[title] = [_cell(a, lo, hi, int(c), fmt) for a, lo, hi, c in
+                        zip(table[m], table[f"{m}_ci95_low"], table[f"{m}_ci95_high"], table[f"{m}_n"])]
+    base = table.attrs.get("baseline")
+    for m in _diff_metrics(table.attrs):
+        title, _, fmt = metric_column(m)
+        shown[f"Δ {title} vs {base['label']}"] = [
+            _diff_cell(d, lo, hi, bool(s), i == base["row"], fmt) for i, (d, lo, hi, s) in
+            enumerate(zip(table[f"{m}_diff"], table[f"{m}_diff_ci95_low"], table[f"{m}_diff_ci95_high"],
+                          table[f"{m}_significant"]))]
+    shown["Hyperparameters"] = table["Hyperparameters"]
+    shown["Notes"] = table["Notes"]
+    return list(shown), [list(row) for row in zip(*shown.values())]
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -72,39 +105,17 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     (`` †`` for older code), Implemented, Trained, one ``mean ± h (n=k)`` column per metric
     (h: half-width of the 95% t-interval; titled with its direction), with a baseline one
     ``Δ <metric> vs <baseline>`` column per metric with a direction, Hyperparameters, Notes."""
-    table, attrs = _bare(table)
-    metrics = attrs.get("metrics", [])
-    methods = table["Method"].astype(str)
-    if "older_code" in table:
-        methods = methods.where(~table["older_code"].astype(bool), methods + " †")
-    out = pd.DataFrame({"Method": methods, "Implemented": table["Implemented"], "Trained": table["Trained"]})
-    if "Paradigm" in table:  # rows that generate in different ways (masked, ar, var)
-        out.insert(1, "Paradigm", table["Paradigm"])
-    for m in metrics:
-        title, _, fmt = metric_column(m)
-        out[title] = [_cell(a, lo, hi, int(c), fmt) for a, lo, hi, c in
-                      zip(table[m].to_numpy(float), table[f"{m}_ci95_low"].to_numpy(float),
-                          table[f"{m}_ci95_high"].to_numpy(float), table[f"{m}_n"].to_numpy())]
-    base = attrs.get("baseline")
-    for m in _diff_metrics(attrs):
-        title, _, fmt = metric_column(m)
-        out[f"Δ {title} vs {base['label']}"] = [
-            _diff_cell(d, lo, hi, bool(s), i == base["row"], fmt) for i, (d, lo, hi, s) in
-            enumerate(zip(table[f"{m}_diff"].to_numpy(float), table[f"{m}_diff_ci95_low"].to_numpy(float),
-                          table[f"{m}_diff_ci95_high"].to_numpy(float), table[f"{m}_significant"].to_numpy()))]
-    out["Hyperparameters"] = table["Hyperparameters"]
-    out["Notes"] = table["Notes"]
-    return out
+    import pandas as pd
+
+    cols, rows = _display(_table(table))
+    return pd.DataFrame({c: [row[j] for row in rows] for j, c in enumerate(cols)}, columns=cols)
 
 
-def _marked(table: pd.DataFrame, best, tied) -> tuple[list[str], list[list[str]]]:
+def _marked(table: Table, best, tied) -> tuple[list[str], list[list[str]]]:
     """Header and rows of :func:`display_table` with ``best(text)`` / ``tied(text)`` applied to
     the marked cells."""
-    attrs = table.attrs
-    shown = display_table(table)
-    rows = [list(r) for r in shown.itertuples(index=False)]
-    cols = list(shown.columns)
-    for marks, mark in ((attrs.get("best", {}), best), (attrs.get("tied", {}), tied)):
+    cols, rows = _display(table)
+    for marks, mark in ((table.attrs.get("best", {}), best), (table.attrs.get("tied", {}), tied)):
         for m, positions in marks.items():
             j = cols.index(metric_column(m)[0])
             for i in positions:
@@ -112,14 +123,14 @@ def _marked(table: pd.DataFrame, best, tied) -> tuple[list[str], list[list[str]]
     return cols, rows
 
 
-def _footnotes(table: pd.DataFrame) -> list[str]:
+def _footnotes(table: Table) -> list[str]:
     """One line per mark the table uses that a reader must know (markdown only)."""
-    table, attrs = _bare(table)
+    attrs = table.attrs
     metrics = attrs.get("metrics", [])
     out = []
-    if any((table[f"{m}_n"] == 1).any() for m in metrics):
+    if any(k == 1 for m in metrics for k in table[f"{m}_n"]):
         out.append("n=1: a single run: no interval, and never marked best.")
-    if "older_code" in table and table["older_code"].any():
+    if "older_code" in table and any(table["older_code"]):
         out.append("†: runs of older code than the newest of their configuration (fingerprint in Notes).")
     if attrs.get("best") or attrs.get("tied"):
         out.append("**bold**: best, significantly (95% Welch) better than every other row; "
@@ -129,7 +140,7 @@ def _footnotes(table: pd.DataFrame) -> list[str]:
     return out
 
 
-def _markdown(table: pd.DataFrame) -> str:
+def _markdown(table: Table) -> str:
     esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     cols, rows = _marked(table, lambda s: f"**{s}**", lambda s: f"_{s}_")
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -148,7 +159,7 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX.get(c, c) for c in str(text))
 
 
-def _latex(table: pd.DataFrame) -> str:
+def _latex(table: Table) -> str:
     # marks survive escaping as control characters
     cols, rows = _marked(table, lambda s: "\x00" + s + "\x01", lambda s: "\x02" + s + "\x01")
     fix = lambda s: latex_escape(s).replace("\x00", r"\textbf{").replace("\x02", r"\textit{") \
@@ -161,7 +172,7 @@ def _latex(table: pd.DataFrame) -> str:
     return "\n".join(out) + "\n"
 
 
-def _html(table: pd.DataFrame) -> str:
+def _html(table: Table) -> str:
     cols, rows = _marked(table, lambda s: "\x00" + s + "\x01", lambda s: "\x02" + s + "\x03")
     fix = lambda s: htmllib.escape(str(s)).replace("\x00", "<strong>").replace("\x01", "</strong>") \
         .replace("\x02", "<em>").replace("\x03", "</em>")  # noqa: E731
@@ -177,24 +188,26 @@ _CELL = {"": "mean", "_std": "std", "_n": "n", "_ci95_low": "ci95_low", "_ci95_h
          "_significant": "significant"}
 
 
-def _json(table: pd.DataFrame) -> str:
-    table, attrs = _bare(table)
+def _json_value(v: Any) -> Any:
+    """A JSON value: absent values as null, numpy scalars as Python's."""
+    if missing(v):
+        return None
+    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
+
+
+def _json(table: Table) -> str:
+    attrs = table.attrs
     metrics = attrs.get("metrics", [])
     best, tied = attrs.get("best", {}), attrs.get("tied", {})
     per_cell = {m + suffix: (m, name) for m in metrics for suffix, name in _CELL.items() if m + suffix in table}
     fixed = [c for c in table.columns if c not in per_cell]
-
-    def num(v: Any) -> Any:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return None
-        return v.item() if isinstance(v, np.generic) else v
-
     records = []
-    for i, r in enumerate(table.to_dict("records")):
-        rec = {c: (int(r[c]) if c == "n" else bool(r[c]) if c == "older_code" else num(r[c])) for c in fixed}
+    for i in range(len(table)):
+        rec = {c: int(table[c][i]) if c == "n" else bool(table[c][i]) if c == "older_code" else _json_value(table[c][i])
+               for c in fixed}
         cells: dict[str, dict[str, Any]] = {m: {} for m in metrics}
         for col, (m, name) in per_cell.items():
-            v = num(r[col])
+            v = _json_value(table[col][i])
             cells[m][name] = int(v) if name == "n" else bool(v) if name == "significant" else v
         for m in metrics:
             cells[m].update(best=i in best.get(m, ()), tied=i in tied.get(m, ()))
@@ -202,27 +215,44 @@ def _json(table: pd.DataFrame) -> str:
         records.append(rec)
     base = attrs.get("baseline")
     return json.dumps({"group_by": attrs.get("group_by", []), "metrics": metrics,
-                       "baseline": None if base is None else {k: num(v) for k, v in base.items()},
+                       "baseline": None if base is None else {k: _json_value(v) for k, v in base.items()},
                        "rows": records}, indent=1, ensure_ascii=False) + "\n"
 
 
-def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
-    """``table`` (from :func:`build_table`) as markdown, csv (the numbers), latex, html or json."""
-    if fmt == "csv":
-        return table.to_csv(index=False)
-    renderers = {"markdown": _markdown, "latex": _latex, "html": _html, "json": _json}
+def _csv_cell(v: Any) -> Any:
+    if missing(v):
+        return ""
+    return repr(v) if isinstance(v, float) else v
+
+
+def _csv(table: Table) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(table.columns)
+    w.writerows([_csv_cell(v) for v in row] for row in zip(*(table[c] for c in table.columns)))
+    return out.getvalue()
+
+
+def render(table: AnyTable, fmt: str = "markdown") -> str:
+    """``table`` (from :func:`~ablate.report.table.build_table` or
+    :func:`~ablate.report.summary.build`) as markdown, csv (the numbers), latex, html or json."""
+    renderers = {"markdown": _markdown, "csv": _csv, "latex": _latex, "html": _html, "json": _json}
     if fmt not in renderers:
         raise ValueError(f"--format: unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
-    return renderers[fmt](table)
+    return renderers[fmt](_table(table))
 
 
-def write_results(db: Database, path: Path, grid: Optional[str] = None, table: Optional[pd.DataFrame] = None,
-                  **options: Any) -> str:
-    """Render the markdown table (``table``, else :func:`build_table` with ``options``) and write
-    it to ``path`` under a header naming the database it came from, the time and how to read
-    the marks; return the table."""
+def write_results(db: Union[Database, Reader], path: Path, grid: Optional[str] = None,
+                  table: Optional[AnyTable] = None, **options: Any) -> str:
+    """Render the markdown table (``table``, else :func:`~ablate.report.summary.build` with
+    ``options``) and write it to ``path`` under a header naming the database it came from, the
+    time and how to read the marks; return the table."""
     if table is None:
-        table = build_table(db, grid, **options)
+        from ..db.read import reading
+        from .summary import build
+
+        with reading(db) as r:
+            table = build(r, grid, **options)
     md = render(table, "markdown")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     opts = ", ".join(f"{k}={v if isinstance(v, str) else ','.join(v) if not isinstance(v, bool) else v}"

@@ -31,7 +31,8 @@ import pandas as pd
 from ..db import Database, safe_url
 from ..results import artifacts, curves, load, run_specs
 from .render import _diff_metrics, display_table
-from .table import _text, build_table, metric_column, row_members
+from .naming import spec_text
+from .table import build_table, metric_column, row_members
 
 CURVES = ("train_loss", "val_loss")
 FACET_VALUES = 60  # a key with more distinct values gets no drop-down (the text filter still finds it)
@@ -131,7 +132,7 @@ def _facets(row_specs: list[dict[str, Any]], methods: Sequence[str]) -> tuple[li
                 break
         if not differs and not varies or not varies and unset:
             continue
-        texts = [_text(s[k]) if k in s else "(unset)" for s in row_specs]
+        texts = [spec_text(s[k]) if k in s else "(unset)" for s in row_specs]
         distinct = set(texts)
         for r, t in zip(per_row, texts):
             r[k] = t
@@ -292,7 +293,7 @@ class _Images:
             src = self.add(os.path.join(folder, name) if name else None, f"img/{_slug(run_key)}.failure.{i:04d}.png",
                            os.path.join(path, name))
             entry["items"].append({"src": src, "caption": str(item.get("caption", "")),
-                                   "read": _text(item.get("read", "")),
+                                   "read": spec_text(item.get("read", "")),
                                    **({} if src else {"missing": os.path.join(path, name)})})
         return entry
 
