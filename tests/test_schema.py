@@ -101,6 +101,23 @@ def test_cli_db_upgrade_and_current(tmp_path, capsys):
     assert "no database at" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["table"], ["status"], ["plot", "--out", "PLOT"]])
+def test_reading_an_old_database_names_the_upgrade_and_changes_nothing(any_db_url, tmp_path, capsys, command):
+    """The read-only commands never migrate: on an older schema they say which and how to upgrade
+    (one line, exit 2), and the database stays as it was; after `ablate db upgrade` they read it."""
+    _old_database(any_db_url, versioned=True)
+    command = [str(tmp_path / "p.png") if a == "PLOT" else a for a in command]
+    assert main([*command, "--db", any_db_url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has schema 0001, older than" in err and "ablate db upgrade --db" in err and len(err.splitlines()) == 1
+    assert _revision(any_db_url) == "0001"
+    assert main(["db", "upgrade", "--db", any_db_url]) == 0
+    capsys.readouterr()
+    if command[0] == "table":
+        assert main(["table", "--db", any_db_url, "--out", str(tmp_path / "R.md")]) == 0
+        assert "12.5" in capsys.readouterr().out
+
+
 def _open(url):
     Database(url).close()
     return True

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 ENV_URL = "ABLATE_DB_URL"
+VERSION_TABLE = "ablate_schema_version"  # the schema's Alembic revision (ablate.db.schema)
+HEAD = "0004"  # the newest schema revision: what this code reads and writes
 SQLITE_BUSY_MS = 60_000
 READ_ONLY = "ablate_read_only"  # execution option of connections that only read
 # a SQLite file URL that SQLAlchemy would neither unquote nor re-quote (ASCII letters, digits and

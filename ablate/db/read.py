@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
-from .engine import SQLITE_BUSY_MS, DBError, check_sqlite_file, plain_sqlite_path, resolve_url, unreachable
+from .engine import HEAD, SQLITE_BUSY_MS, VERSION_TABLE, DBError, check_sqlite_file, plain_sqlite_path, resolve_url, unreachable
 
 if TYPE_CHECKING:
     from .store import Database
@@ -135,11 +135,29 @@ def reading(db: DbArg = None, results: Optional[Path] = None) -> Iterator[Reader
     else:
         reader = _CoreReader(db)
     try:
+        _check_schema(reader)
         yield reader
     finally:
         reader.close()
         if opened is not None:
             opened.close()
+
+
+def _check_schema(reader: Reader) -> None:
+    """DBError (one line) unless the database's schema is the one this code reads: reading never
+    migrates (an older database is upgraded by ``ablate db upgrade`` or the next ``ablate run``)."""
+    if not reader.has_table("runs"):
+        return  # no results yet: the queries find nothing (and the caller says so)
+    rev = reader.rows(f"SELECT version_num FROM {VERSION_TABLE}")[0][0] if reader.has_table(VERSION_TABLE) else None
+    if rev == HEAD:
+        return
+    from .engine import safe_url
+
+    if rev is not None and rev.isdigit() and int(rev) > int(HEAD):
+        raise DBError(f"--db: {safe_url(reader.url)} has schema {rev}, newer than this ablate's {HEAD}; "
+                      "upgrade ablate to read it")
+    raise DBError(f"--db: {safe_url(reader.url)} has schema {rev or 'from before versioning'}, older than "
+                  f"{HEAD}; run `ablate db upgrade --db {safe_url(reader.url)}` (it only adds) and try again")
 
 
 def as_datetimes(values: list) -> list[Optional[datetime]]:

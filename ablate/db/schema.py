@@ -20,8 +20,8 @@ from typing import Iterator, Optional
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-VERSION_TABLE = "ablate_schema_version"
-HEAD = "0004"
+from .engine import HEAD, VERSION_TABLE
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_LOCK = 0x61626C6174  # "ablat": the advisory lock id of schema migrations
 
