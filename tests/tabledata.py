@@ -18,7 +18,8 @@ from ablate.db import Database, GridRun, Metric, Run
 
 VARIANTS = ["transformer", "mamba-prefix", "uvit", "m-mamba", "not-registered"]
 METRICS = ["fid_domain", "kid_domain", "align_acc", "clip_score", "blank_rate", "train_tokens_per_s",
-           "peak_mem_mb", "params", "precision_domain", "my_loss", "world_size", "global_batch"]
+           "peak_mem_mb", "params", "precision_domain", "my_loss", "world_size", "global_batch",
+           "train_cpu_share", "sample_cpu_share"]
 STATUSES = ["done"] * 12 + ["failed", "pending", "running", "lost", "cancelled", "superseded", "superseded"]
 
 
@@ -28,6 +29,8 @@ def _value(rng: random.Random, name: str, base: float, magnitudes: int) -> float
         return float(rng.choice([1, 1, 2, 4]))
     if name == "global_batch":
         return float(rng.choice([64, 128]))
+    if name.endswith("_cpu_share"):
+        return rng.choice([0.97, 0.99, 1.0, 0.55, 0.79, 0.8])  # alone, or beside a neighbour (< 0.8)
     if name == "params":
         return base  # no spread within a configuration
     roll = rng.random()

@@ -333,3 +333,23 @@ def test_hyperparameters_say_how_many_ranks_trained_a_row(tmp_path):
     assert t.loc["transformer", "Hyperparameters"].endswith("ranks=2, global batch=64")
     assert "ranks" not in t.loc["uvit", "Hyperparameters"]
     db.close()
+
+
+def test_a_row_timed_on_a_shared_cpu_says_so(db, tmp_path, capsys):
+    """A run whose CPU share fell below 0.8 (a neighbour shared the cores while it was timed) puts
+    a note on its row, naming the lowest share and whether training or sampling; rows timed alone
+    (0.8 and above) get none; the note is the same through the command (no pandas) and the frame."""
+    _runs(db, "g", "transformer", {"train_tokens_per_s": [900.0, 950.0], "train_cpu_share": [0.97, 0.80],
+                                   "sample_cpu_share": [0.99, 0.95]})
+    _runs(db, "g", "mamba-prefix", {"train_tokens_per_s": [400.0, 300.0], "train_cpu_share": [0.98, 0.55],
+                                    "sample_cpu_share": [0.99, 0.61]})
+    _runs(db, "g", "mamba-prefix", {"train_tokens_per_s": [500.0]}, width=64)  # recorded no share
+    t = build_table(db, "g")
+    assert "shared CPU" not in _rows(t, "transformer")["Notes"][0]
+    unknown, contended = _rows(t, "mamba-prefix")["Notes"]  # (width 64 sorts first)
+    assert "timed on a shared CPU (lowest CPU share: training 0.55, sampling 0.61)" in contended
+    assert "shared CPU" not in unknown
+    assert "train_cpu_share" not in t.columns, "a share is a note, not a default column"
+    assert main(["table", "--db", db.url, "--grid", "g", "--out", str(tmp_path / "R.md")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("timed on a shared CPU") == 1 and "training 0.55, sampling 0.61" in out

@@ -49,6 +49,11 @@ FORMATS = ("markdown", "csv", "latex", "html", "json")
 # recorded by runs that trained on several processes or accumulated micro-batches: shown with
 # the Hyperparameters (a run's key does not hold the launcher, so the table says it)
 SCALE = {"world_size": "ranks", "global_batch": "global batch"}
+# recorded by CPU runs: the process's CPU time over what its threads could use (ablate.train.
+# cpu_share). Below CONTENDED a neighbour shared the cores while the run was timed, and the row's
+# Notes say so: its throughput and times measure the machine's load, not the method
+SHARES = {"train_cpu_share": "training", "sample_cpu_share": "sampling"}
+CONTENDED = 0.8
 # the row keys without --group-by: one configuration, one code version
 CONFIG_GROUP = ("variant", "config_key", "fingerprint")
 FINISHED = ("done", "superseded")  # statuses whose metrics count (superseded: only when asked for)
@@ -68,7 +73,7 @@ def metric_column(metric: str) -> tuple[str, Optional[bool], str]:
 def table_metrics(metrics: Optional[Sequence[str]] = None) -> list[str]:
     """The final metrics a table of ``metrics`` (None: the default columns, those present) can
     show, and the launcher's scale its Hyperparameters name: what :func:`build` loads."""
-    return [*(metrics if metrics is not None else [m for m, *_ in METRIC_COLUMNS]), *SCALE]
+    return [*(metrics if metrics is not None else [m for m, *_ in METRIC_COLUMNS]), *SCALE, *SHARES]
 
 
 def missing(v: Any) -> bool:
@@ -283,11 +288,13 @@ def placer(pooled: bool, hypers: dict[str, tuple], newest_of: dict[str, str], de
 def describe(key: tuple, row_keys: Sequence[str], keys: Sequence[str], extra: Sequence[str], counts: dict[str, int],
              n_configs: int, ck: Optional[str], fps: Sequence[str], scale: dict[str, list[int]], first_error: Any,
              numbers: dict[str, Any], hypers: dict[str, tuple], newest_of: dict[str, str],
-             versions_of: dict[str, int], descriptions: dict[str, str]) -> dict[str, Any]:
+             versions_of: dict[str, int], descriptions: dict[str, str],
+             shares: Optional[dict[str, float]] = None) -> dict[str, Any]:
     """A row of runs: ``key`` (its ``row_keys`` values), ``counts`` ({status: runs}), its number
     of configurations (``ck``: the configuration key where it is one), ``fps`` (its finished
     runs' code, sorted), ``scale`` ({SCALE name: sorted distinct values}), the first failed
-    run's error, ``numbers`` (its metric columns), and the texts around them."""
+    run's error, ``numbers`` (its metric columns), ``shares`` ({SHARES name: the lowest of its
+    finished runs, NaN for none}), and the texts around them."""
     variant, at = key[0], dict(zip(row_keys, key))
     pooled = row_keys[-1] == "_stale"
     done_i, super_i, failed_i = counts.get("done", 0), counts.get("superseded", 0), counts.get("failed", 0)
@@ -320,6 +327,9 @@ def describe(key: tuple, row_keys: Sequence[str], keys: Sequence[str], extra: Se
         notes.append(f"newest code ({code_names(fps)})")
     if fin_i == 1:
         notes.append("n=1: no interval")
+    low = [f"{label} {v:.2f}" for m, label in SHARES.items() if (v := (shares or {}).get(m, math.nan)) < CONTENDED]
+    if low:
+        notes.append(f"timed on a shared CPU (lowest CPU share: {', '.join(low)}): its speed figures are the load's")
     if failed_i and isinstance(first_error, str):
         notes.append(f"failed: {first_error}")
     row.update(Hyperparameters=hyper, Notes=" — ".join(notes), config_key=ck,
@@ -414,7 +424,7 @@ def summarize(runs: dict[str, list], descriptions: dict[str, str], metrics: Opti
     data = {c: runs[c] for c in dict.fromkeys(keys + ["config_key", "fingerprint", "status", "error", "hyper",
                                                      "finished_at", "run_id"])}
     values = {m: _floats(runs[m]) if m in runs else [math.nan] * n_runs for m in metrics}
-    scale_of = {m: _floats(runs[m]) if m in runs else [math.nan] * n_runs for m in SCALE}
+    scale_of = {m: _floats(runs[m]) if m in runs else [math.nan] * n_runs for m in (*SCALE, *SHARES)}
     for k in keys:
         if k != "fingerprint":
             data[k] = _key_values(data[k])
@@ -479,7 +489,7 @@ def summarize(runs: dict[str, list], descriptions: dict[str, str], metrics: Opti
         return out
 
     figures = {m: by_row(values[m]) for m in metrics}
-    scale_sets = {m: by_row(scale_of[m]) for m in SCALE}
+    scale_sets = {m: by_row(scale_of[m]) for m in (*SCALE, *SHARES)}
     hypers = {} if pooled else config_hypers(data["variant"], data["config_key"], data["hyper"], specs, overrides)
 
     seen = {t[0] for t in index}
@@ -499,7 +509,8 @@ def summarize(runs: dict[str, list], descriptions: dict[str, str], metrics: Opti
         ck = next(iter(configs[g])) if len(configs[g]) == 1 else None
         rows.append(describe(index[g], row_keys, keys, extra, per_status[g], len(configs[g]), ck, sorted(code_sets[g]),
                              {m: sorted({int(v) for v in scale_sets[m][g]}) for m in SCALE}, first_error[g],
-                             numbers, hypers, newest_of, versions_of, descriptions))
+                             numbers, hypers, newest_of, versions_of, descriptions,
+                             {m: min(scale_sets[m][g], default=math.nan) for m in SHARES}))
     rows += [never_row(name, extra, metrics, descriptions) for name in never]
     columns = table_columns(extra, metrics, baseline)
     table = {c: [row[c] for row in rows] for c in columns if not c.endswith(("_ci95_low", "_ci95_high",

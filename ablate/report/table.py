@@ -41,7 +41,7 @@ from ..registry import Registry
 from ..results import load
 from . import naming, summary
 from .naming import UNKNOWN_CODE
-from .summary import CONFIG_GROUP, FINISHED, FORMATS, METRIC_COLUMNS, SCALE, build, metric_column, table_metrics
+from .summary import CONFIG_GROUP, FINISHED, FORMATS, METRIC_COLUMNS, SCALE, SHARES, build, metric_column, table_metrics
 
 __all__ = ["CONFIG_GROUP", "FINISHED", "FORMATS", "METRIC_COLUMNS", "SCALE", "build_table", "config_hypers",
            "config_specs", "load_runs", "metric_column", "row_members", "summarize", "summarize_ref", "build_table_ref",
@@ -194,7 +194,7 @@ def summarize_ref(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Opt
     data = runs[cols].copy()
     for m in metrics:
         data[m] = runs[m].astype(float) if m in runs.columns else math.nan
-    for m in SCALE:  # how many processes trained a run, and on how big a batch (launcher, not key)
+    for m in (*SCALE, *SHARES):  # how many processes trained a run, on how big a batch; CPU shares
         data[f"_{m}"] = runs[m].astype(float) if m in runs.columns else math.nan
     for k in keys:
         if k != "fingerprint":
@@ -218,6 +218,7 @@ def summarize_ref(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Opt
         else pd.Series(dtype=object)
     hypers = {} if pooled_mode else config_hypers(data, specs, overrides)
     scale = {m: _distinct_ints(fin, row_keys, f"_{m}") for m in SCALE}
+    lowest = {m: fin.groupby(row_keys, sort=False)[f"_{m}"].min().to_dict() if len(fin) else {} for m in SHARES}
     # configurations with more than one code version here (their current row says which is which)
     versions = fin.groupby("config_key")["_fp"].nunique() if len(fin) else pd.Series(dtype=int)
 
@@ -261,7 +262,8 @@ def summarize_ref(runs: pd.DataFrame, descriptions: dict[str, str], metrics: Opt
         ck = config_first[i] if n_cfg == 1 else None
         rows.append(summary.describe(idx, row_keys, keys, extra, counts_i, n_cfg, ck, sorted(code_sets.get(idx, ())),
                                      {m: scale[m].get(idx, []) for m in SCALE}, first_error[i], numbers, hypers,
-                                     newest_of, versions_of, descriptions))
+                                     newest_of, versions_of, descriptions,
+                                     {m: float(lowest[m].get(idx, math.nan)) for m in SHARES}))
     rows += [summary.never_row(name, extra, metrics, descriptions) for name in never]
     columns = summary.table_columns(extra, metrics, baseline)
     table = pd.DataFrame(rows, columns=[c for c in columns if not c.endswith(("_ci95_low", "_ci95_high",
