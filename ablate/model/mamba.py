@@ -141,16 +141,10 @@ class Mamba(nn.Module):
                 raise ValueError(f"Mamba: D_add must be [B, E] = {(b, E)}, got {tuple(D_add.shape)}")
             D = D + D_add  # [B, E]
 
-        if mask is None:
-            delta, delta_bias, softplus = dt, _at_least_fp32(self.dt_proj.bias), True
-        else:  # dt must be exactly 0 at inert positions, so apply bias and softplus here
-            delta = F.softplus(dt + _at_least_fp32(self.dt_proj.bias).unsqueeze(-1))
-            delta = torch.where(keep, delta, delta.new_zeros(()))
-            delta_bias, softplus = None, False
-        with label("mamba.scan"):
-            out = selective_scan(xs, delta, A, Bm, Cm, D, z=z, delta_bias=delta_bias,
-                                 delta_softplus=softplus, return_last_state=return_last_state,
-                                 initial_state=initial_state, A_scale=A_scale)
+        with label("mamba.scan"):  # inert positions: delta exactly 0 (after bias and softplus)
+            out = selective_scan(xs, dt, A, Bm, Cm, D, z=z, delta_bias=_at_least_fp32(self.dt_proj.bias),
+                                 delta_softplus=True, return_last_state=return_last_state,
+                                 initial_state=initial_state, A_scale=A_scale, delta_mask=mask)
         y, last = out if return_last_state else (out, None)
         with label("mamba.out_proj"):
             y = self.out_proj(y.permute(2, 0, 1)).transpose(0, 1)  # [B, L, D] view of [L, B, D]

@@ -60,11 +60,21 @@ def finish(y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor]) -> Te
     return y
 
 
-def scan_delta(delta: Tensor, delta_bias: Optional[Tensor], softplus: bool, dtype: torch.dtype) -> Tensor:
+def scan_delta(delta: Tensor, delta_bias: Optional[Tensor], softplus: bool, dtype: torch.dtype,
+               mask: Optional[Tensor] = None) -> Tensor:
+    """The scan's step sizes ``softplus(delta + delta_bias)`` (each part optional) in ``dtype``,
+    [b, d, L]; 0 where ``mask`` [b, L] is False."""
     delta = delta.to(dtype)
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype).unsqueeze(-1)
-    return F.softplus(delta) if softplus else delta
+    delta = F.softplus(delta) if softplus else delta
+    return delta if mask is None else torch.where(mask.unsqueeze(1), delta, delta.new_zeros(()))
+
+
+def check_delta_mask(mask: Tensor, u: Tensor) -> None:
+    if mask.dtype != torch.bool or mask.shape != (u.shape[0], u.shape[-1]):
+        raise ValueError(f"selective_scan: delta_mask must be a bool [b, L] = {(u.shape[0], u.shape[-1])}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
 
 
 def check_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> None:

@@ -22,8 +22,10 @@ Channel ``c`` reads group ``c // (d / G)`` of B (and of C, whose G may differ); 
 Forward keeps the state at chunk boundaries only (every K steps). Backward recomputes one chunk
 of states (and of decays ``exp(dt A)``) into per-thread buffers from its boundary, then runs the
 adjoint recurrence ``g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}`` backwards through it; nothing of
-size [b, d, L, n] is ever built. The epilogue ``(y + D u) * silu(z)`` is fused (y recomputed in
-backward). delta_bias and softplus stay outside (torch), since they need log1p.
+size [b, d, L, n] is ever built. The prologue ``delta = softplus(dt + delta_bias)``, 0 at masked
+steps, is fused (one row per step, recomputed in backward, which returns the gradient of the raw
+dt through sigmoid and sums delta_bias's per sample), and so is the epilogue
+``(y + D u) * silu(z)`` (y recomputed in backward).
 
 Threads: the kernels are ``nogil`` functions over a range of tasks; :func:`run_tasks` runs them
 on ``torch.get_num_threads()`` Python threads (a 1-core job uses one core). Not numba's
@@ -31,7 +33,8 @@ on ``torch.get_num_threads()`` Python threads (a 1-core job uses one core). Not 
 brings its own OpenMP/workqueue pool beside torch's.
 
 exp is :func:`ablate.ops.numba_math.exp2` (``exp(x) = 2^(x log2 e)``), a vectorisable
-polynomial with a relative error of at most 1 machine epsilon (measured, float32 and float64).
+polynomial with a relative error of at most 1 machine epsilon (measured, float32 and float64);
+softplus and its derivative are :mod:`~ablate.ops.numba_math`'s (within 2 and 3 ulp).
 Arithmetic is IEEE except that a * b + c may become one fused multiply-add (``contract``), and
 the dot products that reduce over channels are reassociated so that they vectorise (their
 summation order differs from a sequential sum). ``error_model="numpy"``: a division by zero
@@ -51,8 +54,8 @@ import torch.nn.functional as F
 from numba import njit
 from torch import Tensor
 
-from .numba_math import const, dot, exp2
-from .common import ScanResult, check_scan, compute_dtype, scan_delta
+from .numba_math import const, dot, exp2, softplus, softplus_grad
+from .common import ScanResult, check_delta_mask, check_scan, compute_dtype
 
 # Fused multiply-add only: a * b + c may round once instead of twice. No other fast-math
 # licence (no reassociation, no finite-math or no-NaN assumptions). Measured against strict
@@ -87,6 +90,22 @@ def _segments(d0, d1, hB, hC, segs):
     return k
 
 
+@njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True, inline="always")
+def _delta_row(raw, bias, masked, softplus_, out, w):
+    """The step's delta row into ``out`` (returned): ``softplus(raw + bias)``, or ``raw + bias``
+    without ``softplus_``; 0 where ``masked`` (an inert step: the state passes through)."""
+    if masked:
+        for j in range(w):
+            out[j] = const(out, 0.0)
+    elif softplus_:
+        for j in range(w):
+            out[j] = softplus(raw[j] + bias[j])
+    else:
+        for j in range(w):
+            out[j] = raw[j] + bias[j]
+    return out
+
+
 # ------------------------------------------------------------------------------------ kernels
 #
 # One task = one sample bi and channels [d0, d1); tasks [lo_task, hi_task) run in the calling
@@ -99,9 +118,11 @@ def _segments(d0, d1, hB, hC, segs):
 
 
 @njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
-def scan_fwd(lo_task, hi_task, tid, u, dt, A2, B, C, Dv, z, h0, out, last, ck, has_z, has_h0,
-             save_ck, K, dblk, h_s, row_s):
+def scan_fwd(lo_task, hi_task, tid, u, dt, bias, keep, A2, B, C, Dv, z, h0, out, last, ck,
+             fuse_dt, softplus_, has_keep, has_z, has_h0, save_ck, K, dblk, h_s, row_s):
     """Forward: writes ``out`` [L, b, d], ``last`` [b, n, d] and, if ``save_ck``, ``ck``.
+    With ``fuse_dt`` the step's delta is ``softplus(dt + bias)`` (``softplus_``, else
+    ``dt + bias``) and 0 where ``has_keep`` and ``keep`` [L, b] is False; without, ``dt`` as is.
     Scratch: ``h_s`` [threads, n, dblk], ``row_s`` [threads, 3, dblk]."""
     L, b, d = u.shape
     n = A2.shape[1]
@@ -111,6 +132,7 @@ def scan_fwd(lo_task, hi_task, tid, u, dt, A2, B, C, Dv, z, h0, out, last, ck, h
     one = const(u, 1.0)
     nlog2e = const(u, -1.4426950408889634)
     h = h_s[tid]
+    dtr = row_s[tid, 0]
     dur = row_s[tid, 1]
     yr = row_s[tid, 2]
     for task in range(lo_task, hi_task):
@@ -121,6 +143,7 @@ def scan_fwd(lo_task, hi_task, tid, u, dt, A2, B, C, Dv, z, h0, out, last, ck, h
         nseg = _segments(d0, d1, d // B.shape[2], d // C.shape[2], segs)
         ai = bi if A2.shape[0] > 1 else 0
         dv = Dv[bi if Dv.shape[0] > 1 else 0, d0:d1]
+        bk = bias[d0:d1]
         bb = bi if B.shape[1] > 1 else 0
         bc = bi if C.shape[1] > 1 else 0
         for i in range(n):
@@ -135,6 +158,8 @@ def scan_fwd(lo_task, hi_task, tid, u, dt, A2, B, C, Dv, z, h0, out, last, ck, h
         for t in range(L):
             ut = u[t, bi, d0:d1]
             dtt = dt[t, bi, d0:d1]
+            if fuse_dt:
+                dtt = _delta_row(dtt, bk, has_keep and not keep[t, bi], softplus_, dtr, w)
             # one array written per row loop: a loop that writes several arrays needs more
             # runtime aliasing checks than LLVM makes before it vectorises
             for j in range(w):
@@ -184,18 +209,20 @@ def scan_fwd(lo_task, hi_task, tid, u, dt, A2, B, C, Dv, z, h0, out, last, ck, h
 
 
 @njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
-def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dlast, has_z, has_h0,
-             has_dlast, K, dblk, du_o, ddt_o, dA_o, dB_o, dC_o, dD_o, dz_o, dh0_o,
-             hb_s, eb_s, g_s, yb_s, row_s):
+def scan_bwd(lo_task, hi_task, tid, u, dt, bias, keep, A, A2, B, C, Dv, z, h0, ck, dout, dlast,
+             fuse_dt, softplus_, has_keep, has_bias, has_z, has_h0, has_dlast, K, dblk,
+             du_o, ddt_o, dbias_o, dA_o, dB_o, dC_o, dD_o, dz_o, dh0_o,
+             hb_s, eb_s, g_s, yb_s, db_s, row_s):
     """Backward of :func:`scan_fwd` given ``dout`` [L, b, d] (and ``dlast`` [b, n, d]).
 
-    Writes ``du_o``, ``ddt_o``, ``dz_o`` [L, b, d], ``dh0_o`` [b, n, d] and accumulates into
-    zero-initialised ``dA_o`` [b, n, d], ``dD_o`` [b, d] (per sample; the caller sums over b for
-    shared A / D) and ``dB_o`` / ``dC_o`` [P, LB, bB, G, n]: P = channel blocks for time-varying
-    B/C, P = tasks for time-invariant ones (the caller sums over P).
+    Writes ``du_o``, ``ddt_o`` (the gradient of ``dt``, before bias and softplus), ``dz_o``
+    [L, b, d], ``dh0_o`` [b, n, d] and accumulates into zero-initialised ``dA_o`` [b, n, d],
+    ``dD_o`` and (``has_bias``) ``dbias_o`` [b, d] (per sample; the caller sums over b for shared
+    A / D and for the bias) and ``dB_o`` / ``dC_o`` [P, LB, bB, G, n]: P = channel blocks for
+    time-varying B/C, P = tasks for time-invariant ones (the caller sums over P).
     Scratch: ``hb_s`` [threads, K + 1, n, dblk] (states), ``eb_s`` [threads, K, n, dblk]
     (decays), ``g_s`` [threads, n, dblk] (adjoint state), ``yb_s`` [threads, K, dblk] (y),
-    ``row_s`` [threads, 6, dblk].
+    ``db_s`` [threads, K, dblk] (the steps' deltas, with ``fuse_dt``), ``row_s`` [threads, 6, dblk].
     """
     L, b, d = u.shape
     n = A.shape[1]
@@ -209,6 +236,7 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
     eb = eb_s[tid]
     g = g_s[tid]
     yb = yb_s[tid]
+    db = db_s[tid]
     dur = row_s[tid, 1]
     dyr = row_s[tid, 2]
     ddur = row_s[tid, 3]
@@ -224,6 +252,8 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
         ai = bi if A.shape[0] > 1 else 0
         dv = Dv[bi if Dv.shape[0] > 1 else 0, d0:d1]
         dD_acc = dD_o[bi, d0:d1]
+        dbias_acc = dbias_o[bi, d0:d1]
+        bk = bias[d0:d1]
         bb = bi if B.shape[1] > 1 else 0
         bc = bi if C.shape[1] > 1 else 0
         # partial-sum slot: per task for time-invariant B / C, else per channel block
@@ -258,6 +288,8 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                 t = s0 + tt
                 ut = u[t, bi, d0:d1]
                 dtt = dt[t, bi, d0:d1]
+                if fuse_dt:  # kept for the adjoint pass
+                    dtt = _delta_row(dtt, bk, has_keep and not keep[t, bi], softplus_, db[tt], w)
                 yt = yb[tt]
                 for j in range(w):  # one array written per row loop (see scan_fwd)
                     dur[j] = dtt[j] * ut[j]
@@ -289,7 +321,7 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
             for tt in range(k - 1, -1, -1):  # the adjoint recurrence, backwards
                 t = s0 + tt
                 ut = u[t, bi, d0:d1]
-                dtt = dt[t, bi, d0:d1]
+                dtt = db[tt] if fuse_dt else dt[t, bi, d0:d1]
                 got = dout[t, bi, d0:d1]
                 yt = yb[tt]
                 if has_z:  # through out = (y + D u) silu(z): dy, dz
@@ -355,6 +387,16 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, A, A2, B, C, Dv, z, h0, ck, dout, dla
                     dut[j] = ddur[j] * dtt[j] + dyr[j] * dv[j]
                 for j in range(w):
                     ddtt[j] = ddtr[j] + ddur[j] * ut[j]
+                if has_keep and not keep[t, bi]:  # delta was 0 whatever dt and the bias
+                    for j in range(w):
+                        ddtt[j] = zero
+                elif softplus_:
+                    raw = dt[t, bi, d0:d1]
+                    for j in range(w):
+                        ddtt[j] *= softplus_grad(raw[j] + bk[j])
+                if has_bias:
+                    for j in range(w):
+                        dbias_acc[j] += ddtt[j]
         for i in range(n):
             dst = dh0_o[bi, i, d0:d1]
             gi = g[i]
@@ -448,35 +490,44 @@ def _np(x: Tensor) -> np.ndarray:
 
 class _NumbaScanFn(torch.autograd.Function):
     """``(out [L, b, d], last [b, n, d])`` from kernel-layout inputs (see the module docstring).
-    ``Dv`` is None when there is no D (zeros go to the kernel); ``z`` and ``h0`` may be None.
-    Saves the inputs and the chunk-boundary states ``ck`` only when ``save``."""
+    The step's delta is ``softplus(dt + bias)`` (``softplus`` True, else ``dt + bias``), 0 where
+    ``keep`` [L, b] is False; ``bias`` and ``keep`` may be None, and with neither and no softplus
+    ``dt`` is the delta itself. ``Dv`` is None when there is no D (zeros go to the kernel);
+    ``z`` and ``h0`` may be None. Saves the inputs and the chunk-boundary states ``ck`` only
+    when ``save``."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, Dv: Optional[Tensor],
-                z: Optional[Tensor], h0: Optional[Tensor], K: int, dblk: int, save: bool):
+    def forward(ctx, u: Tensor, dt: Tensor, bias: Optional[Tensor], keep: Optional[Tensor], softplus: bool,
+                A: Tensor, B: Tensor, C: Tensor, Dv: Optional[Tensor], z: Optional[Tensor],
+                h0: Optional[Tensor], K: int, dblk: int, save: bool):
         L, b, d = u.shape
         n = A.shape[1]
         n_tasks = b * -(-d // dblk)
         nt = max(1, min(torch.get_num_threads(), n_tasks))
         A2 = A * _LOG2E  # exp(x A) = 2^(x A log2 e): the kernel's exp is a 2^x
         Dk = Dv if Dv is not None else u.new_zeros(1, d)
+        bk = bias if bias is not None else u.new_zeros(d)
+        kp = keep if keep is not None else torch.ones(1, 1, dtype=torch.bool)
         dummy = u.new_zeros(1, 1, 1)
         out, last = u.new_empty(L, b, d), u.new_empty(b, n, d)
         ck = u.new_empty(-(-L // K) - 1 if save else 0, b, n, d)
-        run_tasks(scan_fwd, n_tasks, nt, _np(u), _np(dt), _np(A2), _np(B), _np(C), _np(Dk),
-                  _np(_or(z, dummy)), _np(_or(h0, dummy)), out.numpy(), last.numpy(), ck.numpy(),
-                  int(z is not None), int(h0 is not None), int(save), K, dblk,
-                  u.new_empty(nt, n, dblk).numpy(), u.new_empty(nt, 3, dblk).numpy())
+        fuse = softplus or bias is not None or keep is not None
+        run_tasks(scan_fwd, n_tasks, nt, _np(u), _np(dt), _np(bk), _np(kp), _np(A2), _np(B), _np(C),
+                  _np(Dk), _np(_or(z, dummy)), _np(_or(h0, dummy)), out.numpy(), last.numpy(), ck.numpy(),
+                  int(fuse), int(softplus), int(keep is not None), int(z is not None), int(h0 is not None),
+                  int(save), K, dblk, u.new_empty(nt, n, dblk).numpy(), u.new_empty(nt, 3, dblk).numpy())
         if save:
-            ctx.save_for_backward(u, dt, A, A2, B, C, Dk, z, h0, ck)
+            ctx.save_for_backward(u, dt, bk, kp, A, A2, B, C, Dk, z, h0, ck)
             ctx.K, ctx.dblk, ctx.has_D = K, dblk, Dv is not None
+            ctx.flags = (int(fuse), int(softplus), int(keep is not None), int(bias is not None))
         ctx.set_materialize_grads(False)
         return out, last
 
     @staticmethod
     def backward(ctx, dout: Optional[Tensor], dlast: Optional[Tensor]):
-        u, dt, A, A2, B, C, Dk, z, h0, ck = ctx.saved_tensors
+        u, dt, bk, kp, A, A2, B, C, Dk, z, h0, ck = ctx.saved_tensors
         K, dblk = ctx.K, ctx.dblk
+        has_bias = ctx.flags[3]
         L, b, d = u.shape
         n = A.shape[1]
         nblk = -(-d // dblk)
@@ -486,25 +537,26 @@ class _NumbaScanFn(torch.autograd.Function):
         du, ddt = torch.empty_like(u), torch.empty_like(u)
         dz = torch.empty_like(u) if z is not None else dummy
         dA, dD, dh0 = u.new_zeros(b, n, d), u.new_zeros(b, d), u.new_empty(b, n, d)
+        dbias = u.new_zeros(b if has_bias else 1, d)
 
         def part(X: Tensor) -> Tensor:  # partial sums: per task (time-invariant), per block
             invariant = X.shape[0] == 1 and X.shape[1] == 1
             return u.new_zeros((b * nblk if invariant else nblk,) + tuple(X.shape))
 
         dB, dC = part(B), part(C)
-        run_tasks(scan_bwd, b * nblk, nt, _np(u), _np(dt), _np(A), _np(A2), _np(B), _np(C), _np(Dk),
-                  _np(_or(z, dummy)), _np(_or(h0, dummy)), _np(ck), _np(dout),
-                  _np(_or(dlast, dummy).contiguous()),
+        run_tasks(scan_bwd, b * nblk, nt, _np(u), _np(dt), _np(bk), _np(kp), _np(A), _np(A2), _np(B),
+                  _np(C), _np(Dk), _np(_or(z, dummy)), _np(_or(h0, dummy)), _np(ck), _np(dout),
+                  _np(_or(dlast, dummy).contiguous()), *ctx.flags,
                   int(z is not None), int(h0 is not None), int(dlast is not None), K, dblk,
-                  du.numpy(), ddt.numpy(), dA.numpy(), dB.numpy(), dC.numpy(), dD.numpy(),
+                  du.numpy(), ddt.numpy(), dbias.numpy(), dA.numpy(), dB.numpy(), dC.numpy(), dD.numpy(),
                   dz.numpy(), dh0.numpy(),
                   u.new_empty(nt, K + 1, n, dblk).numpy(), u.new_empty(nt, K, n, dblk).numpy(),
                   u.new_empty(nt, n, dblk).numpy(), u.new_empty(nt, K, dblk).numpy(),
-                  u.new_empty(nt, 6, dblk).numpy())
+                  u.new_empty(nt, K if ctx.flags[0] else 0, dblk).numpy(), u.new_empty(nt, 6, dblk).numpy())
         dA = dA if A.shape[0] > 1 else dA.sum(0, keepdim=True)
         dD = (dD if Dk.shape[0] > 1 else dD.sum(0, keepdim=True)) if ctx.has_D else None
-        return (du, ddt, dA, dB.sum(0), dC.sum(0), dD, dz if z is not None else None,
-                dh0 if h0 is not None else None, None, None, None)
+        return (du, ddt, dbias.sum(0) if has_bias else None, None, None, dA, dB.sum(0), dC.sum(0), dD,
+                dz if z is not None else None, dh0 if h0 is not None else None, None, None, None)
 
 
 def _or(x: Optional[Tensor], default: Tensor) -> Tensor:
@@ -524,9 +576,11 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
                          D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                          delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                          return_last_state: bool = False, initial_state: Optional[Tensor] = None,
-                         *, chunk_len: Optional[int] = None,
+                         *, delta_mask: Optional[Tensor] = None, chunk_len: Optional[int] = None,
                          d_block: Optional[int] = None) -> ScanResult:
-    """The fused kernel; same arguments and numbers as ``selective_scan_ref``.
+    """The fused kernel; same arguments and numbers as ``selective_scan_ref``. ``delta_mask``
+    ``[b, L]`` bool: where False the delta is 0 (after bias and softplus), i.e. the state
+    passes through the step unchanged (see :func:`ablate.ops.selective_scan.selective_scan`).
 
     ``chunk_len`` (K: steps between saved states, and the backward's recompute window) and
     ``d_block`` (channels per task) change speed, never results. Inputs that are views of
@@ -534,6 +588,8 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     Time-invariant B or C ([d, n]) run one channel per group, i.e. unvectorised.
     """
     check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if delta_mask is not None:
+        check_delta_mask(delta_mask, u)
     dtype = compute_dtype(u)
     b, d, L = u.shape
     n = A.shape[-1]
@@ -542,7 +598,8 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     def tm(v: Tensor) -> Tensor:  # [b, d, L] -> [L, b, d]; free for views of time-major storage
         return v.to(dtype).permute(2, 0, 1).contiguous()
 
-    dt = scan_delta(delta, delta_bias, delta_softplus, dtype)
+    keep = None if delta_mask is None else delta_mask.t().contiguous()  # [L, b]
+    bias = None if delta_bias is None else delta_bias.to(dtype).contiguous()
     A_k = A.to(dtype).transpose(-1, -2)  # [(b,) n, d]
     A_k = (A_k.unsqueeze(0) if A_k.dim() == 2 else A_k).contiguous()
     D_k = None if D is None else D.to(dtype).reshape(-1, d).contiguous()
@@ -555,7 +612,7 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     K = max(1, min(L, K))
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-    out, last = _NumbaScanFn.apply(tm(u), tm(dt), A_k, _bc_kernel(B.to(dtype), d),
+    out, last = _NumbaScanFn.apply(tm(u), tm(delta), bias, keep, bool(delta_softplus), A_k, _bc_kernel(B.to(dtype), d),
                                    _bc_kernel(C.to(dtype), d), D_k,
                                    None if z is None else tm(z), h0, K, dblk, save)
     out = out.permute(1, 2, 0).to(u.dtype)  # [b, d, L] view of time-major storage

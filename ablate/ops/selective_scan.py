@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from .common import ScanResult
+from .common import ScanResult, check_delta_mask, compute_dtype, scan_delta
 from .scan_ref import selective_scan_ref
 from .scan_torch import selective_scan_fast
 
@@ -74,17 +74,18 @@ def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
                          D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                          delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                          return_last_state: bool = False, initial_state: Optional[Tensor] = None,
-                         *, chunk_len: Optional[int] = None,
+                         *, delta_mask: Optional[Tensor] = None, chunk_len: Optional[int] = None,
                          d_block: Optional[int] = None) -> ScanResult:
     """Same numbers as :func:`selective_scan_ref` from the fused numba kernel (CPU tensors only;
-    ImportError without numba). ``chunk_len`` and ``d_block`` tune speed, never results; see
+    ImportError without numba); ``delta_mask`` as in :func:`selective_scan`, applied in the
+    kernel. ``chunk_len`` and ``d_block`` tune speed, never results; see
     :func:`ablate.ops.scan_numba.selective_scan_numba`."""
     if u.device.type != "cpu":
         raise ValueError(f"selective_scan: impl 'numba' runs on CPU tensors only, got {u.device}")
     from .scan_numba import selective_scan_numba as kernel
     return kernel(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                   return_last_state=return_last_state, initial_state=initial_state,
-                  chunk_len=chunk_len, d_block=d_block)
+                  delta_mask=delta_mask, chunk_len=chunk_len, d_block=d_block)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,9 +137,14 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    return_last_state: bool = False, initial_state: Optional[Tensor] = None,
-                   A_scale: Optional[Tensor] = None, *, impl: Optional[str] = None) -> ScanResult:
+                   A_scale: Optional[Tensor] = None, *, delta_mask: Optional[Tensor] = None,
+                   impl: Optional[str] = None) -> ScanResult:
     """The selective scan (see the module docstring for shapes); ``impl`` forces ``"ref"``,
     ``"torch"``, ``"numba"`` or ``"cuda"``, otherwise the best available path is chosen.
+
+    ``delta_mask [b, L]`` bool: where False the step's delta is 0 *after* bias and softplus, so
+    the state passes through unchanged (an inert position). The numba kernel applies it in
+    place; the other paths get ``delta`` with bias, softplus and mask applied beforehand.
 
     ``A_scale [b, d]`` (positive, with A ``[d, n]``) makes A per sample: ``A_b = A_scale_b * A``.
     The CUDA path folds it into delta and u (:mod:`ablate.ops.cuda`); the CPU paths take the
@@ -147,8 +153,16 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         # the state and its sums stay fp32 under autocast (as in mamba-ssm); inputs may be half
         with torch.autocast(device_type=u.device.type, enabled=False):
             return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                  initial_state, A_scale, impl=impl)
+                                  initial_state, A_scale, delta_mask=delta_mask, impl=impl)
     fn = _dispatch(u, B, C, impl)
+    mask_kw = {}
+    if delta_mask is not None:
+        check_delta_mask(delta_mask, u)
+        if fn is selective_scan_numba:
+            mask_kw = dict(delta_mask=delta_mask)
+        else:
+            delta = scan_delta(delta, delta_bias, delta_softplus, compute_dtype(u), delta_mask)
+            delta_bias, delta_softplus = None, False
     if A_scale is not None:
         if A.dim() != 2 or A_scale.shape != (u.shape[0], A.shape[0]):
             raise ValueError(f"selective_scan: A_scale must be [b, d] = {(u.shape[0], A.shape[0])} "
@@ -158,4 +172,4 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                       return_last_state=return_last_state, initial_state=initial_state, A_scale=A_scale)
         A = A_scale.unsqueeze(-1) * A
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              return_last_state=return_last_state, initial_state=initial_state)
+              return_last_state=return_last_state, initial_state=initial_state, **mask_kw)
