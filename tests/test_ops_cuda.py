@@ -232,7 +232,9 @@ def _step_inputs(b=3, d=6, n=4, dtype=F64, seed=1):
 
 
 @pytest.mark.parametrize("impl", ["ref", "numba", "cuda"])
-@pytest.mark.parametrize("options", [dict(D=True, z=True, bias=True), dict(D=False, z=False, bias=False)])
+@pytest.mark.parametrize("options", [dict(D=True, z=True, bias=True), dict(D=False, z=False, bias=False),
+                                     dict(D=True, z=False, bias=True, softplus=False),
+                                     dict(D=False, z=True, bias=False, softplus=True)])
 def test_state_update_paths_equal_one_step_of_the_scan(impl, options):
     """Every path of selective_state_update (cuda: mamba-ssm's semantics through the wiring, its
     reference standing in for the kernel on CPU) equals one position of the reference scan that
@@ -244,16 +246,17 @@ def test_state_update_paths_equal_one_step_of_the_scan(impl, options):
     v = _step_inputs()
     D, z, bias = (v["D"] if options["D"] else None), (v["z"] if options["z"] else None), \
         (v["dt_bias"] if options["bias"] else None)
+    soft = options.get("softplus", options["bias"])
     want, last = selective_scan_ref(v["x"].unsqueeze(-1), v["dt"].unsqueeze(-1), v["A"], v["B"].unsqueeze(-1),
                                     v["C"].unsqueeze(-1), D, None if z is None else z.unsqueeze(-1), bias,
-                                    options["bias"], return_last_state=True, initial_state=v["state"])
+                                    soft, return_last_state=True, initial_state=v["state"])
     state = v["state"].clone()
     if impl == "cuda":
         got = cuda_ops.state_update_cuda(state, v["x"], v["dt"], v["A"], v["B"], v["C"], D, z, bias,
-                                         options["bias"], kernel=_state_update_reference)
+                                         soft, kernel=_state_update_reference)
     else:
         got = selective_state_update(state, v["x"], v["dt"], v["A"], v["B"], v["C"], D, z, bias,
-                                     options["bias"], impl=impl)
+                                     soft, impl=impl)
     torch.testing.assert_close(got, want[..., 0], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(state, last, atol=1e-12, rtol=1e-12)
 

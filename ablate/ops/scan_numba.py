@@ -50,7 +50,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import njit
 from torch import Tensor
 
@@ -405,29 +404,33 @@ def scan_bwd(lo_task, hi_task, tid, u, dt, bias, keep, A, A2, B, C, Dv, z, h0, c
 
 
 @njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
-def state_step(lo_task, hi_task, tid, h, u, delta, A2, B, C, Dv, z, out, has_z):
+def state_step(lo_task, hi_task, tid, h, u, dt, bias, A2, B, C, Dv, z, out, fuse_dt, softplus_, has_z,
+               row_s):
     """One decoding step for samples [lo_task, hi_task): ``h [b, d, n]`` updated in place,
-    ``out [b, d]`` written. ``delta [b, d]`` is softplus'd already; ``A2 [d, n]`` = A log2(e);
-    ``B``, ``C`` ``[b, n]``; ``Dv [d]`` (zeros: no D); ``u``, ``z`` ``[b, d]``. One pass over
-    the state, its n entries of a channel contiguous (the loop that vectorises)."""
+    ``out [b, d]`` written. The delta is ``softplus(dt + bias)`` (``softplus_``, else
+    ``dt + bias``) with ``fuse_dt``, else ``dt [b, d]`` as is; ``A2 [d, n]`` = A log2(e);
+    ``B``, ``C`` ``[b, n]``; ``Dv``, ``bias`` ``[d]`` (zeros: none); ``u``, ``z`` ``[b, d]``.
+    Per channel one pass over its n contiguous state entries (the loop that vectorises), then y
+    as a reassociated dot product; first the sample's delta row (a loop over channels, vectorised
+    too). Scratch: ``row_s`` [threads, d]."""
     b, d, n = h.shape
     one = const(h, 1.0)
     nlog2e = const(h, -1.4426950408889634)
     for bi in range(lo_task, hi_task):
         Bb = B[bi]
         Cb = C[bi]
+        delta = dt[bi]
+        if fuse_dt:
+            delta = _delta_row(delta, bias, False, softplus_, row_s[tid], d)
         for c in range(d):
-            dl = delta[bi, c]
+            dl = delta[c]
             x = u[bi, c]
             du = dl * x
             hs = h[bi, c]
             a = A2[c]
-            y = const(h, 0.0)
-            for i in range(n):
-                hv = exp2(dl * a[i]) * hs[i] + du * Bb[i]
-                hs[i] = hv
-                y += Cb[i] * hv
-            y += Dv[c] * x
+            for i in range(n):  # no sum in this loop: a sequential one would keep it scalar
+                hs[i] = exp2(dl * a[i]) * hs[i] + du * Bb[i]
+            y = dot(Cb, hs, n) + Dv[c] * x
             if has_z:
                 zz = z[bi, c]
                 y = y * zz / (one + exp2(zz * nlog2e))
@@ -629,16 +632,18 @@ def state_update_numba(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tenso
     f = state.dtype
     work = state if state.is_contiguous() else state.contiguous()
     with torch.no_grad():
-        delta = dt.to(f) + dt_bias.to(f) if dt_bias is not None else dt.to(f)
-        delta = (F.softplus(delta) if dt_softplus else delta).contiguous()
         xf = x.to(f).contiguous()
         out = torch.empty_like(xf)
         Dv = D.to(f).contiguous() if D is not None else xf.new_zeros(state.shape[1])
         zf = z.to(f).contiguous() if z is not None else xf
+        bias = dt_bias.to(f).contiguous() if dt_bias is not None else xf.new_zeros(state.shape[1])
         b = state.shape[0]
-        run_tasks(state_step, b, max(1, min(torch.get_num_threads(), b)), work.numpy(), xf.numpy(),
-                  delta.numpy(), (A.to(f) * _LOG2E).contiguous().numpy(), B.to(f).contiguous().numpy(),
-                  C.to(f).contiguous().numpy(), Dv.numpy(), zf.numpy(), out.numpy(), int(z is not None))
+        nt = max(1, min(torch.get_num_threads(), b))
+        run_tasks(state_step, b, nt, work.numpy(), xf.numpy(), dt.to(f).contiguous().numpy(), bias.numpy(),
+                  (A.to(f) * _LOG2E).contiguous().numpy(), B.to(f).contiguous().numpy(),
+                  C.to(f).contiguous().numpy(), Dv.numpy(), zf.numpy(), out.numpy(),
+                  int(dt_softplus or dt_bias is not None), int(dt_softplus), int(z is not None),
+                  xf.new_empty(nt, state.shape[1]).numpy())
         if work is not state:
             state.copy_(work)
     return out.to(x.dtype)
