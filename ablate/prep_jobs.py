@@ -1,7 +1,10 @@
 """The preparation stage of a grid, as jobs: the first stage of ``ablate run`` and all of
 ``ablate prepare``.
 
-One job per distinct preparation and part (tokenizer, judge), in parallel; then, for streaming
+One job per distinct preparation and part (tokenizer, judge), in parallel, and where Mamba cells
+run on the CPU one job that compiles their numba kernels into numba's cache
+(:mod:`ablate.kernels`: otherwise every cell that starts before the cache exists compiles them
+itself); then, for streaming
 datasets, the token store: its shards dealt to ``launcher.prepare_tasks`` encode tasks (a job
 array on Slurm). Every piece is cached atomically, so a re-run (or a requeued job) redoes only
 what is unfinished: a killed encode task loses only the shard it was writing.
@@ -15,7 +18,7 @@ from typing import Any, Callable, Optional, TextIO
 from .config import ConfigError, RunSpec
 from .prepare import PREP_PARTS, cache_keys, prep_key
 
-__all__ = ["prepare_job", "encode_job", "run_preparation", "plan", "SLURM_ENCODE_TASKS"]
+__all__ = ["prepare_job", "encode_job", "kernels_job", "run_preparation", "plan", "SLURM_ENCODE_TASKS"]
 
 SLURM_ENCODE_TASKS = 16  # launcher.prepare_tasks = 0 on Slurm: this many array tasks at most
 
@@ -51,6 +54,12 @@ def _encode(spec: RunSpec, results_dir: Path, task: int, n_tasks: int) -> dict[s
     return {}
 
 
+def _kernels(spec: RunSpec, results_dir: Path, others: list[dict]) -> dict[str, Any]:
+    from .kernels import warm_kernels
+
+    return {"metrics": warm_kernels([spec, *(RunSpec.model_validate(o) for o in others)])}
+
+
 class _Checkpointable:
     """A submitted preparation callable: a preemption or time-limit signal requeues it at once
     (submitit's handler) and the requeued job redoes the unfinished work; every cache it writes
@@ -70,6 +79,7 @@ class _Checkpointable:
 
 prepare_job = _Checkpointable(_part)
 encode_job = _Checkpointable(_encode)
+kernels_job = _Checkpointable(_kernels)
 
 
 def plan(specs: list[RunSpec]) -> dict[str, tuple[RunSpec, dict[str, int]]]:
@@ -110,6 +120,9 @@ def run_preparation(runner: Any, specs: list[RunSpec], results_dir: Path, cpus: 
     def done(name: str, res: Any, secs: float, _running: int) -> None:
         if isinstance(res, Exception) or res.get("status") != "done":
             why = str(res) if isinstance(res, Exception) else res["error"]
+            if name == KERNELS:  # an optimisation only: no cell depends on it
+                out.write(f"preparation {name} failed (each cell compiles its own kernels): {why}\n")
+                return
             failed.setdefault(name.split("/")[0], why)
             out.write(f"preparation {name} failed: {why}\n")
         else:
@@ -117,6 +130,10 @@ def run_preparation(runner: Any, specs: list[RunSpec], results_dir: Path, cpus: 
 
     jobs = [(f"{k}/{part}", prepare_job, (spec.model_dump(mode="json"), str(results_dir), cpus, part))
              for k, (spec, _) in todo.items() for part in parts_needed(spec)]
+    warm = kernel_specs(specs)
+    if warm:  # last: the slots take the longer tokenizer and judge jobs first
+        jobs.append((KERNELS, kernels_job, (warm[0].model_dump(mode="json"), str(results_dir), cpus,
+                                            [s.model_dump(mode="json") for s in warm[1:]])))
     out.write(f"preparing {len(todo)} dataset setting(s): {len(jobs)} job(s)\n")
     if jobs:
         runner.run(jobs, done)
@@ -134,6 +151,21 @@ def run_preparation(runner: Any, specs: list[RunSpec], results_dir: Path, cpus: 
     if encodes:
         runner.run(encodes, done)
     return failed
+
+
+KERNELS = "kernels"  # the job name of the kernel compilation
+
+
+def kernel_specs(specs: list[RunSpec]) -> list[RunSpec]:
+    """One spec per distinct Mamba model configuration that runs on the CPU where numba is
+    installed (:mod:`ablate.kernels`); empty where no cell needs compiled kernels."""
+    from .kernels import model_key, needs_warmup
+
+    out: dict[tuple, RunSpec] = {}
+    for spec in specs:
+        if needs_warmup([spec]):
+            out.setdefault(model_key(spec), spec)
+    return list(out.values())
 
 
 def parts_needed(spec: RunSpec) -> tuple[str, ...]:
