@@ -206,8 +206,12 @@ def test_cli_bad_name_and_folder_exit_2(tmp_path, capsys):
     assert "--to: cannot write to" in capsys.readouterr().err
 
 
+# the victim takes Ctrl-C as a terminal's process does, whatever it inherited (a shell without job
+# control starts background commands with SIGINT ignored, and Python then keeps it ignored)
 _INTERRUPTED = """
+import signal
 import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from ablate import weights
 from ablate.cli import main
 weights.REGISTRY["tiny"] = weights.Weights("tiny.pth", (weights.Remote(sys.argv[1], "tiny.pth", "0" * 64),),
