@@ -144,11 +144,33 @@ def test_cpu_training_never_imports_the_cuda_packages():
 # ------------------------------------------------------------------------------------------------
 # On a GPU with the `cuda` extra installed (never in CI: it has no GPU)
 
-def _need_kernels():
+CUDA_EXTRA = "pip install -e '.[test,cuda]'"
+
+
+def _need_gpu_with(package: str, installed: bool) -> None:
+    """No CUDA device: skip (CI has none; the CPU tests above check the wiring). A CUDA device
+    without the `cuda` extra: fail, naming the install. On a GPU the kernels are what these
+    tests are for, and a skip there would let a GPU run pass without testing them."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the mamba-ssm kernel tests need a GPU")
-    if cuda_ops.mamba_kernel() is None:
-        pytest.skip("mamba-ssm is not installed: pip install '.[cuda]' on a CUDA machine")
+    if not installed:
+        pytest.fail(f"{package} is not installed on this CUDA machine: its GPU tests need the cuda extra "
+                    f"({CUDA_EXTRA})", pytrace=False)
+
+
+def _need_kernels():
+    _need_gpu_with("mamba-ssm", cuda_ops.mamba_kernel() is not None)
+
+
+def test_a_gpu_without_the_cuda_extra_fails_the_gpu_tests(monkeypatch):
+    """The gate itself, on CPU: skip only where there is no GPU; a GPU without the extra fails."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(pytest.skip.Exception, match="no CUDA device"):
+        _need_gpu_with("mamba-ssm", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(pytest.fail.Exception, match=r"mamba-ssm is not installed.*\[test,cuda\]"):
+        _need_gpu_with("mamba-ssm", False)
+    _need_gpu_with("mamba-ssm", True)  # a GPU with the extra: the test runs
 
 
 @pytest.mark.parametrize("layout", ["dn", "bnl", "bgnl"])
@@ -177,8 +199,7 @@ def test_gpu_kernel_matches_reference(layout, n, L):
 
 def test_gpu_causal_conv_matches_reference():
     _need_kernels()
-    if cuda_ops.conv_kernel() is None:
-        pytest.skip("causal-conv1d is not installed: pip install '.[cuda]' on a CUDA machine")
+    _need_gpu_with("causal-conv1d", cuda_ops.conv_kernel() is not None)
     x = torch.randn(2, 64, 50, device="cuda", requires_grad=True)
     w = torch.randn(64, 4, device="cuda", requires_grad=True)
     bias = torch.randn(64, device="cuda", requires_grad=True)
@@ -313,8 +334,7 @@ def test_gpu_mamba_step_kernel_equals_the_parallel_forward():
     from ablate.model.mamba import Mamba, prefill, step
     from ablate.ops.cuda import state_update_kernel
 
-    if state_update_kernel() is None:
-        pytest.skip("mamba-ssm is not installed (the cuda extra)")
+    _need_gpu_with("mamba-ssm", state_update_kernel() is not None)
     torch.manual_seed(0)
     m = Mamba(64, d_state=16).cuda()
     x = torch.randn(4, 33, 64, device="cuda")
